@@ -29,6 +29,7 @@ mod error;
 mod io;
 mod pmem;
 mod registry;
+pub mod rpc;
 mod stats;
 #[cfg(any(test, feature = "testing"))]
 pub mod testing;
