@@ -69,8 +69,9 @@ pub struct AppArgs {
     /// Write the process id to this file.
     #[arg(short = 'f', long = "pid-file")]
     pub pid_file: Option<PathBuf>,
-    /// Directory for vhost sockets (default: current directory).
-    #[arg(short = 'S', long = "vhost-dir")]
+    /// Directory for vhost sockets (default: current directory); `-S` in
+    /// writecache_tgt (bdevperf uses `-S` for its stats interval).
+    #[arg(long = "vhost-dir")]
     pub vhost_dir: Option<PathBuf>,
 }
 

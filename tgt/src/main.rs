@@ -8,9 +8,15 @@ use clap::Parser;
 struct Cli {
     #[command(flatten)]
     app: wc_tgt::AppArgs,
+    /// Directory for vhost sockets (SPDK's `-S`).
+    #[arg(short = 'S')]
+    vhost_dir_short: Option<std::path::PathBuf>,
 }
 
 fn main() {
-    let cli = Cli::parse();
+    let mut cli = Cli::parse();
+    if cli.vhost_dir_short.is_some() {
+        cli.app.vhost_dir = cli.vhost_dir_short.take();
+    }
     std::process::exit(wc_tgt::run_target(cli.app));
 }

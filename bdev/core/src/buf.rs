@@ -7,11 +7,17 @@ use std::ptr::NonNull;
 /// for non-temporal 64-byte stores.
 pub const BUF_ALIGN: usize = 4096;
 
+/// Buffers at least this large are mapped directly and asked to use
+/// transparent huge pages: random I/O over a large RAM disk is otherwise
+/// bound by TLB misses.
+const HUGE_THRESHOLD: usize = 2 << 20;
+
 /// A zero-initialised heap buffer aligned to [`BUF_ALIGN`]. Its memory does
 /// not move when the `DmaBuf` is moved, so I/O descriptors may point into it.
 pub struct DmaBuf {
     ptr: NonNull<u8>,
     len: usize,
+    mapped: bool,
 }
 
 // SAFETY: DmaBuf uniquely owns its allocation, like a Box<[u8]>.
@@ -23,11 +29,47 @@ impl DmaBuf {
     /// Allocates `len` zeroed bytes (a zero length allocates one page so
     /// the pointer is always valid and aligned).
     pub fn new(len: usize) -> DmaBuf {
+        if len >= HUGE_THRESHOLD {
+            if let Some(b) = Self::new_mapped(len) {
+                return b;
+            }
+        }
         let layout = Self::layout(len);
         // SAFETY: the layout has a non-zero size (at least one page).
         let raw = unsafe { alloc_zeroed(layout) };
         let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        DmaBuf { ptr, len }
+        DmaBuf {
+            ptr,
+            len,
+            mapped: false,
+        }
+    }
+
+    fn new_mapped(len: usize) -> Option<DmaBuf> {
+        let size = len.next_multiple_of(BUF_ALIGN);
+        // SAFETY: an anonymous private mapping with no address hint has no
+        // preconditions; the result is checked against MAP_FAILED.
+        let raw = unsafe {
+            libc::mmap(
+                std::ptr::null_mut(),
+                size,
+                libc::PROT_READ | libc::PROT_WRITE,
+                libc::MAP_PRIVATE | libc::MAP_ANONYMOUS,
+                -1,
+                0,
+            )
+        };
+        if raw == libc::MAP_FAILED {
+            return None;
+        }
+        // SAFETY: [raw, raw+size) is the mapping just created; the advice is
+        // only a hint and failure is harmless.
+        unsafe { libc::madvise(raw, size, libc::MADV_HUGEPAGE) };
+        Some(DmaBuf {
+            ptr: NonNull::new(raw as *mut u8)?,
+            len,
+            mapped: true,
+        })
     }
 
     /// A buffer holding a copy of `data`.
@@ -79,8 +121,18 @@ impl DmaBuf {
 
 impl Drop for DmaBuf {
     fn drop(&mut self) {
-        // SAFETY: allocated in `new` with exactly this layout.
-        unsafe { dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+        if self.mapped {
+            // SAFETY: mapped in `new_mapped` with exactly this size.
+            unsafe {
+                libc::munmap(
+                    self.ptr.as_ptr() as *mut libc::c_void,
+                    self.len.next_multiple_of(BUF_ALIGN),
+                )
+            };
+        } else {
+            // SAFETY: allocated in `new` with exactly this layout.
+            unsafe { dealloc(self.ptr.as_ptr(), Self::layout(self.len)) }
+        }
     }
 }
 

@@ -1,0 +1,567 @@
+//! The I/O engine: one job drives one bdev from one reactor at a fixed
+//! queue depth, resubmitting from its completion callback.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::mpsc::Sender;
+
+use wc_bdev::{BdevChannel, DmaBuf, Io, IoCompletion, IoStatus};
+use wc_reactor::tick::{tick_rate, ticks};
+
+/// Workload types, with SPDK bdevperf's names.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Workload {
+    /// Sequential reads.
+    Read,
+    /// Sequential writes.
+    Write,
+    /// Random reads.
+    RandRead,
+    /// Random writes.
+    RandWrite,
+    /// Sequential mix (`-M` percent reads).
+    Rw,
+    /// Random mix.
+    RandRw,
+    /// Write a pattern, read it back, compare.
+    Verify,
+    /// Verify plus a bdev RESET every 10 s.
+    Reset,
+    /// FLUSH only.
+    Flush,
+    /// UNMAP only.
+    Unmap,
+    /// WRITE_ZEROES only.
+    WriteZeroes,
+}
+
+impl Workload {
+    /// Parses SPDK's workload name.
+    pub fn parse(s: &str) -> Option<Workload> {
+        Some(match s {
+            "read" => Workload::Read,
+            "write" => Workload::Write,
+            "randread" => Workload::RandRead,
+            "randwrite" => Workload::RandWrite,
+            "rw" => Workload::Rw,
+            "randrw" => Workload::RandRw,
+            "verify" => Workload::Verify,
+            "reset" => Workload::Reset,
+            "flush" => Workload::Flush,
+            "unmap" => Workload::Unmap,
+            "write_zeroes" => Workload::WriteZeroes,
+            _ => return None,
+        })
+    }
+
+    /// SPDK's name.
+    pub fn name(self) -> &'static str {
+        match self {
+            Workload::Read => "read",
+            Workload::Write => "write",
+            Workload::RandRead => "randread",
+            Workload::RandWrite => "randwrite",
+            Workload::Rw => "rw",
+            Workload::RandRw => "randrw",
+            Workload::Verify => "verify",
+            Workload::Reset => "reset",
+            Workload::Flush => "flush",
+            Workload::Unmap => "unmap",
+            Workload::WriteZeroes => "write_zeroes",
+        }
+    }
+
+    fn random(self) -> bool {
+        matches!(
+            self,
+            Workload::RandRead | Workload::RandWrite | Workload::RandRw
+        )
+    }
+
+    fn verifies(self) -> bool {
+        matches!(self, Workload::Verify | Workload::Reset)
+    }
+
+    /// True for the mixed workloads that take `-M`.
+    pub fn mixed(self) -> bool {
+        matches!(self, Workload::Rw | Workload::RandRw)
+    }
+}
+
+/// What one job does.
+#[derive(Debug, Clone)]
+pub struct JobSpec {
+    /// Target bdev.
+    pub bdev: String,
+    /// Reactor index that runs it.
+    pub reactor: usize,
+    /// Core of that reactor (for the report).
+    pub core: u32,
+    /// Workload.
+    pub workload: Workload,
+    /// Read percentage for mixed workloads.
+    pub read_pct: u32,
+    /// Queue depth.
+    pub queue_depth: u32,
+    /// I/O size in bytes.
+    pub io_size: u64,
+    /// Run time in seconds.
+    pub seconds: f64,
+    /// First block of the job's range.
+    pub range_start: u64,
+    /// Blocks in the job's range.
+    pub range_len: u64,
+    /// Continue after failures.
+    pub continue_on_error: bool,
+    /// Seed for random offsets.
+    pub seed: u64,
+}
+
+/// Number of histogram buckets (log2 major x 16 minor).
+pub const HIST_BUCKETS: usize = 64 * 16;
+
+/// Bucket of a latency in nanoseconds.
+fn bucket(ns: u64) -> usize {
+    if ns < 16 {
+        return ns as usize;
+    }
+    let major = 63 - ns.leading_zeros() as usize; // >= 4
+    let minor = ((ns >> (major - 4)) & 0xF) as usize;
+    (major * 16 + minor).min(HIST_BUCKETS - 1)
+}
+
+/// Lower bound (ns) of a bucket.
+pub fn bucket_floor_ns(b: usize) -> u64 {
+    if b < 16 {
+        return b as u64;
+    }
+    let major = b / 16;
+    let minor = (b % 16) as u64;
+    (1u64 << major) | (minor << (major - 4))
+}
+
+/// Outcome of one job.
+#[derive(Debug, Clone)]
+pub struct JobResult {
+    /// The spec it ran.
+    pub spec: JobSpec,
+    /// Completed I/Os.
+    pub ios: u64,
+    /// Failed I/Os.
+    pub failed: u64,
+    /// Data miscompares (verify).
+    pub miscompares: u64,
+    /// Seconds actually run.
+    pub runtime: f64,
+    /// Sum of latencies, ns.
+    pub lat_sum_ns: u128,
+    /// Minimum latency, ns.
+    pub lat_min_ns: u64,
+    /// Maximum latency, ns.
+    pub lat_max_ns: u64,
+    /// Latency histogram.
+    pub hist: Vec<u64>,
+    /// Set when the job could not start.
+    pub error: Option<String>,
+}
+
+struct Slot {
+    buf: Option<DmaBuf>,
+    offset: u64,
+    submit: u64,
+    /// Verify: the generation stamped into the buffer; phase 0 = write.
+    generation: u64,
+    verifying: bool,
+}
+
+struct State {
+    slots: Vec<Slot>,
+    rng: u64,
+    next_seq: u64,
+    outstanding: u32,
+    ios: u64,
+    failed: u64,
+    miscompares: u64,
+    lat_sum: u128,
+    lat_min: u64,
+    lat_max: u64,
+    hist: Vec<u64>,
+    start: u64,
+    end: u64,
+    next_reset: u64,
+    stopping: bool,
+}
+
+/// A running job (lives on its reactor).
+pub struct Job {
+    spec: JobSpec,
+    ch: Rc<BdevChannel>,
+    io_blocks: u64,
+    block_size: u64,
+    state: RefCell<State>,
+    me: RefCell<Option<Rc<dyn IoCompletion>>>,
+    done: RefCell<Option<Sender<JobResult>>>,
+    _desc: wc_bdev::Desc,
+}
+
+/// Starts `spec` on the current reactor; the result goes to `done`.
+pub fn start(spec: JobSpec, done: Sender<JobResult>) {
+    let fail = |spec: &JobSpec, done: &Sender<JobResult>, msg: String| {
+        let _ = done.send(empty_result(spec.clone(), Some(msg)));
+    };
+    let desc = match wc_bdev::open(&spec.bdev, true, None) {
+        Ok(d) => d,
+        Err(e) => return fail(&spec, &done, e.to_string()),
+    };
+    let ch = match desc.channel() {
+        Ok(c) => c,
+        Err(e) => return fail(&spec, &done, e.to_string()),
+    };
+    let bs = desc.bdev().block_size() as u64;
+    if spec.io_size == 0 || spec.io_size % bs != 0 {
+        return fail(
+            &spec,
+            &done,
+            format!(
+                "IO size {} is not a multiple of the block size {bs}",
+                spec.io_size
+            ),
+        );
+    }
+    let io_blocks = spec.io_size / bs;
+    if spec.range_len < io_blocks {
+        return fail(&spec, &done, "bdev range smaller than one I/O".into());
+    }
+    let now = ticks();
+    let rate = tick_rate();
+    let slots = (0..spec.queue_depth)
+        .map(|i| Slot {
+            buf: Some(fill(
+                DmaBuf::new(spec.io_size as usize),
+                spec.seed ^ i as u64,
+            )),
+            offset: 0,
+            submit: 0,
+            generation: 0,
+            verifying: false,
+        })
+        .collect();
+    let job = Rc::new(Job {
+        io_blocks,
+        block_size: bs,
+        state: RefCell::new(State {
+            slots,
+            rng: spec.seed | 1,
+            next_seq: 0,
+            outstanding: 0,
+            ios: 0,
+            failed: 0,
+            miscompares: 0,
+            lat_sum: 0,
+            lat_min: u64::MAX,
+            lat_max: 0,
+            hist: vec![0; HIST_BUCKETS],
+            start: now,
+            end: now + (spec.seconds * rate as f64) as u64,
+            next_reset: now + 10 * rate,
+            stopping: false,
+        }),
+        me: RefCell::new(None),
+        done: RefCell::new(Some(done)),
+        spec,
+        ch,
+        _desc: desc,
+    });
+    let cb: Rc<dyn IoCompletion> = job.clone();
+    *job.me.borrow_mut() = Some(cb);
+    for slot in 0..job.spec.queue_depth as usize {
+        job.submit(slot);
+    }
+}
+
+fn empty_result(spec: JobSpec, error: Option<String>) -> JobResult {
+    JobResult {
+        spec,
+        ios: 0,
+        failed: 0,
+        miscompares: 0,
+        runtime: 0.0,
+        lat_sum_ns: 0,
+        lat_min_ns: 0,
+        lat_max_ns: 0,
+        hist: vec![0; HIST_BUCKETS],
+        error,
+    }
+}
+
+fn fill(mut b: DmaBuf, seed: u64) -> DmaBuf {
+    let mut x = seed.wrapping_mul(0x9E37_79B9_7F4A_7C15) | 1;
+    for c in b.chunks_mut(8) {
+        x ^= x << 13;
+        x ^= x >> 7;
+        x ^= x << 17;
+        c.copy_from_slice(&x.to_le_bytes()[..c.len()]);
+    }
+    b
+}
+
+/// Verify pattern: every 8 bytes hold (offset, generation, index) mixed.
+fn stamp(b: &mut [u8], offset: u64, generation: u64) {
+    for (i, c) in b.chunks_mut(8).enumerate() {
+        let v = offset.wrapping_mul(0x100_0000_01B3)
+            ^ generation.rotate_left(17)
+            ^ (i as u64).wrapping_mul(0x9E37_79B9);
+        c.copy_from_slice(&v.to_le_bytes()[..c.len()]);
+    }
+}
+
+impl Job {
+    fn next_offset(&self, st: &mut State) -> u64 {
+        let units = self.spec.range_len / self.io_blocks;
+        let unit = if self.spec.workload.random() {
+            st.rng ^= st.rng << 13;
+            st.rng ^= st.rng >> 7;
+            st.rng ^= st.rng << 17;
+            st.rng % units
+        } else {
+            let u = st.next_seq % units;
+            st.next_seq += 1;
+            u
+        };
+        self.spec.range_start + unit * self.io_blocks
+    }
+
+    fn is_read(&self, st: &mut State) -> bool {
+        match self.spec.workload {
+            Workload::Read | Workload::RandRead => true,
+            Workload::Rw | Workload::RandRw => {
+                st.rng ^= st.rng << 13;
+                st.rng ^= st.rng >> 7;
+                st.rng ^= st.rng << 17;
+                (st.rng % 100) < self.spec.read_pct as u64
+            }
+            _ => false,
+        }
+    }
+
+    fn submit(&self, slot: usize) {
+        let cb = match self.me.borrow().as_ref() {
+            Some(cb) => cb.clone(),
+            None => return,
+        };
+        let mut st = self.state.borrow_mut();
+        let now = ticks();
+        if self.spec.workload == Workload::Reset && now >= st.next_reset {
+            st.next_reset = now + 10 * tick_rate();
+            st.outstanding += 1;
+            st.slots[slot].submit = now;
+            drop(st);
+            // Ctx with the top bit marks a reset (no slot buffer involved).
+            self.ch.reset(&cb, slot as u64 | 1 << 63);
+            return;
+        }
+        let offset = self.next_offset(&mut st);
+        let read = self.is_read(&mut st);
+        st.outstanding += 1;
+        let s = &mut st.slots[slot];
+        s.offset = offset;
+        s.submit = now;
+        let n = self.io_blocks;
+        match self.spec.workload {
+            Workload::Flush => {
+                drop(st);
+                self.ch.flush(offset, n, &cb, slot as u64)
+            }
+            Workload::Unmap => {
+                drop(st);
+                self.ch.unmap(offset, n, &cb, slot as u64)
+            }
+            Workload::WriteZeroes => {
+                drop(st);
+                self.ch.write_zeroes(offset, n, &cb, slot as u64)
+            }
+            Workload::Verify | Workload::Reset => {
+                s.generation += 1;
+                s.verifying = false;
+                let mut buf = s
+                    .buf
+                    .take()
+                    .unwrap_or_else(|| DmaBuf::new(self.spec.io_size as usize));
+                stamp(&mut buf, offset, s.generation);
+                drop(st);
+                self.ch.write(offset, buf, false, &cb, slot as u64)
+            }
+            _ => {
+                let buf = s
+                    .buf
+                    .take()
+                    .unwrap_or_else(|| DmaBuf::new(self.spec.io_size as usize));
+                drop(st);
+                if read {
+                    self.ch.read(offset, buf, &cb, slot as u64)
+                } else {
+                    self.ch.write(offset, buf, false, &cb, slot as u64)
+                }
+            }
+        }
+    }
+
+    fn finish(&self) {
+        let st = self.state.borrow();
+        let rate = tick_rate() as f64;
+        let runtime = (ticks().saturating_sub(st.start)) as f64 / rate;
+        let r = JobResult {
+            spec: self.spec.clone(),
+            ios: st.ios,
+            failed: st.failed,
+            miscompares: st.miscompares,
+            runtime,
+            lat_sum_ns: st.lat_sum,
+            lat_min_ns: if st.lat_min == u64::MAX {
+                0
+            } else {
+                st.lat_min
+            },
+            lat_max_ns: st.lat_max,
+            hist: st.hist.clone(),
+            error: None,
+        };
+        drop(st);
+        if let Some(tx) = self.done.borrow_mut().take() {
+            let _ = tx.send(r);
+        }
+        // Break the self-reference so the job (and its channel) can drop.
+        self.me.borrow_mut().take();
+    }
+}
+
+impl IoCompletion for Job {
+    fn io_done(&self, mut io: Io, ctx: u64) {
+        let now = ticks();
+        let is_reset = ctx & (1 << 63) != 0;
+        let slot = (ctx & !(1 << 63)) as usize;
+        let status = io.status();
+        let buf = io.take_buf();
+        drop(io);
+        let mut st = self.state.borrow_mut();
+        st.outstanding -= 1;
+        let lat_ns = ((now.saturating_sub(st.slots[slot].submit)) as u128 * 1_000_000_000
+            / tick_rate() as u128) as u64;
+
+        // Verify: a completed write is followed by a read of the same range.
+        if !is_reset
+            && self.spec.workload.verifies()
+            && status == IoStatus::Success
+            && !st.slots[slot].verifying
+        {
+            st.slots[slot].verifying = true;
+            st.slots[slot].submit = now;
+            st.outstanding += 1;
+            let offset = st.slots[slot].offset;
+            drop(st);
+            let mut buf = buf.unwrap_or_else(|| DmaBuf::new(self.spec.io_size as usize));
+            buf.fill(0);
+            if let Some(cb) = self.me.borrow().as_ref().cloned() {
+                self.ch.read(offset, buf, &cb, slot as u64);
+            }
+            return;
+        }
+        if !is_reset {
+            st.slots[slot].buf = buf;
+        }
+        if status.is_success() {
+            st.ios += 1;
+            st.lat_sum += lat_ns as u128;
+            st.lat_min = st.lat_min.min(lat_ns);
+            st.lat_max = st.lat_max.max(lat_ns);
+            st.hist[bucket(lat_ns)] += 1;
+            if !is_reset && self.spec.workload.verifies() {
+                let s = &st.slots[slot];
+                let offset = s.offset;
+                let mut want = vec![0u8; self.spec.io_size as usize];
+                stamp(&mut want, offset, s.generation);
+                if s.buf
+                    .as_ref()
+                    .map(|b| b.as_slice() != want.as_slice())
+                    .unwrap_or(true)
+                {
+                    st.miscompares += 1;
+                    eprintln!(
+                        "bdevperf: data miscompare on {} at LBA {} ({} blocks of {} bytes)",
+                        self.spec.bdev, offset, self.io_blocks, self.block_size
+                    );
+                    if !self.spec.continue_on_error {
+                        st.stopping = true;
+                    }
+                }
+            }
+        } else {
+            st.failed += 1;
+            if !self.spec.continue_on_error {
+                st.stopping = true;
+            }
+        }
+        let stop = st.stopping || now >= st.end;
+        if stop {
+            st.stopping = true;
+            let idle = st.outstanding == 0;
+            drop(st);
+            if idle {
+                self.finish();
+            }
+        } else {
+            drop(st);
+            self.submit(slot);
+        }
+    }
+}
+
+/// Latency (µs) at percentile `p` (0..100) of a histogram.
+pub fn percentile_us(hist: &[u64], p: f64) -> f64 {
+    let total: u64 = hist.iter().sum();
+    if total == 0 {
+        return 0.0;
+    }
+    let want = ((p / 100.0) * total as f64).ceil().max(1.0) as u64;
+    let mut acc = 0;
+    for (b, &n) in hist.iter().enumerate() {
+        acc += n;
+        if acc >= want {
+            return bucket_floor_ns(b + 1) as f64 / 1000.0;
+        }
+    }
+    0.0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn buckets_are_monotonic_and_tight() {
+        let mut last = 0;
+        for ns in [0u64, 1, 15, 16, 17, 100, 1000, 4096, 1 << 20, u64::MAX / 2] {
+            let b = bucket(ns);
+            assert!(b >= last);
+            last = b;
+            assert!(bucket_floor_ns(b) <= ns, "{ns}");
+            if ns >= 16 && b + 1 < HIST_BUCKETS {
+                assert!(bucket_floor_ns(b + 1) > ns);
+                // Relative error of a bucket is under 1/16.
+                assert!((bucket_floor_ns(b + 1) - bucket_floor_ns(b)) as f64 <= ns as f64 / 15.0);
+            }
+        }
+    }
+
+    #[test]
+    fn percentiles_from_histogram() {
+        let mut h = vec![0u64; HIST_BUCKETS];
+        for ns in 1..=1000u64 {
+            h[bucket(ns * 1000)] += 1;
+        }
+        let p50 = percentile_us(&h, 50.0);
+        let p99 = percentile_us(&h, 99.0);
+        assert!((480.0..540.0).contains(&p50), "{p50}");
+        assert!((960.0..1060.0).contains(&p99), "{p99}");
+    }
+}

@@ -1,0 +1,32 @@
+#!/usr/bin/env bash
+# The whole test suite: installs what it needs, then lint, build and every
+# test. CI (.ci/run) calls exactly this.  Opt-in slow suites:
+#   WC_SOAK=1    longer crash/stress runs
+set -euo pipefail
+cd "$(dirname "$0")/.."
+
+bash scripts/deps.sh
+export PATH="$HOME/.cargo/bin:$PATH"
+# spdk-rpc may land in a pyenv or user bin directory.
+for d in "$HOME/.local/bin" "$(python3 -c 'import sysconfig; print(sysconfig.get_path("scripts"))' 2>/dev/null)"; do
+  [ -n "$d" ] && [ -d "$d" ] && PATH="$PATH:$d"
+done
+export WC_REQUIRE_SPDK_RPC=1
+export CARGO_TERM_COLOR=never
+
+echo "== cargo fmt --check"
+cargo fmt --all -- --check
+
+echo "== cargo clippy"
+cargo clippy --workspace --all-targets --locked -- -D warnings
+
+echo "== build (debug binaries for the integration tests)"
+cargo build --workspace --locked --bins
+
+echo "== cargo test"
+cargo test --workspace --locked -- --test-threads=2
+
+echo "== python plugin syntax"
+python3 -m py_compile scripts/writecache_rpc.py
+
+echo "test.sh: all suites passed"
