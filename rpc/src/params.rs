@@ -37,7 +37,8 @@ use crate::error::RpcError;
 /// - params must be a JSON object: an array is rejected, as SPDK's object decoder does
 ///   (serde would otherwise happily decode a struct from a positional array);
 /// - any serde error becomes `-32602 "Invalid parameters: <serde message>"`, which names the
-///   offending field (`unknown field `x``, `missing field `name``, `invalid type: ...`).
+///   offending field (`unknown field `x``, `missing field `name``, `invalid type: ...
+///   for field `size``).
 pub fn decode<T: DeserializeOwned>(params: Option<Value>) -> Result<T, RpcError> {
     let value = match params {
         None | Some(Value::Null) => Value::Object(Map::new()),
@@ -49,8 +50,47 @@ pub fn decode<T: DeserializeOwned>(params: Option<Value>) -> Result<T, RpcError>
             )))
         }
     };
-    serde_json::from_value(value)
-        .map_err(|e| RpcError::invalid_params(format!("Invalid parameters: {e}")))
+    match T::deserialize(&value) {
+        Ok(t) => Ok(t),
+        Err(e) => {
+            let mut msg = format!("Invalid parameters: {e}");
+            // serde names the field for unknown/missing/duplicate keys but not for a
+            // wrong type or value ("invalid type: string \"8\", expected u64"): find it.
+            if !msg.contains(" field `") {
+                if let Some(field) = value.as_object().and_then(failing_field::<T>) {
+                    msg.push_str(&format!(" for field `{field}`"));
+                }
+            }
+            Err(RpcError::invalid_params(msg))
+        }
+    }
+}
+
+/// The top-level key of `obj` whose value `T` fails to decode.
+///
+/// Decodes the compact JSON text of `obj` again, which gives the error a byte position, and
+/// returns the last key that starts before that position (the text is written in the map's
+/// iteration order, so key offsets can be computed the same way).
+fn failing_field<T: DeserializeOwned>(obj: &Map<String, Value>) -> Option<String> {
+    let text = serde_json::to_string(obj).ok()?;
+    let err = serde_json::from_str::<T>(&text).err()?;
+    if err.line() != 1 {
+        return None;
+    }
+    let pos = err.column(); // 1-based byte column on the single line
+    let mut offset = 1; // after '{'
+    let mut found = None;
+    for (i, (k, v)) in obj.iter().enumerate() {
+        if i > 0 {
+            offset += 1; // ','
+        }
+        if offset >= pos {
+            break;
+        }
+        found = Some(k);
+        offset += serde_json::to_string(k).ok()?.len() + 1 + serde_json::to_string(v).ok()?.len();
+    }
+    found.cloned()
 }
 
 /// Checks that a method that takes no parameters got none.
@@ -156,6 +196,35 @@ mod tests {
             let e = decode::<P>(Some(bad.clone())).unwrap_err();
             assert_eq!(e.code, -32602, "{bad}");
         }
+    }
+
+    #[test]
+    fn wrong_types_name_the_field() {
+        for (bad, field) in [
+            (json!({"name": 5}), "name"),
+            (json!({"name": "a", "size": -1}), "size"),
+            (json!({"name": "a", "size": 4294967296u64}), "size"),
+            (json!({"readonly": false, "name": "a", "size": "4"}), "size"),
+            (
+                json!({"name": "a", "readonly": "false", "size": 1}),
+                "readonly",
+            ),
+            (
+                json!({"name": "é\"\\{,:", "readonly": [1], "size": 1}),
+                "readonly",
+            ),
+        ] {
+            let e = decode::<P>(Some(bad.clone())).unwrap_err();
+            assert!(
+                e.message.ends_with(&format!(" for field `{field}`")),
+                "{bad}: {}",
+                e.message
+            );
+            assert!(e.message.contains("invalid"), "{bad}: {}", e.message);
+        }
+        // Messages that already name the field are left alone.
+        let e = decode::<P>(Some(json!({"name": "a", "x": 1}))).unwrap_err();
+        assert!(!e.message.contains(" for field"), "{}", e.message);
     }
 
     #[test]

@@ -1,6 +1,7 @@
 //! Framework RPCs: `framework_start_init`, `framework_get_reactors`,
 //! `thread_get_stats`, `spdk_kill_instance`.
 
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::Mutex;
 
 use serde::Deserialize;
@@ -20,6 +21,15 @@ pub(crate) struct PendingInit {
 }
 
 static PENDING: Mutex<Option<PendingInit>> = Mutex::new(None);
+
+/// Set when `framework_start_init` failed: the app then stops with a
+/// non-zero exit status, as SPDK's `spdk_app_stop(rc)` does.
+static INIT_FAILED: AtomicBool = AtomicBool::new(false);
+
+/// Whether a `framework_start_init` failed (the exit status must say so).
+pub(crate) fn init_failed() -> bool {
+    INIT_FAILED.load(Ordering::SeqCst)
+}
 
 pub(crate) fn set_pending_init(p: PendingInit) {
     *PENDING.lock().unwrap_or_else(|e| e.into_inner()) = Some(p);
@@ -53,8 +63,9 @@ pub(crate) fn register(reg: &Registry) -> Result<(), RegisterError> {
                     Ok(()) => r.ok(json!(true)),
                     Err(e) => {
                         tracing::error!("framework_start_init: {e}");
+                        INIT_FAILED.store(true, Ordering::SeqCst);
                         r.err(RpcError::internal("framework_initialization failed"));
-                        // SPDK stops the app when init fails.
+                        // SPDK stops the app when init fails (non-zero exit).
                         // SAFETY: kill(getpid(), SIGTERM) has no memory-safety preconditions.
                         unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
                     }

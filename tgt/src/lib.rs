@@ -32,6 +32,11 @@ pub fn register_modules(reg: &Registry) -> Result<(), String> {
     wc_bdev::rpc::register(reg).map_err(e)?;
     wc_bdev_malloc::rpc::register(reg).map_err(e)?;
     wc_bdev_null::rpc::register(reg).map_err(e)?;
+    wc_bdev_uring::rpc::register(reg).map_err(e)?;
+    wc_bdev_pmem::rpc::register(reg).map_err(e)?;
+    wc_writecache::rpc::register(reg).map_err(e)?;
+    wc_bdev_error::rpc::register(reg).map_err(e)?;
+    wc_bdev_delay::rpc::register(reg).map_err(e)?;
     wc_config::register_rpcs(reg).map_err(e)?;
     wc_config::register_subsystem("iobuf", &[], None);
     wc_config::register_subsystem("accel", &["iobuf"], None);
@@ -209,10 +214,14 @@ impl App {
         if let Some(rt) = self.runtime.take() {
             let (tx, rx) = mpsc::channel();
             rt.main().send(move || {
-                for b in wc_bdev::list().into_iter().rev() {
-                    let _ = wc_bdev::hot_remove(b.name());
-                }
-                let _ = tx.send(());
+                // Modules finish first (caches commit), then bdevs go away
+                // top-down: vbdevs before the bases they sit on.
+                wc_bdev::run_shutdown_hooks(Box::new(move || {
+                    for b in wc_bdev::list().into_iter().rev() {
+                        let _ = wc_bdev::hot_remove(b.name());
+                    }
+                    let _ = tx.send(());
+                }));
             });
             let _ = rx.recv_timeout(std::time::Duration::from_secs(60));
             rt.shutdown();
@@ -252,6 +261,17 @@ pub fn run_target(args: AppArgs) -> i32 {
             return 1;
         }
     }
+    // Take over SIGINT/SIGTERM before starting: one that arrives while a
+    // config is replayed must still end in a clean shutdown (socket and
+    // lock removed), not in the default "terminate now".
+    use signal_hook::consts::{SIGINT, SIGTERM};
+    let mut signals = match signal_hook::iterator::Signals::new([SIGINT, SIGTERM]) {
+        Ok(s) => s,
+        Err(e) => {
+            eprintln!("writecache_tgt: cannot install signal handlers: {e}");
+            return 1;
+        }
+    };
     let mut app = match App::start(args, |_| Ok(())) {
         Ok(a) => a,
         Err(e) => {
@@ -260,9 +280,15 @@ pub fn run_target(args: AppArgs) -> i32 {
             return 1;
         }
     };
-    app.wait_for_signal();
+    if let Some(sig) = signals.forever().next() {
+        tracing::info!("received signal {sig}; shutting down");
+    }
     app.shutdown();
-    0
+    if framework::init_failed() {
+        1
+    } else {
+        0
+    }
 }
 
 /// Paths used by tests and scripts.

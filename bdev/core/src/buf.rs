@@ -28,25 +28,34 @@ unsafe impl Sync for DmaBuf {}
 impl DmaBuf {
     /// Allocates `len` zeroed bytes (a zero length allocates one page so
     /// the pointer is always valid and aligned).
+    /// Aborts the process if the memory cannot be had, like `Box::new`; use
+    /// [`DmaBuf::try_new`] for sizes that come from users.
     pub fn new(len: usize) -> DmaBuf {
+        Self::try_new(len).unwrap_or_else(|| std::alloc::handle_alloc_error(Self::layout(len)))
+    }
+
+    /// Like [`DmaBuf::new`], but `None` when the memory cannot be allocated
+    /// (or `len` is absurd), so a bad `bdev_malloc_create` size becomes an
+    /// error reply instead of killing the target.
+    pub fn try_new(len: usize) -> Option<DmaBuf> {
         if len >= HUGE_THRESHOLD {
             if let Some(b) = Self::new_mapped(len) {
-                return b;
+                return Some(b);
             }
         }
-        let layout = Self::layout(len);
+        let size = len.max(1).checked_next_multiple_of(BUF_ALIGN)?;
+        let layout = Layout::from_size_align(size, BUF_ALIGN).ok()?;
         // SAFETY: the layout has a non-zero size (at least one page).
         let raw = unsafe { alloc_zeroed(layout) };
-        let ptr = NonNull::new(raw).unwrap_or_else(|| std::alloc::handle_alloc_error(layout));
-        DmaBuf {
-            ptr,
+        Some(DmaBuf {
+            ptr: NonNull::new(raw)?,
             len,
             mapped: false,
-        }
+        })
     }
 
     fn new_mapped(len: usize) -> Option<DmaBuf> {
-        let size = len.next_multiple_of(BUF_ALIGN);
+        let size = len.checked_next_multiple_of(BUF_ALIGN)?;
         // SAFETY: an anonymous private mapping with no address hint has no
         // preconditions; the result is checked against MAP_FAILED.
         let raw = unsafe {

@@ -474,12 +474,7 @@ impl BdevChannel {
                 return Err(libc::EINVAL);
             }
             let align = bdev.required_alignment as usize;
-            if align > 1
-                && io
-                    .iovs()
-                    .iter()
-                    .any(|v| (v.base as usize) % align != 0 || v.len % align != 0)
-            {
+            if align > 1 && io.iovs().iter().any(|v| (v.base as usize) % align != 0) {
                 return Err(libc::EINVAL);
             }
         } else if t != IoType::Flush && n == 0 {

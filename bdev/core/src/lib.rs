@@ -43,6 +43,7 @@ pub use error::BdevError;
 pub use io::{FnCompletion, Io, IoCompletion, IoStatus, IoType, IoVec, IO_POOL_SIZE};
 pub use pmem::PersistentMemory;
 pub use registry::{
-    add_alias, add_examine_hook, hot_remove, list, lookup, register, unregister, ExamineHook,
+    add_alias, add_examine_hook, add_shutdown_hook, hot_remove, list, lookup, register,
+    run_shutdown_hooks, unregister, ExamineHook, ShutdownHook,
 };
 pub use stats::{IoStatSnapshot, IoStats};

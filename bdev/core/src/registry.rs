@@ -168,3 +168,35 @@ fn remove(bdev: &Arc<Bdev>) {
     bdev.ops.destruct();
     tracing::info!("unregistered bdev {}", bdev.name);
 }
+
+/// An asynchronous module shutdown step: called on the main reactor before
+/// bdevs are torn down; it calls `done` when finished (a cache commits or
+/// writes back here).
+pub type ShutdownHook = Arc<dyn Fn(Box<dyn FnOnce() + Send>) + Send + Sync>;
+
+fn shutdown_hooks() -> MutexGuard<'static, Vec<(String, ShutdownHook)>> {
+    static H: OnceLock<Mutex<Vec<(String, ShutdownHook)>>> = OnceLock::new();
+    H.get_or_init(|| Mutex::new(Vec::new()))
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+/// Registers a shutdown hook under a key (re-adding replaces).
+pub fn add_shutdown_hook(key: &str, hook: ShutdownHook) {
+    let mut h = shutdown_hooks();
+    h.retain(|(k, _)| k != key);
+    h.push((key.to_string(), hook));
+}
+
+/// Runs every shutdown hook (in registration order, each after the previous
+/// one finished), then `done`.
+pub fn run_shutdown_hooks(done: Box<dyn FnOnce() + Send>) {
+    let hooks: Vec<ShutdownHook> = shutdown_hooks().iter().map(|(_, h)| h.clone()).collect();
+    fn step(mut rest: std::collections::VecDeque<ShutdownHook>, done: Box<dyn FnOnce() + Send>) {
+        match rest.pop_front() {
+            None => done(),
+            Some(h) => h(Box::new(move || step(rest, done))),
+        }
+    }
+    step(hooks.into(), done);
+}

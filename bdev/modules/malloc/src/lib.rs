@@ -118,7 +118,12 @@ pub fn create(opts: MallocOpts) -> Result<Arc<Bdev>, BdevError> {
     if wc_bdev::lookup(&name).is_some() {
         return Err(BdevError::Exists(name));
     }
-    let mut mem = DmaBuf::new(size as usize);
+    let mut mem = DmaBuf::try_new(size as usize).ok_or_else(|| {
+        BdevError::os(
+            format!("cannot allocate {size} bytes for malloc bdev '{name}'"),
+            std::io::Error::from_raw_os_error(libc::ENOMEM),
+        )
+    })?;
     let base = mem.as_mut_ptr();
     let ops = Arc::new(Malloc {
         mem,

@@ -1,0 +1,688 @@
+//! The shared part of a writecache instance: media, block state, index,
+//! free pool, sequence numbers, the commit coordinator and the writeback.
+//!
+//! The coordinator and the writeback run on the instance's *home* reactor
+//! (where it was created); writers and readers run on any reactor and talk
+//! to home by messages. Everything home-only sits behind mutexes that only
+//! home takes, so they never contend.
+
+use std::collections::{HashSet, VecDeque};
+use std::rc::Rc;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::Duration;
+
+use crossbeam::utils::CachePadded;
+use wc_bdev::{BdevChannel, Desc, Io, IoCompletion, IoVec};
+use wc_reactor::tick::{duration_to_ticks, ticks};
+use wc_reactor::ReactorHandle;
+
+use crate::media::Media;
+use crate::meta::{FreePool, Index, Meta, VALID};
+use crate::options::{Mode, Tunables, UNLIMITED};
+use crate::stats::{CoreStats, Stats};
+
+/// Maximum reactors an instance tracks per-core state for.
+pub(crate) const MAX_CORES: usize = 256;
+
+/// A block remembered by a log: which block, which allocation, which seq.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct LogEntry {
+    pub(crate) block: u32,
+    pub(crate) gen: u32,
+    pub(crate) seq: u64,
+}
+
+/// Somebody waiting for a commit or a drain (runs on home; usually sends a
+/// message back to the waiter's reactor).
+pub(crate) type Waiter = Box<dyn FnOnce(Result<(), i32>) + Send>;
+
+#[derive(Default)]
+pub(crate) struct Coordinator {
+    in_progress: bool,
+    /// Waiters for the next commit.
+    next: Vec<Waiter>,
+    /// Committed blocks, oldest first: the writeback order.
+    pub(crate) fifo: VecDeque<(LogEntry, u64)>,
+    /// Superseded blocks waiting for their successor's commit.
+    superseded: Vec<LogEntry>,
+    pub(crate) commits: u64,
+}
+
+#[derive(Default)]
+pub(crate) struct Writeback {
+    /// LBAs with an origin write in flight (never two for one LBA).
+    lbas: HashSet<u64>,
+    /// Blocks in flight.
+    pub(crate) in_flight: u64,
+    /// Writeback everything (flush RPC, flush-on-suspend, cleaner).
+    drain_waiters: Vec<Waiter>,
+    active: bool,
+    pub(crate) ios: u64,
+    pub(crate) bytes: u64,
+    pub(crate) blocks: u64,
+    pub(crate) retries: u64,
+    /// Origin channel of the home reactor.
+    origin: Option<Rc<BdevChannel>>,
+}
+
+// SAFETY: `origin` is an Rc created and used only on the home reactor; the
+// Mutex around Writeback is only ever locked on home (see module docs).
+unsafe impl Send for Writeback {}
+
+/// A writecache instance.
+pub struct Writecache {
+    pub(crate) id: u64,
+    pub(crate) name: String,
+    pub(crate) mode: Mode,
+    pub(crate) media: Media,
+    pub(crate) block_size: u32,
+    /// vbdev blocks (= origin size / block size).
+    pub(crate) num_blocks: u64,
+    /// Origin blocks per cache block.
+    pub(crate) origin_ratio: u64,
+    pub(crate) meta: Meta,
+    pub(crate) index: Index,
+    pub(crate) pool: Arc<FreePool>,
+    /// Sequence number new writes are stamped with.
+    pub(crate) seq: AtomicU64,
+    /// The superblock's sequence count (entries below it are committed).
+    pub(crate) sb_seq: AtomicU64,
+    pub(crate) stats: Box<[CachePadded<CoreStats>]>,
+    pub(crate) tunables: Tunables,
+    pub(crate) error: AtomicI32,
+    pub(crate) home: ReactorHandle,
+    pub(crate) coord: Mutex<Coordinator>,
+    pub(crate) wb: Mutex<Writeback>,
+    pub(crate) commit_requested: AtomicBool,
+    pub(crate) last_write_around: AtomicU64,
+    pub(crate) flush_on_suspend: AtomicBool,
+    /// Set by delete: new I/O fails with ENODEV.
+    pub(crate) closing: AtomicBool,
+    /// True when create formatted the cache (false: recovered).
+    pub(crate) formatted: bool,
+    pub(crate) origin_desc: Desc,
+    pub(crate) cache_desc: Desc,
+}
+
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
+    m.lock().unwrap_or_else(|p| p.into_inner())
+}
+
+impl Writecache {
+    /// Name.
+    pub fn name(&self) -> &str {
+        &self.name
+    }
+
+    /// 512-byte sector of a vbdev LBA.
+    #[inline]
+    pub(crate) fn sector_of(&self, lba: u64) -> u64 {
+        lba * (self.block_size as u64 / 512)
+    }
+
+    /// Cache blocks in use (allocated or waiting for a grace period).
+    pub(crate) fn used_blocks(&self) -> u64 {
+        let n = self.media.geo.n_blocks();
+        let cached: u64 = self
+            .stats
+            .iter()
+            .map(|c| c.free_cached.load(Ordering::Relaxed))
+            .sum();
+        n.saturating_sub(self.pool.len() + cached)
+    }
+
+    /// The error state (0 = fine).
+    pub fn error(&self) -> i32 {
+        self.error.load(Ordering::Acquire)
+    }
+
+    pub(crate) fn set_error(&self, errno: i32) {
+        if self
+            .error
+            .compare_exchange(0, errno, Ordering::AcqRel, Ordering::Acquire)
+            .is_ok()
+        {
+            tracing::error!("writecache {}: entering error state ({errno})", self.name);
+        }
+    }
+
+    pub(crate) fn core_stats(&self, core: usize) -> &CoreStats {
+        &self.stats[core % MAX_CORES]
+    }
+
+    /// Frees blocks whose entries this core has just cleared: one fence for
+    /// all, then back to the pool after a grace period.
+    pub(crate) fn free_blocks(&self, blocks: &[u32]) {
+        if blocks.is_empty() {
+            return;
+        }
+        for &b in blocks {
+            self.media.clear_entry(b);
+        }
+        // The clear must be durable before the block can carry other data,
+        // or a crash could pair the old entry with new contents.
+        self.media.pmem.fence();
+        for &b in blocks {
+            self.pool.free_after_grace(b);
+        }
+    }
+
+    /// Sums the statistics.
+    pub fn stats(&self) -> Stats {
+        let mut s = Stats {
+            error: self.error(),
+            blocks: self.media.geo.n_blocks(),
+            free_blocks: self.pool.len(),
+            seq_count: self.sb_seq.load(Ordering::Acquire),
+            ..Stats::default()
+        };
+        for c in self.stats.iter() {
+            s.add_core(c);
+        }
+        {
+            let wb = lock(&self.wb);
+            s.writeback_blocks = wb.in_flight;
+            s.writeback_ios = wb.ios;
+            s.writeback_bytes = wb.bytes;
+            s.writeback_completed_blocks = wb.blocks;
+            s.writeback_retries = wb.retries;
+        }
+        s.commits = lock(&self.coord).commits;
+        s.dirty = self.index.len() as u64;
+        s
+    }
+
+    // ------------------------------------------------------------------
+    // Commit
+
+    /// Asks home for a commit; `waiter` runs (on home) once every write
+    /// completed before this call is durable.
+    pub(crate) fn request_commit(self: &Arc<Self>, waiter: Option<Waiter>) {
+        let me = self.clone();
+        self.home.send(move || {
+            let mut c = lock(&me.coord);
+            if let Some(w) = waiter {
+                c.next.push(w);
+            }
+            if c.in_progress {
+                return;
+            }
+            c.in_progress = true;
+            let waiters = std::mem::take(&mut c.next);
+            drop(c);
+            me.start_commit(waiters);
+        });
+    }
+
+    /// One commit round (on home): bump the stamp sequence, have every core
+    /// fence and hand over its logs, then persist the superblock.
+    fn start_commit(self: &Arc<Self>, waiters: Vec<Waiter>) {
+        self.commit_requested.store(false, Ordering::Release);
+        let dirty: u64 = self
+            .stats
+            .iter()
+            .map(|c| c.uncommitted.load(Ordering::Acquire))
+            .sum();
+        let s = self.seq.load(Ordering::Acquire);
+        // Only advance when there is something to commit, so empty commits
+        // leave the superblock alone (as dm-writecache).
+        let bump = dirty > 0;
+        if bump {
+            self.seq.store(s + 1, Ordering::Release);
+        }
+        let collected: Arc<Mutex<(Vec<LogEntry>, Vec<LogEntry>)>> = Arc::default();
+        let me = self.clone();
+        let col = collected.clone();
+        let id = self.id;
+        // Entries below `limit` are committed once this round ends.
+        let limit = if bump {
+            s + 1
+        } else {
+            self.sb_seq.load(Ordering::Acquire)
+        };
+        wc_reactor::for_each_reactor(
+            move || {
+                // On each core: make its stores durable, hand over the logs
+                // of everything stamped with a committed sequence.
+                me.media.pmem.fence();
+                if let Some(local) = crate::channel::local_of(id) {
+                    let (w, sup) = local.drain_logs(limit);
+                    let mut c = lock(&col);
+                    c.0.extend(w);
+                    c.1.extend(sup);
+                }
+            },
+            {
+                let me = self.clone();
+                move || me.finish_commit(s, bump, collected, waiters)
+            },
+        );
+    }
+
+    fn finish_commit(
+        self: &Arc<Self>,
+        s: u64,
+        bump: bool,
+        collected: Arc<Mutex<(Vec<LogEntry>, Vec<LogEntry>)>>,
+        waiters: Vec<Waiter>,
+    ) {
+        let (mut written, superseded) = std::mem::take(&mut *lock(&collected));
+        if bump && self.error() == 0 {
+            self.media.write_sb_seq(s + 1);
+            self.media.pmem.fence();
+            self.sb_seq.store(s + 1, Ordering::Release);
+        }
+        let now = ticks();
+        written.sort_unstable_by_key(|e| e.seq);
+        let mut c = lock(&self.coord);
+        if bump {
+            c.commits += 1;
+        }
+        for e in written {
+            c.fifo.push_back((e, now));
+        }
+        c.superseded.extend(superseded);
+        // Free superseded versions whose successor is now committed.
+        let committed_below = self.sb_seq.load(Ordering::Acquire);
+        let (ready, keep): (Vec<LogEntry>, Vec<LogEntry>) = c
+            .superseded
+            .drain(..)
+            .partition(|e| e.seq < committed_below);
+        c.superseded = keep;
+        let mut to_free = Vec::new();
+        for e in ready {
+            // Under writeback: the writeback frees it when done.
+            if self.meta.begin_free(e.block, e.gen) {
+                to_free.push(e.block);
+            }
+        }
+        let more = !c.next.is_empty();
+        let next = if more {
+            std::mem::take(&mut c.next)
+        } else {
+            Vec::new()
+        };
+        c.in_progress = more;
+        drop(c);
+        self.free_blocks(&to_free);
+        let result = match self.error() {
+            0 => Ok(()),
+            e => Err(e),
+        };
+        for w in waiters {
+            w(result);
+        }
+        if more {
+            self.start_commit(next);
+        }
+        self.kick_writeback();
+    }
+
+    // ------------------------------------------------------------------
+    // Writeback
+
+    /// Registers the home pollers: autocommit timer and writeback.
+    pub(crate) fn start_home_pollers(self: &Arc<Self>, origin: Rc<BdevChannel>) {
+        lock(&self.wb).origin = Some(origin);
+        let me = Arc::downgrade(self);
+        let r = wc_reactor::current();
+        let mut last_commit = ticks();
+        let handle = Rc::new(std::cell::RefCell::new(None::<wc_reactor::PollerHandle>));
+        let h2 = handle.clone();
+        let p = r.register_poller(
+            "writecache_home",
+            Some(Duration::from_millis(1)),
+            move || {
+                let Some(wc) = me.upgrade() else {
+                    if let Some(h) = h2.borrow().as_ref() {
+                        h.unregister();
+                    }
+                    return wc_reactor::PollStatus::Idle;
+                };
+                let period = duration_to_ticks(Duration::from_millis(
+                    wc.tunables.autocommit_time_ms.load(Ordering::Relaxed),
+                ));
+                let now = ticks();
+                if now.saturating_sub(last_commit) >= period {
+                    last_commit = now;
+                    let dirty: u64 = wc
+                        .stats
+                        .iter()
+                        .map(|c| c.uncommitted.load(Ordering::Relaxed))
+                        .sum();
+                    if dirty > 0 {
+                        wc.request_commit(None);
+                    }
+                }
+                wc.kick_writeback();
+                wc_reactor::PollStatus::Idle
+            },
+        );
+        *handle.borrow_mut() = Some(p);
+    }
+
+    fn wants_writeback(&self, c: &Coordinator, wb: &Writeback) -> bool {
+        if c.fifo.is_empty() || self.error() != 0 {
+            return false;
+        }
+        if !wb.drain_waiters.is_empty() || self.tunables.cleaner.load(Ordering::Relaxed) {
+            return true;
+        }
+        let pause = self.tunables.pause_writeback_ms.load(Ordering::Relaxed);
+        let last_around = self.last_write_around.load(Ordering::Relaxed);
+        if pause > 0
+            && last_around != 0
+            && ticks().saturating_sub(last_around) < duration_to_ticks(Duration::from_millis(pause))
+        {
+            return false;
+        }
+        let n = self.media.geo.n_blocks().max(1);
+        let used_pct = self.used_blocks() * 100 / n;
+        let hi = self.tunables.high_watermark.load(Ordering::Relaxed) as u64;
+        let lo = self.tunables.low_watermark.load(Ordering::Relaxed) as u64;
+        if wb.active {
+            if used_pct >= lo {
+                return true;
+            }
+        } else if used_pct >= hi {
+            return true;
+        }
+        let max_age = self.tunables.max_age_ms.load(Ordering::Relaxed);
+        if max_age > 0 {
+            if let Some((_, t)) = c.fifo.front() {
+                if ticks().saturating_sub(*t) >= duration_to_ticks(Duration::from_millis(max_age)) {
+                    return true;
+                }
+            }
+        }
+        false
+    }
+
+    /// Starts writeback I/O while conditions hold (on home).
+    pub(crate) fn kick_writeback(self: &Arc<Self>) {
+        loop {
+            let mut c = lock(&self.coord);
+            let mut wb = lock(&self.wb);
+            let want = self.wants_writeback(&c, &wb);
+            wb.active = want;
+            if !want {
+                let done = c.fifo.is_empty() && wb.in_flight == 0 && !wb.drain_waiters.is_empty();
+                let waiters = if done {
+                    std::mem::take(&mut wb.drain_waiters)
+                } else {
+                    Vec::new()
+                };
+                drop(wb);
+                drop(c);
+                let res = match self.error() {
+                    0 => Ok(()),
+                    e => Err(e),
+                };
+                for w in waiters {
+                    w(res);
+                }
+                return;
+            }
+            let jobs = self.tunables.writeback_jobs.load(Ordering::Relaxed);
+            let limit = if jobs == UNLIMITED {
+                4096
+            } else {
+                jobs.min(1 << 20)
+            };
+            if wb.in_flight >= limit {
+                return;
+            }
+            // Take a batch of the oldest committed blocks.
+            let room = (limit - wb.in_flight).min(1024);
+            let mut batch: Vec<(u64, u32)> = Vec::new();
+            let mut deferred = Vec::new();
+            while (batch.len() as u64) < room {
+                let Some((e, t)) = c.fifo.pop_front() else {
+                    break;
+                };
+                let m = self.meta.get(e.block);
+                if m.gen.load(Ordering::Acquire) != e.gen
+                    || m.state.load(Ordering::Acquire) & VALID == 0
+                {
+                    continue; // freed or reused since it was logged
+                }
+                let lba = m.lba.load(Ordering::Acquire);
+                if wb.lbas.contains(&lba) {
+                    // An older version of this LBA is still going out: the
+                    // newer one must reach the origin after it.
+                    deferred.push((e, t));
+                    continue;
+                }
+                if !self.meta.begin_writeback(e.block, e.gen) {
+                    continue;
+                }
+                wb.lbas.insert(lba);
+                batch.push((lba, e.block));
+            }
+            for d in deferred.into_iter().rev() {
+                c.fifo.push_front(d);
+            }
+            if batch.is_empty() {
+                return;
+            }
+            wb.in_flight += batch.len() as u64;
+            let origin = wb.origin.clone();
+            drop(wb);
+            drop(c);
+            let Some(origin) = origin else { return };
+            batch.sort_unstable();
+            self.issue_runs(&origin, batch);
+        }
+    }
+
+    /// Writes a sorted batch as runs of contiguous LBAs (one origin write
+    /// per run, its segments pointing straight into the cache mapping).
+    fn issue_runs(self: &Arc<Self>, origin: &Rc<BdevChannel>, batch: Vec<(u64, u32)>) {
+        const MAX_RUN: usize = 64;
+        let mut i = 0;
+        while i < batch.len() {
+            let mut j = i + 1;
+            while j < batch.len() && j - i < MAX_RUN && batch[j].0 == batch[j - 1].0 + 1 {
+                j += 1;
+            }
+            let run: Vec<(u64, u32)> = batch[i..j].to_vec();
+            self.issue_run(
+                origin,
+                Rc::new(WbRun {
+                    wc: self.clone(),
+                    run,
+                    attempt: std::cell::Cell::new(0),
+                }),
+            );
+            i = j;
+        }
+    }
+
+    fn issue_run(self: &Arc<Self>, origin: &Rc<BdevChannel>, run: Rc<WbRun>) {
+        let bs = self.block_size as usize;
+        let iovs: smallvec::SmallVec<[IoVec; 16]> = run
+            .run
+            .iter()
+            .map(|&(_, b)| IoVec {
+                base: self.media.data_ptr(b) as *mut u8,
+                len: bs,
+            })
+            .collect();
+        let lba = run.run[0].0;
+        let n = run.run.len() as u64;
+        let fua = self.tunables.fua.load(Ordering::Relaxed);
+        {
+            let mut wb = lock(&self.wb);
+            wb.ios += 1;
+        }
+        let cb: Rc<dyn IoCompletion> = run;
+        // SAFETY: each segment is one cache block's data in the mapping,
+        // which stays mapped while the cache bdev is open (we hold it), and
+        // the blocks are marked WB so nobody frees or rewrites them until
+        // this write completes. The origin only reads from them.
+        unsafe {
+            origin.writev(
+                lba * self.origin_ratio,
+                n * self.origin_ratio,
+                &iovs,
+                fua,
+                &cb,
+                0,
+            );
+        }
+    }
+
+    fn run_done(self: &Arc<Self>, run: &WbRun, ok: bool) {
+        if !ok {
+            let attempt = run.attempt.get() + 1;
+            run.attempt.set(attempt);
+            lock(&self.wb).retries += 1;
+            if attempt <= 5 && self.error() == 0 {
+                // Transient origin errors: retry with exponential backoff.
+                let me = self.clone();
+                let run = Rc::new(WbRun {
+                    wc: self.clone(),
+                    run: run.run.clone(),
+                    attempt: std::cell::Cell::new(attempt),
+                });
+                let delay = Duration::from_millis(5u64 << attempt);
+                tracing::warn!(
+                    "writecache {}: writeback error, retry {attempt} in {delay:?}",
+                    self.name
+                );
+                wc_reactor::current().schedule_timer(delay, move || {
+                    let origin = lock(&me.wb).origin.clone();
+                    if let Some(o) = origin {
+                        me.issue_run(&o, run);
+                    }
+                });
+                return;
+            }
+            // Give up: error state; the blocks stay cached and committed.
+            self.set_error(libc::EIO);
+            let mut c = lock(&self.coord);
+            let mut wb = lock(&self.wb);
+            for &(lba, b) in &run.run {
+                self.meta.end_writeback(b);
+                wb.lbas.remove(&lba);
+                let m = self.meta.get(b);
+                c.fifo.push_front((
+                    crate::cache::LogEntry {
+                        block: b,
+                        gen: m.gen.load(Ordering::Acquire),
+                        seq: m.seq.load(Ordering::Acquire),
+                    },
+                    ticks(),
+                ));
+            }
+            wb.in_flight -= run.run.len() as u64;
+            let waiters = std::mem::take(&mut wb.drain_waiters);
+            drop(wb);
+            drop(c);
+            for w in waiters {
+                w(Err(libc::EIO));
+            }
+            return;
+        }
+        let fua = self.tunables.fua.load(Ordering::Relaxed);
+        if !fua {
+            // nofua: the data is durable on the origin only after a flush.
+            let me = self.clone();
+            let origin = lock(&self.wb).origin.clone();
+            if let Some(o) = origin {
+                let run = run.run.clone();
+                let cb: Rc<dyn IoCompletion> = Rc::new(wc_bdev::FnCompletion(move |io: Io, _| {
+                    me.retire(&run, io.status().is_success());
+                }));
+                o.flush(0, o.bdev().num_blocks(), &cb, 0);
+                return;
+            }
+        }
+        self.retire(&run.run, true);
+    }
+
+    /// The origin holds these blocks durably: drop them from the cache.
+    fn retire(self: &Arc<Self>, run: &[(u64, u32)], ok: bool) {
+        if !ok {
+            let r = WbRun {
+                wc: self.clone(),
+                run: run.to_vec(),
+                attempt: std::cell::Cell::new(5),
+            };
+            self.run_done(&r, false);
+            return;
+        }
+        let bs = self.block_size as u64;
+        let mut to_free = Vec::with_capacity(run.len());
+        for &(lba, b) in run {
+            // Still current: reads now go to the origin. Superseded: its
+            // successor is in the index; either way this copy is redundant.
+            self.index.remove_if(lba, b);
+            self.meta.end_writeback(b);
+            let gen = self.meta.get(b).gen.load(Ordering::Acquire);
+            if self.meta.begin_free(b, gen) {
+                to_free.push(b);
+            }
+        }
+        self.free_blocks(&to_free);
+        {
+            let mut wb = lock(&self.wb);
+            for &(lba, _) in run {
+                wb.lbas.remove(&lba);
+            }
+            wb.in_flight -= run.len() as u64;
+            wb.blocks += run.len() as u64;
+            wb.bytes += run.len() as u64 * bs;
+        }
+        self.kick_writeback();
+    }
+
+    /// Commits, then writes back everything; `waiter` runs when the cache
+    /// holds no dirty block that was there when the drain started.
+    pub(crate) fn drain(self: &Arc<Self>, waiter: Waiter) {
+        let me = self.clone();
+        self.request_commit(Some(Box::new(move |res| {
+            if let Err(e) = res {
+                return waiter(Err(e));
+            }
+            lock(&me.wb).drain_waiters.push(waiter);
+            me.kick_writeback();
+        })));
+    }
+
+    /// Blocks in flight to the origin (for tests).
+    pub fn writeback_in_flight(&self) -> u64 {
+        lock(&self.wb).in_flight
+    }
+
+    /// Drops the home pollers' origin channel (on delete).
+    pub(crate) fn release_home(&self) {
+        lock(&self.wb).origin = None;
+    }
+
+    /// Size of the vbdev in blocks.
+    pub fn num_blocks(&self) -> u64 {
+        self.num_blocks
+    }
+
+    /// Whether this instance formatted a blank cache when created.
+    pub fn formatted_on_create(&self) -> bool {
+        self.formatted
+    }
+}
+
+/// A writeback run in flight.
+struct WbRun {
+    wc: Arc<Writecache>,
+    run: Vec<(u64, u32)>,
+    attempt: std::cell::Cell<u32>,
+}
+
+impl IoCompletion for WbRun {
+    fn io_done(&self, io: Io, _ctx: u64) {
+        let ok = io.status().is_success();
+        drop(io);
+        self.wc.run_done(self, ok);
+    }
+}

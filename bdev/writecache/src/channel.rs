@@ -1,0 +1,638 @@
+//! The per-core I/O path: writes allocate, copy with persistent stores and
+//! publish in the index without any global lock; reads copy hits out of the
+//! mapping under an epoch pin and send misses to the origin.
+
+use std::cell::RefCell;
+use std::collections::{HashMap, VecDeque};
+use std::rc::{Rc, Weak};
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+
+use smallvec::SmallVec;
+use wc_bdev::{BdevChannel, Io, IoChannel, IoCompletion, IoStatus, IoType, IoVec};
+use wc_reactor::PollStatus;
+
+use crate::cache::{LogEntry, Writecache};
+use crate::meta::VALID;
+use crate::stats::inc;
+
+/// Reactor-local registry of each instance's per-core state, so commit
+/// messages can find it.
+#[derive(Default)]
+struct Locals(RefCell<HashMap<u64, Weak<Local>>>);
+
+/// This reactor's state of instance `id`, if it has a channel here.
+pub(crate) fn local_of(id: u64) -> Option<Rc<Local>> {
+    let r = wc_reactor::try_current()?;
+    let l = r.local(Locals::default);
+    let v = l.0.borrow().get(&id).and_then(|w| w.upgrade());
+    v
+}
+
+const REFILL: usize = 64;
+/// Block index stored in `driver_ctx[0]`: how far a write got.
+const PROGRESS: usize = 0;
+/// `driver_ctx[1]` set once a write was counted as blocked.
+const BLOCKED: usize = 1;
+
+static ZEROES: [u8; 4096] = [0; 4096];
+
+struct Parent {
+    io: Option<Io>,
+    remaining: u32,
+    errno: i32,
+}
+
+/// One core's view of an instance.
+pub(crate) struct Local {
+    wc: Arc<Writecache>,
+    core: usize,
+    origin: Rc<BdevChannel>,
+    free: RefCell<Vec<u32>>,
+    write_log: RefCell<Vec<LogEntry>>,
+    superseded: RefCell<Vec<LogEntry>>,
+    waiting: RefCell<VecDeque<Io>>,
+    parents: RefCell<Vec<Option<Parent>>>,
+    free_parents: RefCell<Vec<usize>>,
+    child_cb: Rc<dyn IoCompletion>,
+    poller: RefCell<Option<wc_reactor::PollerHandle>>,
+}
+
+struct ChildDone(Weak<Local>);
+
+impl IoCompletion for ChildDone {
+    fn io_done(&self, io: Io, ctx: u64) {
+        let status = io.status();
+        drop(io);
+        if let Some(l) = self.0.upgrade() {
+            l.child_done(ctx as usize, status.errno());
+        }
+    }
+}
+
+/// The vbdev channel handed to the bdev layer.
+pub(crate) struct WcChannel(Rc<Local>);
+
+impl Drop for WcChannel {
+    fn drop(&mut self) {
+        if let Some(p) = self.0.poller.borrow_mut().take() {
+            p.unregister();
+        }
+        // Give cached free blocks back so they are not lost with the core.
+        for b in self.0.free.borrow_mut().drain(..) {
+            self.0.wc.pool.push(b);
+        }
+        self.0.stats().free_cached.store(0, Ordering::Relaxed);
+    }
+}
+
+pub(crate) fn create_channel(wc: &Arc<Writecache>) -> Result<WcChannel, wc_bdev::BdevError> {
+    let r = wc_reactor::current();
+    let origin = wc.origin_desc.channel()?;
+    let local = Rc::new_cyclic(|weak: &Weak<Local>| Local {
+        wc: wc.clone(),
+        core: r.index(),
+        origin,
+        free: RefCell::new(Vec::with_capacity(REFILL * 2)),
+        write_log: RefCell::new(Vec::new()),
+        superseded: RefCell::new(Vec::new()),
+        waiting: RefCell::new(VecDeque::new()),
+        parents: RefCell::new(Vec::new()),
+        free_parents: RefCell::new(Vec::new()),
+        child_cb: Rc::new(ChildDone(weak.clone())),
+        poller: RefCell::new(None),
+    });
+    r.local(Locals::default)
+        .0
+        .borrow_mut()
+        .insert(wc.id, Rc::downgrade(&local));
+    let weak = Rc::downgrade(&local);
+    let p = r.register_poller("writecache_waiters", None, move || match weak.upgrade() {
+        Some(l) => l.retry_waiting(),
+        None => PollStatus::Idle,
+    });
+    *local.poller.borrow_mut() = Some(p);
+    Ok(WcChannel(local))
+}
+
+impl IoChannel for WcChannel {
+    fn submit(&self, io: Io) {
+        let l = &self.0;
+        if l.wc.closing.load(Ordering::Acquire) {
+            return io.complete(IoStatus::Failed(libc::ENODEV));
+        }
+        match io.io_type() {
+            IoType::Read => l.read(io),
+            IoType::Write => {
+                if l.wc.error() != 0 {
+                    return io.complete(IoStatus::Failed(libc::EIO));
+                }
+                l.write(io)
+            }
+            IoType::WriteZeroes => {
+                if l.wc.error() != 0 {
+                    return io.complete(IoStatus::Failed(libc::EIO));
+                }
+                l.write(io)
+            }
+            IoType::Flush => l.flush(io),
+            IoType::Unmap => l.unmap(io),
+            IoType::Reset => io.complete(IoStatus::Success),
+        }
+    }
+}
+
+impl Local {
+    fn stats(&self) -> &crate::stats::CoreStats {
+        self.wc.core_stats(self.core)
+    }
+
+    // ---------------------------------------------------------------- parents
+
+    fn new_parent(&self, io: Io, remaining: u32) -> usize {
+        let p = Parent {
+            io: Some(io),
+            remaining,
+            errno: 0,
+        };
+        match self.free_parents.borrow_mut().pop() {
+            Some(k) => {
+                self.parents.borrow_mut()[k] = Some(p);
+                k
+            }
+            None => {
+                let mut v = self.parents.borrow_mut();
+                v.push(Some(p));
+                v.len() - 1
+            }
+        }
+    }
+
+    fn child_done(&self, key: usize, errno: i32) {
+        let done = {
+            let mut v = self.parents.borrow_mut();
+            let Some(Some(p)) = v.get_mut(key) else {
+                return;
+            };
+            if errno != 0 && p.errno == 0 {
+                p.errno = errno;
+            }
+            p.remaining -= 1;
+            if p.remaining == 0 {
+                v[key].take()
+            } else {
+                None
+            }
+        };
+        if let Some(mut p) = done {
+            self.free_parents.borrow_mut().push(key);
+            if let Some(io) = p.io.take() {
+                io.complete_errno(p.errno);
+            }
+        }
+    }
+
+    /// Completes parent `key` from a home message.
+    fn parent_result(self: &Rc<Self>, key: usize, res: Result<(), i32>) {
+        self.child_done(key, res.err().unwrap_or(0));
+    }
+
+    /// A waiter that completes parent `key` back on this core.
+    fn waiter_for(self: &Rc<Self>, key: usize) -> crate::cache::Waiter {
+        let me = wc_reactor::current().handle();
+        let id = self.wc.id;
+        Box::new(move |res| {
+            me.send(move || {
+                if let Some(l) = local_of(id) {
+                    l.parent_result(key, res);
+                }
+            })
+        })
+    }
+
+    // ------------------------------------------------------------------ read
+
+    fn read(&self, io: Io) {
+        let n = io.num_blocks();
+        let first = io.offset_blocks();
+        let bs = self.wc.block_size as usize;
+        let mut misses: SmallVec<[(u64, u64); 4]> = SmallVec::new();
+        let mut io = io;
+        {
+            // Blocks found in the index cannot be reused until we unpin.
+            let _guard = crossbeam::epoch::pin();
+            for i in 0..n {
+                match self.wc.index.get(first + i) {
+                    Some(b) => {
+                        let src = self.wc.media.data_ptr(b);
+                        // SAFETY: src points at one cache block (bs bytes)
+                        // of the mapping; the pin keeps it from being reused.
+                        let data = unsafe { std::slice::from_raw_parts(src, bs) };
+                        copy_into_io(&mut io, i as usize * bs, data);
+                    }
+                    None => match misses.last_mut() {
+                        Some((s, len)) if *s + *len == i => *len += 1,
+                        _ => misses.push((i, 1)),
+                    },
+                }
+            }
+        }
+        let st = self.stats();
+        inc(&st.read_blocks, n);
+        let missed: u64 = misses.iter().map(|m| m.1).sum();
+        inc(&st.read_hits, n - missed);
+        if misses.is_empty() {
+            return io.complete(IoStatus::Success);
+        }
+        let ratio = self.wc.origin_ratio;
+        let runs: SmallVec<[(u64, u64, SmallVec<[IoVec; 4]>); 4]> = misses
+            .iter()
+            .map(|&(i, len)| {
+                (
+                    i,
+                    len,
+                    slice_iovs(io.iovs(), i as usize * bs, len as usize * bs),
+                )
+            })
+            .collect();
+        let key = self.new_parent(io, runs.len() as u32);
+        for (i, len, iovs) in runs {
+            // SAFETY: the segments are sub-ranges of the parent I/O's
+            // buffers, which stay valid until the parent completes, and
+            // that only happens after every child (this one too) is done.
+            unsafe {
+                self.origin.readv(
+                    (first + i) * ratio,
+                    len * ratio,
+                    &iovs,
+                    &self.child_cb,
+                    key as u64,
+                );
+            }
+        }
+    }
+
+    // ----------------------------------------------------------------- write
+
+    fn write(self: &Rc<Self>, mut io: Io) {
+        let wc = &self.wc;
+        let n = io.num_blocks();
+        let first = io.offset_blocks();
+        let zeroes = io.io_type() == IoType::WriteZeroes;
+        let bs = wc.block_size as usize;
+
+        // Cleaner mode: new data goes around the cache, straight to the
+        // origin (hits still go to the cache to keep versions ordered).
+        if wc.tunables.cleaner.load(Ordering::Relaxed) && io.driver_ctx()[PROGRESS] == 0 {
+            let cached = (0..n).any(|i| wc.index.get(first + i).is_some());
+            if !cached {
+                return self.write_around(io);
+            }
+        }
+
+        let mut i = io.driver_ctx()[PROGRESS];
+        while i < n {
+            let Some(b) = self.alloc() else {
+                io.driver_ctx()[PROGRESS] = i;
+                if io.driver_ctx()[BLOCKED] == 0 {
+                    io.driver_ctx()[BLOCKED] = 1;
+                    inc(&self.stats().writes_blocked_on_freelist, 1);
+                }
+                self.waiting.borrow_mut().push_back(io);
+                // Make room: commit what is written, then write back.
+                wc.request_commit(None);
+                return;
+            };
+            let lba = first + i;
+            let m = wc.meta.get(b);
+            let gen = m.gen.load(Ordering::Relaxed).wrapping_add(1);
+            m.gen.store(gen, Ordering::Release);
+            // The stamp: a commit that bumps the sequence after this load
+            // runs its fence on this core only after this write is done.
+            let seq = wc.seq.load(Ordering::Acquire);
+            let off = wc.media.data_offset(b);
+            if zeroes {
+                let mut done = 0;
+                while done < bs {
+                    let len = (bs - done).min(ZEROES.len());
+                    wc.media.pmem.write_nt(off + done, &ZEROES[..len]);
+                    done += len;
+                }
+            } else {
+                let start = i as usize * bs;
+                let pmem = &wc.media.pmem;
+                for_each_piece(&io, start, bs, |at, piece| pmem.write_nt(off + at, piece));
+            }
+            wc.media.write_entry(b, wc.sector_of(lba), seq);
+            m.lba.store(lba, Ordering::Relaxed);
+            m.seq.store(seq, Ordering::Relaxed);
+            m.state.store(VALID, Ordering::Release);
+            let displaced = wc.index.insert(lba, b);
+            self.write_log
+                .borrow_mut()
+                .push(LogEntry { block: b, gen, seq });
+            let st = self.stats();
+            st.uncommitted
+                .store(self.write_log.borrow().len() as u64, Ordering::Release);
+            inc(&st.write_blocks, 1);
+            inc(&st.writes_allocate, 1);
+            if let Some(old) = displaced {
+                self.displace(old, seq);
+            }
+            i += 1;
+        }
+        io.driver_ctx()[PROGRESS] = n;
+        self.maybe_autocommit();
+        if io.fua() {
+            inc(&self.stats().flushes, 1);
+            let key = self.new_parent(io, 1);
+            let w = self.waiter_for(key);
+            wc.request_commit(Some(w));
+        } else {
+            io.complete(IoStatus::Success);
+        }
+    }
+
+    /// Handles the older block `old` an index insert displaced.
+    fn displace(&self, old: u32, my_seq: u64) {
+        let wc = &self.wc;
+        let m = wc.meta.get(old);
+        let oseq = m.seq.load(Ordering::Acquire);
+        let ogen = m.gen.load(Ordering::Acquire);
+        let st = self.stats();
+        if oseq >= my_seq {
+            // Not committed, and will not be before our version is: drop
+            // it now. (Its commit needs this core's fence, which cannot
+            // happen while we run.)
+            inc(&st.write_hits_uncommitted, 1);
+            if wc.meta.begin_free(old, ogen) {
+                wc.free_blocks(&[old]);
+            }
+        } else {
+            // Committed (or being committed): keep it until ours is.
+            inc(&st.write_hits_committed, 1);
+            self.superseded.borrow_mut().push(LogEntry {
+                block: old,
+                gen: ogen,
+                seq: my_seq,
+            });
+        }
+    }
+
+    fn alloc(&self) -> Option<u32> {
+        let mut free = self.free.borrow_mut();
+        if free.is_empty() {
+            for _ in 0..REFILL {
+                match self.wc.pool.pop() {
+                    Some(b) => free.push(b),
+                    None => break,
+                }
+            }
+        }
+        let b = free.pop();
+        self.stats()
+            .free_cached
+            .store(free.len() as u64, Ordering::Relaxed);
+        b
+    }
+
+    fn maybe_autocommit(&self) {
+        let wc = &self.wc;
+        let cores = wc_reactor::current().count().max(1) as u64;
+        let limit = (wc.tunables.autocommit_blocks.load(Ordering::Relaxed) / cores).max(1);
+        if self.write_log.borrow().len() as u64 >= limit
+            && !wc.commit_requested.swap(true, Ordering::AcqRel)
+        {
+            wc.request_commit(None);
+        }
+    }
+
+    fn write_around(self: &Rc<Self>, io: Io) {
+        let wc = &self.wc;
+        inc(&self.stats().writes_around, io.num_blocks());
+        inc(&self.stats().write_blocks, io.num_blocks());
+        wc.last_write_around
+            .store(wc_reactor::tick::ticks().max(1), Ordering::Relaxed);
+        let ratio = wc.origin_ratio;
+        let (lba, n) = (io.offset_blocks(), io.num_blocks());
+        let zeroes = io.io_type() == IoType::WriteZeroes;
+        let iovs: SmallVec<[IoVec; 4]> = io.iovs().iter().copied().collect();
+        let key = self.new_parent(io, 1);
+        if zeroes {
+            self.origin
+                .write_zeroes(lba * ratio, n * ratio, &self.child_cb, key as u64);
+        } else {
+            // SAFETY: the parent's buffers stay valid until it completes,
+            // which waits for this child.
+            unsafe {
+                self.origin.writev(
+                    lba * ratio,
+                    n * ratio,
+                    &iovs,
+                    true,
+                    &self.child_cb,
+                    key as u64,
+                )
+            };
+        }
+    }
+
+    fn retry_waiting(self: &Rc<Self>) -> PollStatus {
+        if self.waiting.borrow().is_empty() {
+            return PollStatus::Idle;
+        }
+        // Let deferred frees run so blocks come back to the pool.
+        crossbeam::epoch::pin().flush();
+        if self.free.borrow().is_empty() && self.wc.pool.len() == 0 {
+            return PollStatus::Idle;
+        }
+        let mut progressed = false;
+        while let Some(io) = {
+            let ready = !self.free.borrow().is_empty() || self.wc.pool.len() > 0;
+            if ready {
+                self.waiting.borrow_mut().pop_front()
+            } else {
+                None
+            }
+        } {
+            progressed = true;
+            self.write(io);
+            if !self.waiting.borrow().is_empty()
+                && self.free.borrow().is_empty()
+                && self.wc.pool.len() == 0
+            {
+                break;
+            }
+        }
+        PollStatus::from(progressed)
+    }
+
+    // ----------------------------------------------------------------- flush
+
+    fn flush(self: &Rc<Self>, io: Io) {
+        inc(&self.stats().flushes, 1);
+        if self.wc.error() != 0 {
+            return io.complete(IoStatus::Failed(libc::EIO));
+        }
+        let key = self.new_parent(io, 1);
+        let w = self.waiter_for(key);
+        self.wc.request_commit(Some(w));
+    }
+
+    // ----------------------------------------------------------------- unmap
+
+    fn unmap(self: &Rc<Self>, io: Io) {
+        inc(&self.stats().discards, 1);
+        let (lba, n) = (io.offset_blocks(), io.num_blocks());
+        let key = self.new_parent(io, 1);
+        let me = wc_reactor::current().handle();
+        let wc = self.wc.clone();
+        let id = wc.id;
+        // Invalidation runs on home, where every other free decision is
+        // made; the origin unmap then goes out from this core.
+        wc.home.clone().send(move || {
+            wc.invalidate_range(lba, n);
+            me.send(move || {
+                if let Some(l) = local_of(id) {
+                    if l.origin.bdev().io_type_supported(IoType::Unmap) {
+                        let r = l.wc.origin_ratio;
+                        l.origin.unmap(lba * r, n * r, &l.child_cb, key as u64);
+                    } else {
+                        l.child_done(key, 0);
+                    }
+                }
+            });
+        });
+    }
+
+    /// Hands over (and forgets) log entries stamped below `limit` (the
+    /// superblock sequence the running commit establishes).
+    pub(crate) fn drain_logs(&self, limit: u64) -> (Vec<LogEntry>, Vec<LogEntry>) {
+        let mut w = self.write_log.borrow_mut();
+        let (done, keep): (Vec<LogEntry>, Vec<LogEntry>) = w.drain(..).partition(|e| e.seq < limit);
+        *w = keep;
+        self.stats()
+            .uncommitted
+            .store(w.len() as u64, Ordering::Release);
+        let mut sup = self.superseded.borrow_mut();
+        let (ready, keep): (Vec<LogEntry>, Vec<LogEntry>) =
+            sup.drain(..).partition(|e| e.seq < limit);
+        *sup = keep;
+        (done, ready)
+    }
+}
+
+impl Writecache {
+    /// Drops cached blocks of `[lba, lba+n)` (on home). Blocks under
+    /// writeback are left to the writeback, which frees them when done.
+    pub(crate) fn invalidate_range(&self, lba: u64, n: u64) {
+        let mut to_free = Vec::new();
+        let mut consider = |l: u64, b: u32| {
+            if self.index.remove_if(l, b) {
+                let gen = self.meta.get(b).gen.load(Ordering::Acquire);
+                if self.meta.begin_free(b, gen) {
+                    to_free.push(b);
+                }
+            }
+        };
+        if n <= self.media.geo.n_blocks() {
+            for l in lba..lba.saturating_add(n) {
+                if let Some(b) = self.index.get(l) {
+                    consider(l, b);
+                }
+            }
+        } else {
+            // A range larger than the cache: scan the blocks instead.
+            for b in 0..self.media.geo.n_blocks() as u32 {
+                let m = self.meta.get(b);
+                if m.state.load(Ordering::Acquire) & VALID != 0 {
+                    let l = m.lba.load(Ordering::Acquire);
+                    if l >= lba && l - lba < n {
+                        consider(l, b);
+                    }
+                }
+            }
+        }
+        self.free_blocks(&to_free);
+    }
+}
+
+/// Calls `f(offset_in_block, piece)` for the parts of the I/O's segments
+/// that cover bytes `[start, start+len)` of the I/O.
+fn for_each_piece(io: &Io, start: usize, len: usize, mut f: impl FnMut(usize, &[u8])) {
+    let end = start + len;
+    io.for_each_segment(|seg_off, seg| {
+        let seg_off = seg_off as usize;
+        let seg_end = seg_off + seg.len();
+        if seg_end <= start || seg_off >= end {
+            return;
+        }
+        let a = start.max(seg_off);
+        let b = end.min(seg_end);
+        f(a - start, &seg[a - seg_off..b - seg_off]);
+    });
+}
+
+/// Copies `data` into the I/O's segments at byte offset `at`.
+fn copy_into_io(io: &mut Io, at: usize, data: &[u8]) {
+    let end = at + data.len();
+    io.for_each_segment_mut(|seg_off, seg| {
+        let seg_off = seg_off as usize;
+        let seg_end = seg_off + seg.len();
+        if seg_end <= at || seg_off >= end {
+            return;
+        }
+        let a = at.max(seg_off);
+        let b = end.min(seg_end);
+        seg[a - seg_off..b - seg_off].copy_from_slice(&data[a - at..b - at]);
+    });
+}
+
+/// The segments covering bytes `[start, start+len)` of `iovs`.
+fn slice_iovs(iovs: &[IoVec], start: usize, len: usize) -> SmallVec<[IoVec; 4]> {
+    let end = start + len;
+    let mut out = SmallVec::new();
+    let mut off = 0usize;
+    for v in iovs {
+        let (s, e) = (off, off + v.len);
+        off = e;
+        if e <= start || s >= end {
+            continue;
+        }
+        let a = start.max(s);
+        let b = end.min(e);
+        // SAFETY: a - s < v.len, so the pointer stays inside the segment.
+        out.push(IoVec {
+            base: unsafe { v.base.add(a - s) },
+            len: b - a,
+        });
+    }
+    out
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn slicing_segments() {
+        let mut buf = vec![0u8; 100];
+        let base = buf.as_mut_ptr();
+        // SAFETY: offsets inside `buf`.
+        let iovs = unsafe {
+            [
+                IoVec { base, len: 30 },
+                IoVec {
+                    base: base.add(30),
+                    len: 70,
+                },
+            ]
+        };
+        let s = slice_iovs(&iovs, 20, 40);
+        assert_eq!(s.len(), 2);
+        assert_eq!((s[0].len, s[1].len), (10, 30));
+        assert_eq!(s[0].base as usize - base as usize, 20);
+        assert_eq!(s[1].base as usize - base as usize, 30);
+        assert!(slice_iovs(&iovs, 100, 0).is_empty());
+    }
+}

@@ -1,0 +1,407 @@
+//! # wc-writecache: the writecache vbdev
+//!
+//! A virtual bdev over an **origin** bdev (slow, large) and a **cache**
+//! bdev (fast, persistent), with the semantics — and the on-media format —
+//! of Linux dm-writecache. Writes land in the cache and complete; a commit
+//! (FLUSH, FUA, or autocommit by count or time) makes them durable; the
+//! writeback later copies the oldest committed blocks to the origin and
+//! frees them. Reads are served from the cache when it holds the block.
+//!
+//! ## Threading
+//! Writes and reads run on whichever reactor submits them. A write takes a
+//! block from its core's free cache (refilled in batches from a lock-free
+//! pool), copies the data with persistent stores, stamps the entry with the
+//! current sequence and publishes the block in a sharded index; it logs the
+//! block in its core's write-order log. Nothing global is locked.
+//!
+//! The commit coordinator and the writeback run on the instance's home
+//! reactor. A commit bumps the stamp sequence, sends every reactor a message
+//! that fences its stores and hands over its logs, then writes the
+//! superblock's sequence count. Blocks leave the index only on home or by a
+//! writer displacing them, and return to the free pool only after an epoch
+//! grace period, so a reader copying a block never sees it reused.
+//!
+//! ## Persistence
+//! An entry is committed iff its sequence is below the superblock's; a
+//! committed block is never overwritten in place (an overwrite allocates a
+//! new block and the old one is freed after the new one is committed); a
+//! freed block's entry is cleared durably before the block is reused.
+
+#![warn(missing_docs)]
+
+mod cache;
+mod channel;
+mod media;
+mod meta;
+mod options;
+pub mod rpc;
+mod stats;
+
+use std::collections::HashMap;
+use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, OnceLock};
+
+use serde_json::{json, Value};
+use wc_bdev::{Bdev, BdevConfig, BdevError, BdevOps, ClaimGuard, IoChannel, IoType};
+
+pub use cache::Writecache;
+pub use media::AttachError;
+pub use options::{CreateOpts, Mode, SetOpts};
+pub use stats::Stats;
+
+use cache::{LogEntry, MAX_CORES};
+use meta::{FreePool, Index, Meta, VALID};
+
+/// Module name (claims, driver info).
+pub const MODULE: &str = "writecache";
+
+struct Instance {
+    wc: Arc<Writecache>,
+    opts: CreateOpts,
+    _claims: Vec<ClaimGuard>,
+}
+
+fn instances() -> std::sync::MutexGuard<'static, HashMap<String, Instance>> {
+    static I: OnceLock<Mutex<HashMap<String, Instance>>> = OnceLock::new();
+    I.get_or_init(|| Mutex::new(HashMap::new()))
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+static NEXT_ID: AtomicU64 = AtomicU64::new(1);
+
+/// Errors of create and the control operations.
+#[derive(Debug, thiserror::Error)]
+pub enum WcError {
+    /// A bdev-layer error (missing base, claimed, name in use...).
+    #[error(transparent)]
+    Bdev(#[from] BdevError),
+    /// Formatting or recovery refused the cache.
+    #[error(transparent)]
+    Attach(#[from] AttachError),
+    /// Bad parameter.
+    #[error("{0}")]
+    Invalid(String),
+    /// The instance is in its error state.
+    #[error("writecache '{0}' is in the error state (errno {1})")]
+    ErrorState(String, i32),
+}
+
+impl WcError {
+    /// errno for RPC replies.
+    pub fn errno(&self) -> i32 {
+        match self {
+            WcError::Bdev(e) => e.errno(),
+            WcError::Attach(e) => e.errno(),
+            WcError::Invalid(_) => libc::EINVAL,
+            WcError::ErrorState(_, e) => *e,
+        }
+    }
+}
+
+/// Creates (formatting a blank cache, or recovering an existing one) and
+/// registers a writecache bdev. Runs on a reactor, which becomes the
+/// instance's home.
+pub fn create(opts: CreateOpts) -> Result<Arc<Bdev>, WcError> {
+    if opts.name.is_empty() {
+        return Err(WcError::Invalid("name must not be empty".into()));
+    }
+    if wc_bdev::lookup(&opts.name).is_some() || instances().contains_key(&opts.name) {
+        return Err(BdevError::Exists(opts.name.clone()).into());
+    }
+    if opts.base_bdev == opts.cache_bdev {
+        return Err(WcError::Invalid(format!(
+            "origin and cache must be different bdevs (both are '{}')",
+            opts.base_bdev
+        )));
+    }
+    let mode = opts.mode.unwrap_or(Mode::Pmem);
+    if mode == Mode::Ssd {
+        return Err(BdevError::NotSupported(
+            "ssd mode is not implemented yet; use mode pmem".into(),
+        )
+        .into());
+    }
+    let bs = opts.block_size.unwrap_or(4096);
+    wc_writecache_format::check_block_size(bs).map_err(AttachError::Format)?;
+    let tunables = options::Tunables::from_create(&opts, mode).map_err(WcError::Invalid)?;
+    let origin = wc_bdev::lookup(&opts.base_bdev)
+        .ok_or_else(|| BdevError::NotFound(opts.base_bdev.clone()))?;
+    let cache = wc_bdev::lookup(&opts.cache_bdev)
+        .ok_or_else(|| BdevError::NotFound(opts.cache_bdev.clone()))?;
+    if bs < origin.block_size() || bs % origin.block_size() != 0 {
+        return Err(WcError::Invalid(format!(
+            "block_size {bs} is not a multiple of the origin's block size {}",
+            origin.block_size()
+        )));
+    }
+    let num_blocks = origin.size_bytes() / bs as u64;
+    if num_blocks == 0 {
+        return Err(WcError::Invalid(
+            "origin is smaller than one cache block".into(),
+        ));
+    }
+    let pmem = cache.pmem().ok_or_else(|| {
+        WcError::Invalid(format!(
+            "cache bdev '{}' has no persistent memory mapping (pmem mode needs a pmem bdev)",
+            cache.name()
+        ))
+    })?;
+    // Open and claim both before touching the media, so nobody else writes.
+    let origin_desc = wc_bdev::open(origin.name(), true, None)?;
+    let cache_desc = wc_bdev::open(cache.name(), true, None)?;
+    let c1 = origin.claim(MODULE)?;
+    let c2 = cache.claim(MODULE)?;
+    let attached = media::attach(pmem, opts.start_sector.unwrap_or(0), bs, num_blocks)?;
+    let n = attached.media.geo.n_blocks() as usize;
+    let wc = Arc::new(Writecache {
+        id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
+        name: opts.name.clone(),
+        mode,
+        block_size: bs,
+        num_blocks,
+        origin_ratio: bs as u64 / origin.block_size() as u64,
+        meta: Meta::new(n),
+        index: Index::new(n),
+        pool: FreePool::new(n),
+        seq: AtomicU64::new(attached.sb_seq),
+        sb_seq: AtomicU64::new(attached.sb_seq),
+        stats: (0..MAX_CORES).map(|_| Default::default()).collect(),
+        tunables,
+        error: AtomicI32::new(0),
+        home: wc_reactor::current().handle(),
+        coord: Default::default(),
+        wb: Default::default(),
+        commit_requested: AtomicBool::new(false),
+        last_write_around: AtomicU64::new(0),
+        flush_on_suspend: AtomicBool::new(false),
+        closing: AtomicBool::new(false),
+        formatted: attached.formatted,
+        origin_desc,
+        cache_desc,
+        media: attached.media,
+    });
+    for b in attached.free {
+        wc.pool.push(b);
+    }
+    {
+        let now = wc_reactor::tick::ticks();
+        let mut c = wc.coord.lock().unwrap_or_else(|p| p.into_inner());
+        for r in &attached.committed {
+            let m = wc.meta.get(r.block);
+            m.lba.store(r.lba, Ordering::Relaxed);
+            m.seq.store(r.seq, Ordering::Relaxed);
+            m.gen.store(1, Ordering::Relaxed);
+            m.state.store(VALID, Ordering::Release);
+            wc.index.insert(r.lba, r.block);
+            c.fifo.push_back((
+                LogEntry {
+                    block: r.block,
+                    gen: 1,
+                    seq: r.seq,
+                },
+                now,
+            ));
+        }
+    }
+    let home_origin = wc.origin_desc.channel()?;
+    wc.start_home_pollers(home_origin);
+    let mut cfg = BdevConfig::new(opts.name.clone(), bs, num_blocks);
+    cfg.required_alignment = 1;
+    let ops = Arc::new(WcBdev { wc: wc.clone() });
+    let bdev = wc_bdev::register(cfg, ops)?;
+    instances().insert(
+        opts.name.clone(),
+        Instance {
+            wc,
+            opts,
+            _claims: vec![c1, c2],
+        },
+    );
+    Ok(bdev)
+}
+
+/// The running instance called `name`.
+pub fn get(name: &str) -> Option<Arc<Writecache>> {
+    instances().get(name).map(|i| i.wc.clone())
+}
+
+/// Names of all instances.
+pub fn names() -> Vec<String> {
+    let mut v: Vec<String> = instances().keys().cloned().collect();
+    v.sort();
+    v
+}
+
+/// Deletes an instance: unregisters the bdev (new I/O fails), commits —
+/// and with `flush` writes everything back first — then releases the base
+/// bdevs. `done` runs on the home reactor with the outcome.
+pub fn delete(name: &str, flush: bool, done: Box<dyn FnOnce(Result<(), WcError>) + Send>) {
+    let Some(wc) = get(name) else {
+        return done(Err(BdevError::NotFound(name.to_string()).into()));
+    };
+    let flush = flush || wc.flush_on_suspend.load(Ordering::Relaxed);
+    if wc.closing.swap(true, Ordering::AcqRel) {
+        return done(Err(BdevError::Busy(name.to_string()).into()));
+    }
+    let name = name.to_string();
+    // Commit (and drain) while the channels still hold the per-core logs;
+    // new I/O already fails. Then the bdev goes away and the bases are
+    // released.
+    let finish: cache::Waiter = Box::new(move |res| {
+        if let Err(e) = wc_bdev::hot_remove(&name) {
+            tracing::debug!("writecache delete {name}: {e}");
+        }
+        let inst = instances().remove(&name);
+        if let Some(i) = &inst {
+            i.wc.release_home();
+        }
+        drop(inst);
+        done(res.map_err(|e| WcError::ErrorState(name.clone(), e)));
+    });
+    if flush {
+        wc.drain(finish);
+    } else {
+        wc.request_commit(Some(finish));
+    }
+}
+
+/// Commits, writes back everything, and calls `done` when the cache holds
+/// no dirty data (the RPC `bdev_writecache_flush`).
+pub fn flush(name: &str, done: Box<dyn FnOnce(Result<(), WcError>) + Send>) {
+    let Some(wc) = get(name) else {
+        return done(Err(BdevError::NotFound(name.to_string()).into()));
+    };
+    if wc.error() != 0 {
+        return done(Err(WcError::ErrorState(name.to_string(), wc.error())));
+    }
+    let n = name.to_string();
+    wc.drain(Box::new(move |r| {
+        done(r.map_err(|e| WcError::ErrorState(n, e)))
+    }));
+}
+
+/// Commits without writing back; `done` runs when durable.
+pub fn commit(name: &str, done: Box<dyn FnOnce(Result<(), WcError>) + Send>) {
+    let Some(wc) = get(name) else {
+        return done(Err(BdevError::NotFound(name.to_string()).into()));
+    };
+    let n = name.to_string();
+    wc.request_commit(Some(Box::new(move |r| {
+        done(r.map_err(|e| WcError::ErrorState(n, e)))
+    })));
+}
+
+/// Current statistics.
+pub fn stats(name: &str) -> Result<Stats, WcError> {
+    get(name)
+        .map(|w| w.stats())
+        .ok_or_else(|| BdevError::NotFound(name.to_string()).into())
+}
+
+/// Zeroes the counters (each core clears its own).
+pub fn clear_stats(name: &str) -> Result<(), WcError> {
+    let wc = get(name).ok_or_else(|| BdevError::NotFound(name.to_string()))?;
+    for h in wc.home.siblings() {
+        let wc = wc.clone();
+        h.send(move || {
+            if let Some(r) = wc_reactor::try_current() {
+                wc.core_stats(r.index()).clear();
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Changes runtime tunables (validated as a whole; nothing changes on error).
+pub fn set_options(o: &SetOpts) -> Result<(), WcError> {
+    let wc = get(&o.name).ok_or_else(|| BdevError::NotFound(o.name.clone()))?;
+    wc.tunables.apply(o).map_err(WcError::Invalid)?;
+    if let Some(i) = instances().get_mut(&o.name) {
+        macro_rules! copy {
+            ($($f:ident),*) => { $( if o.$f.is_some() { i.opts.$f = o.$f; } )* };
+        }
+        copy!(
+            high_watermark,
+            low_watermark,
+            writeback_jobs,
+            autocommit_blocks,
+            autocommit_time_ms,
+            fua,
+            cleaner,
+            max_age_ms,
+            pause_writeback_ms
+        );
+    }
+    let w = wc.clone();
+    wc.home.send(move || w.kick_writeback());
+    Ok(())
+}
+
+/// Sets flush-on-suspend: the next suspend/delete/shutdown writes back all.
+pub fn set_flush_on_suspend(name: &str, enable: bool) -> Result<(), WcError> {
+    let wc = get(name).ok_or_else(|| BdevError::NotFound(name.to_string()))?;
+    wc.flush_on_suspend.store(enable, Ordering::Relaxed);
+    Ok(())
+}
+
+struct WcBdev {
+    wc: Arc<Writecache>,
+}
+
+impl BdevOps for WcBdev {
+    fn module_name(&self) -> &'static str {
+        MODULE
+    }
+
+    fn product_name(&self) -> &'static str {
+        "writecache disk"
+    }
+
+    fn io_type_supported(&self, t: IoType) -> bool {
+        match t {
+            IoType::Read | IoType::Write | IoType::Flush | IoType::WriteZeroes | IoType::Reset => {
+                true
+            }
+            IoType::Unmap => true,
+        }
+    }
+
+    fn create_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {
+        Ok(Box::new(channel::create_channel(&self.wc)?))
+    }
+
+    fn write_cache(&self) -> bool {
+        true
+    }
+
+    fn driver_info(&self) -> Value {
+        let wc = &self.wc;
+        let s = wc.stats();
+        json!({"writecache": {
+            "mode": match wc.mode { Mode::Pmem => "pmem", Mode::Ssd => "ssd" },
+            "origin": wc.origin_desc.bdev().name(),
+            "cache": wc.cache_desc.bdev().name(),
+            "block_size": wc.block_size,
+            "blocks": s.blocks,
+            "free_blocks": s.free_blocks,
+            "dirty": s.dirty,
+            "writeback_blocks": s.writeback_blocks,
+            "error": s.error,
+            "seq_count": s.seq_count,
+            "flush_on_suspend": wc.flush_on_suspend.load(Ordering::Relaxed),
+            "formatted_on_create": wc.formatted_on_create(),
+            "options": wc.tunables.to_json(),
+        }})
+    }
+
+    fn config_entry(&self, bdev: &Bdev) -> Option<Value> {
+        let inst = instances();
+        let i = inst.get(bdev.name())?;
+        let mut params = serde_json::to_value(&i.opts).ok()?;
+        if let Some(o) = params.as_object_mut() {
+            o.retain(|_, v| !v.is_null());
+        }
+        Some(json!({"method": "bdev_writecache_create", "params": params}))
+    }
+}

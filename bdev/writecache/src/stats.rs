@@ -1,0 +1,117 @@
+//! Per-core counters (single writer each), summed on demand into the
+//! status dm-writecache reports plus our own additions.
+
+use std::sync::atomic::{AtomicU64, Ordering::Relaxed};
+
+use serde::Serialize;
+
+/// Counters of one core.
+#[derive(Default)]
+pub(crate) struct CoreStats {
+    pub(crate) read_blocks: AtomicU64,
+    pub(crate) read_hits: AtomicU64,
+    pub(crate) write_blocks: AtomicU64,
+    pub(crate) write_hits_uncommitted: AtomicU64,
+    pub(crate) write_hits_committed: AtomicU64,
+    pub(crate) writes_around: AtomicU64,
+    pub(crate) writes_allocate: AtomicU64,
+    pub(crate) writes_blocked_on_freelist: AtomicU64,
+    pub(crate) flushes: AtomicU64,
+    pub(crate) discards: AtomicU64,
+    /// Blocks written since the last commit (reset by the commit).
+    pub(crate) uncommitted: AtomicU64,
+    /// Free blocks held in this core's allocation cache.
+    pub(crate) free_cached: AtomicU64,
+}
+
+#[inline]
+pub(crate) fn inc(a: &AtomicU64, n: u64) {
+    // Single writer per core: no read-modify-write needed.
+    a.store(a.load(Relaxed).wrapping_add(n), Relaxed);
+}
+
+/// What `bdev_writecache_get_stats` returns, dm-writecache's status fields
+/// first, in its order.
+#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+pub struct Stats {
+    /// 0, or the errno of the error state.
+    pub error: i32,
+    /// Cache blocks.
+    pub blocks: u64,
+    /// Free cache blocks.
+    pub free_blocks: u64,
+    /// Blocks being written back now.
+    pub writeback_blocks: u64,
+    /// Blocks read.
+    pub read_blocks: u64,
+    /// Blocks read from the cache.
+    pub read_hits: u64,
+    /// Blocks written.
+    pub write_blocks: u64,
+    /// Writes to a block already cached and not yet committed.
+    pub write_hits_uncommitted: u64,
+    /// Writes to a block already cached and committed.
+    pub write_hits_committed: u64,
+    /// Writes that bypassed the cache.
+    pub writes_around: u64,
+    /// Writes that allocated a cache block.
+    pub writes_allocate: u64,
+    /// Writes that waited for a free block.
+    pub writes_blocked_on_freelist: u64,
+    /// FLUSH requests (and FUA writes).
+    pub flushes: u64,
+    /// UNMAP requests.
+    pub discards: u64,
+    /// Blocks written but not committed.
+    pub dirty_uncommitted: u64,
+    /// Blocks cached and not yet written back (committed or not).
+    pub dirty: u64,
+    /// Commits that advanced the superblock sequence.
+    pub commits: u64,
+    /// Superblock sequence count.
+    pub seq_count: u64,
+    /// Origin write I/Os issued by writeback.
+    pub writeback_ios: u64,
+    /// Bytes written back to the origin.
+    pub writeback_bytes: u64,
+    /// Blocks written back.
+    pub writeback_completed_blocks: u64,
+    /// Writeback I/Os retried after an origin error.
+    pub writeback_retries: u64,
+}
+
+impl Stats {
+    pub(crate) fn add_core(&mut self, c: &CoreStats) {
+        self.read_blocks += c.read_blocks.load(Relaxed);
+        self.read_hits += c.read_hits.load(Relaxed);
+        self.write_blocks += c.write_blocks.load(Relaxed);
+        self.write_hits_uncommitted += c.write_hits_uncommitted.load(Relaxed);
+        self.write_hits_committed += c.write_hits_committed.load(Relaxed);
+        self.writes_around += c.writes_around.load(Relaxed);
+        self.writes_allocate += c.writes_allocate.load(Relaxed);
+        self.writes_blocked_on_freelist += c.writes_blocked_on_freelist.load(Relaxed);
+        self.flushes += c.flushes.load(Relaxed);
+        self.discards += c.discards.load(Relaxed);
+        self.dirty_uncommitted += c.uncommitted.load(Relaxed);
+        self.free_blocks += c.free_cached.load(Relaxed);
+    }
+}
+
+impl CoreStats {
+    pub(crate) fn clear(&self) {
+        for a in [
+            &self.read_blocks,
+            &self.read_hits,
+            &self.write_blocks,
+            &self.write_hits_uncommitted,
+            &self.write_hits_committed,
+            &self.writes_around,
+            &self.writes_allocate,
+            &self.writes_blocked_on_freelist,
+            &self.flushes,
+            &self.discards,
+        ] {
+            a.store(0, Relaxed);
+        }
+    }
+}
