@@ -362,11 +362,24 @@ impl Writecache {
         *handle.borrow_mut() = Some(p);
     }
 
+    /// Writers waiting for a free block, over all cores.
+    pub(crate) fn waiting_writers(&self) -> u64 {
+        self.stats
+            .iter()
+            .map(|c| c.waiting.load(Ordering::Relaxed))
+            .sum()
+    }
+
     fn wants_writeback(&self, c: &Coordinator, wb: &Writeback) -> bool {
         if c.fifo.is_empty() || self.error() != 0 {
             return false;
         }
-        if !wb.drain_waiters.is_empty() || self.tunables.cleaner.load(Ordering::Relaxed) {
+        // Waiting writers override the watermarks (and pause_writeback):
+        // only writeback can give them blocks.
+        if !wb.drain_waiters.is_empty()
+            || self.tunables.cleaner.load(Ordering::Relaxed)
+            || self.waiting_writers() > 0
+        {
             return true;
         }
         let pause = self.tunables.pause_writeback_ms.load(Ordering::Relaxed);

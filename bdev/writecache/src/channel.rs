@@ -29,7 +29,8 @@ pub(crate) fn local_of(id: u64) -> Option<Rc<Local>> {
     v
 }
 
-const REFILL: usize = 64;
+/// Largest batch a core takes from the pool at once.
+const REFILL_MAX: usize = 64;
 /// Block index stored in `driver_ctx[0]`: how far a write got.
 const PROGRESS: usize = 0;
 /// `driver_ctx[1]` set once a write was counted as blocked.
@@ -93,7 +94,7 @@ pub(crate) fn create_channel(wc: &Arc<Writecache>) -> Result<WcChannel, wc_bdev:
         wc: wc.clone(),
         core: r.index(),
         origin,
-        free: RefCell::new(Vec::with_capacity(REFILL * 2)),
+        free: RefCell::new(Vec::with_capacity(REFILL_MAX)),
         write_log: RefCell::new(Vec::new()),
         superseded: RefCell::new(Vec::new()),
         waiting: RefCell::new(VecDeque::new()),
@@ -299,7 +300,19 @@ impl Local {
                     inc(&self.stats().writes_blocked_on_freelist, 1);
                 }
                 self.waiting.borrow_mut().push_back(io);
-                // Make room: commit what is written, then write back.
+                self.stats()
+                    .waiting
+                    .store(self.waiting.borrow().len() as u64, Ordering::Relaxed);
+                // Make room: other cores hand back their cached blocks,
+                // then commit what is written so writeback can free it.
+                let id = wc.id;
+                for h in wc_reactor::current().siblings() {
+                    h.send(move || {
+                        if let Some(l) = local_of(id) {
+                            l.return_cached_blocks();
+                        }
+                    });
+                }
                 wc.request_commit(None);
                 return;
             };
@@ -382,7 +395,10 @@ impl Local {
     fn alloc(&self) -> Option<u32> {
         let mut free = self.free.borrow_mut();
         if free.is_empty() {
-            for _ in 0..REFILL {
+            // Small caches must not end up parked in one core's batch.
+            let cores = wc_reactor::current().count().max(1) as u64;
+            let refill = (self.wc.media.geo.n_blocks() / (8 * cores)).clamp(1, REFILL_MAX as u64);
+            for _ in 0..refill {
                 match self.wc.pool.pop() {
                     Some(b) => free.push(b),
                     None => break,
@@ -437,6 +453,18 @@ impl Local {
         }
     }
 
+    /// Gives this core's cached free blocks back to the pool (another core
+    /// is starving) — unless this core has writers waiting itself.
+    fn return_cached_blocks(&self) {
+        if !self.waiting.borrow().is_empty() {
+            return;
+        }
+        for b in self.free.borrow_mut().drain(..) {
+            self.wc.pool.push(b);
+        }
+        self.stats().free_cached.store(0, Ordering::Relaxed);
+    }
+
     fn retry_waiting(self: &Rc<Self>) -> PollStatus {
         if self.waiting.borrow().is_empty() {
             return PollStatus::Idle;
@@ -456,6 +484,9 @@ impl Local {
             }
         } {
             progressed = true;
+            self.stats()
+                .waiting
+                .store(self.waiting.borrow().len() as u64, Ordering::Relaxed);
             self.write(io);
             if !self.waiting.borrow().is_empty()
                 && self.free.borrow().is_empty()

@@ -198,8 +198,16 @@ fn recover(
     let mut free: Vec<u32> = Vec::new();
     for b in 0..media.geo.n_blocks() as u32 {
         let e = media.read_entry(b);
-        if e.is_unused() {
-            free.push(b);
+        // A free writes all-ones to seq, then sector, fenced only once the
+        // block is to be reused: a crash in between can persist just the
+        // sector. No live entry has an all-ones sector (past any origin),
+        // so such an entry is an interrupted free.
+        if e.is_unused() || e.original_sector == u64::MAX {
+            if !e.is_unused() {
+                uncommitted.push(b);
+            } else {
+                free.push(b);
+            }
             continue;
         }
         if !e.is_committed(sb.seq_count) {

@@ -22,6 +22,8 @@ pub(crate) struct CoreStats {
     pub(crate) uncommitted: AtomicU64,
     /// Free blocks held in this core's allocation cache.
     pub(crate) free_cached: AtomicU64,
+    /// Writes waiting on this core for a free block.
+    pub(crate) waiting: AtomicU64,
 }
 
 #[inline]
