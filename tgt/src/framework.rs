@@ -66,6 +66,10 @@ pub(crate) fn register(reg: &Registry) -> Result<(), RegisterError> {
                         INIT_FAILED.store(true, Ordering::SeqCst);
                         r.err(RpcError::internal("framework_initialization failed"));
                         // SPDK stops the app when init fails (non-zero exit).
+                        // Give the reply a moment to leave first, as
+                        // spdk_kill_instance does: stopping the server drops
+                        // unsent replies.
+                        std::thread::sleep(std::time::Duration::from_millis(50));
                         // SAFETY: kill(getpid(), SIGTERM) has no memory-safety preconditions.
                         unsafe { libc::kill(libc::getpid(), libc::SIGTERM) };
                     }
