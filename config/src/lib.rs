@@ -266,6 +266,9 @@ fn strip_comments_utf8(text: &str) -> String {
     out
 }
 
+/// Performs one config call and waits for its reply.
+pub type CallFn<'a> = dyn Fn(&str, Option<Value>) -> Result<Value, RpcError> + 'a;
+
 /// Which entries a pass runs.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub enum Pass {
@@ -283,7 +286,7 @@ pub fn apply(
     calls: &[ConfigCall],
     pass: Pass,
     ignore_errors: bool,
-    exec: &dyn Fn(&str, Option<Value>) -> Result<Value, RpcError>,
+    exec: &CallFn<'_>,
 ) -> Result<usize, ConfigError> {
     let all: HashSet<String> = reg.method_names(false, true).into_iter().collect();
     let startup_ok: HashSet<String> = methods_in(reg, RpcState::Startup);

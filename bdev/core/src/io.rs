@@ -150,14 +150,19 @@ impl BdevIo {
     }
 }
 
+/// A submission parked until a descriptor frees up.
+pub(crate) type IoWaiter = Box<dyn FnOnce(Io)>;
+
 /// Per-reactor I/O context: the descriptor pool and the queue of completed
 /// I/O whose callbacks have not run yet.
 pub(crate) struct IoContext {
+    // Boxed so an Io moves as one pointer between submitter and module.
+    #[allow(clippy::vec_box)]
     pub(crate) free: RefCell<Vec<Box<BdevIo>>>,
     pub(crate) allocated: std::cell::Cell<usize>,
     pub(crate) capacity: usize,
     pub(crate) completed: RefCell<VecDeque<Io>>,
-    pub(crate) waiters: RefCell<VecDeque<Box<dyn FnOnce(Io)>>>,
+    pub(crate) waiters: RefCell<VecDeque<IoWaiter>>,
 }
 
 /// Descriptors per reactor, as SPDK's default `bdev_io_pool_size` / cores.

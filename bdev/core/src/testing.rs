@@ -127,8 +127,9 @@ async fn suite_on_slice(ch: &Rc<BdevChannel>, slice: u64, slices: u64, expect: E
     let mut off = 0;
     for len in seg {
         // SAFETY: offsets stay inside `src` (sum of seg == 2 * bs).
+        let base = unsafe { src.as_mut_ptr().add(off) };
         iovs.push(IoVec {
-            base: unsafe { src.as_mut_ptr().add(off) },
+            base,
             len,
         });
         off += len;
@@ -140,8 +141,9 @@ async fn suite_on_slice(ch: &Rc<BdevChannel>, slice: u64, slices: u64, expect: E
     let mut off = 0;
     for len in [bs, bs / 2, bs / 2] {
         // SAFETY: offsets stay inside `dst`.
+        let base = unsafe { dst.as_mut_ptr().add(off) };
         iovs.push(IoVec {
-            base: unsafe { dst.as_mut_ptr().add(off) },
+            base,
             len,
         });
         off += len;
@@ -242,8 +244,9 @@ async fn suite_on_slice(ch: &Rc<BdevChannel>, slice: u64, slices: u64, expect: E
     if align > 1 {
         let mut buf = DmaBuf::new(2 * bs);
         // SAFETY: base+1 .. base+1+bs is inside `buf`.
+        let base = unsafe { buf.as_mut_ptr().add(1) };
         let iov = [IoVec {
-            base: unsafe { buf.as_mut_ptr().add(1) },
+            base,
             len: bs,
         }];
         assert_eq!(

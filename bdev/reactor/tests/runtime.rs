@@ -116,7 +116,7 @@ fn periodic_poller_and_timer_respect_their_period() {
             PollStatus::Busy
         });
     });
-    let mut got = vec![
+    let mut got = [
         rx.recv_timeout(Duration::from_secs(5)).unwrap(),
         rx.recv_timeout(Duration::from_secs(5)).unwrap(),
     ];

@@ -38,6 +38,9 @@ const BLOCKED: usize = 1;
 
 static ZEROES: [u8; 4096] = [0; 4096];
 
+/// A run of missed blocks: first block index, count, and its segments.
+type MissRun = (u64, u64, SmallVec<[IoVec; 4]>);
+
 struct Parent {
     io: Option<Io>,
     remaining: u32,
@@ -246,7 +249,7 @@ impl Local {
             return io.complete(IoStatus::Success);
         }
         let ratio = self.wc.origin_ratio;
-        let runs: SmallVec<[(u64, u64, SmallVec<[IoVec; 4]>); 4]> = misses
+        let runs: SmallVec<[MissRun; 4]> = misses
             .iter()
             .map(|&(i, len)| {
                 (
@@ -633,10 +636,8 @@ fn slice_iovs(iovs: &[IoVec], start: usize, len: usize) -> SmallVec<[IoVec; 4]> 
         let a = start.max(s);
         let b = end.min(e);
         // SAFETY: a - s < v.len, so the pointer stays inside the segment.
-        out.push(IoVec {
-            base: unsafe { v.base.add(a - s) },
-            len: b - a,
-        });
+        let base = unsafe { v.base.add(a - s) };
+        out.push(IoVec { base, len: b - a });
     }
     out
 }

@@ -26,7 +26,7 @@ fn malloc_passes_conformance_from_two_reactors() {
     assert!(s.num_write_ops >= 8 && s.num_read_ops >= 8, "{s:?}");
     wc_bdev_malloc::delete("MallocConf").unwrap();
     assert!(wc_bdev::lookup("MallocConf").is_none());
-    let _ = run_on(rt.main(), || async {});
+    run_on(rt.main(), || async {});
 }
 
 #[test]
