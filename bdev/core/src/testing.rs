@@ -128,10 +128,7 @@ async fn suite_on_slice(ch: &Rc<BdevChannel>, slice: u64, slices: u64, expect: E
     for len in seg {
         // SAFETY: offsets stay inside `src` (sum of seg == 2 * bs).
         let base = unsafe { src.as_mut_ptr().add(off) };
-        iovs.push(IoVec {
-            base,
-            len,
-        });
+        iovs.push(IoVec { base, len });
         off += len;
     }
     let status = sg(ch, IoType::Write, first + 8, 2, &iovs).await;
@@ -142,10 +139,7 @@ async fn suite_on_slice(ch: &Rc<BdevChannel>, slice: u64, slices: u64, expect: E
     for len in [bs, bs / 2, bs / 2] {
         // SAFETY: offsets stay inside `dst`.
         let base = unsafe { dst.as_mut_ptr().add(off) };
-        iovs.push(IoVec {
-            base,
-            len,
-        });
+        iovs.push(IoVec { base, len });
         off += len;
     }
     let status = sg(ch, IoType::Read, first + 8, 2, &iovs).await;
@@ -245,10 +239,7 @@ async fn suite_on_slice(ch: &Rc<BdevChannel>, slice: u64, slices: u64, expect: E
         let mut buf = DmaBuf::new(2 * bs);
         // SAFETY: base+1 .. base+1+bs is inside `buf`.
         let base = unsafe { buf.as_mut_ptr().add(1) };
-        let iov = [IoVec {
-            base,
-            len: bs,
-        }];
+        let iov = [IoVec { base, len: bs }];
         assert_eq!(
             sg(ch, IoType::Read, first, 1, &iov).await,
             einval,
