@@ -74,6 +74,16 @@ impl DmaBuf {
         // SAFETY: [raw, raw+size) is the mapping just created; the advice is
         // only a hint and failure is harmless.
         unsafe { libc::madvise(raw, size, libc::MADV_HUGEPAGE) };
+        // Fault everything in now: a fault on the I/O path (with huge-page
+        // compaction) costs up to milliseconds.
+        const MADV_POPULATE_WRITE: libc::c_int = 23;
+        // SAFETY: as above; populating only touches the mapping.
+        if unsafe { libc::madvise(raw, size, MADV_POPULATE_WRITE) } != 0 {
+            for off in (0..size).step_by(4096) {
+                // SAFETY: off < size, inside the fresh writable mapping.
+                unsafe { std::ptr::write_volatile((raw as *mut u8).add(off), 0) };
+            }
+        }
         Some(DmaBuf {
             ptr: NonNull::new(raw as *mut u8)?,
             len,

@@ -163,9 +163,7 @@ impl Writecache {
         // The clear must be durable before the block can carry other data,
         // or a crash could pair the old entry with new contents.
         self.media.pmem.fence();
-        for &b in blocks {
-            self.pool.free_after_grace(b);
-        }
+        self.pool.free_after_grace(blocks.to_vec());
     }
 
     /// Sums the statistics.

@@ -207,11 +207,19 @@ impl FreePool {
         self.count.load(Ordering::Relaxed)
     }
 
-    /// Returns `b` to the pool once every reader pinned now has unpinned.
-    pub(crate) fn free_after_grace(self: &Arc<Self>, b: u32) {
+    /// Returns `blocks` to the pool once every reader pinned now has
+    /// unpinned (one deferred closure per batch).
+    pub(crate) fn free_after_grace(self: &Arc<Self>, blocks: Vec<u32>) {
+        if blocks.is_empty() {
+            return;
+        }
         let me = self.clone();
         let guard = crossbeam::epoch::pin();
-        guard.defer(move || me.push(b));
+        guard.defer(move || {
+            for b in blocks {
+                me.push(b);
+            }
+        });
         // Push the deferred work out promptly so freed blocks return soon.
         guard.flush();
     }

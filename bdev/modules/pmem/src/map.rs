@@ -203,7 +203,13 @@ impl PmemMap {
             allocate(&file, len, filename)?;
         }
         let (mapping, base, map_sync) = map(&file, len, filename)?;
-        let strategy = req.strategy.unwrap_or_else(|| Strategy::pick(map_sync));
+        // A file in RAM (tmpfs, e.g. /dev/shm) has no backing store to sync
+        // to: its page cache *is* the media, as for emulated pmem
+        // (memmap=) — so the store + fence strategies apply, not msync.
+        let memory_backed = !map_sync && is_memory_fs(&file);
+        let strategy = req
+            .strategy
+            .unwrap_or_else(|| Strategy::pick(map_sync || memory_backed));
         if !strategy.supported() {
             return Err(BdevError::NotSupported(format!(
                 "persistence strategy {} is not supported by this CPU",
@@ -449,12 +455,31 @@ fn map(file: &File, len: usize, filename: &str) -> Result<(Mapping, *mut u8, boo
         "{filename}: MAP_SYNC refused ({}); plain shared mapping, msync for durability",
         std::io::Error::last_os_error()
     );
+    // Populate up front: a cache touches all of its media anyway, and page
+    // faults on the write path would cost microseconds each.
     let raw = memmap2::MmapOptions::new()
         .len(len)
+        .populate()
         .map_raw(file)
         .map_err(os_err(format!("mmap {filename}")))?;
     let base = raw.as_mut_ptr();
     Ok((Mapping::Plain { _map: raw }, base, false))
+}
+
+/// True for file systems whose pages live only in RAM (tmpfs, hugetlbfs).
+fn is_memory_fs(file: &File) -> bool {
+    const TMPFS_MAGIC: i64 = 0x0102_1994;
+    const HUGETLBFS_MAGIC: i64 = 0x9584_58f6;
+    let mut st = std::mem::MaybeUninit::<libc::statfs>::uninit();
+    // SAFETY: fstatfs writes a statfs into the provided buffer for an open
+    // fd; we read it only on success.
+    let rc = unsafe { libc::fstatfs(file.as_raw_fd(), st.as_mut_ptr()) };
+    if rc != 0 {
+        return false;
+    }
+    // SAFETY: fstatfs succeeded, so the struct is initialised.
+    let f_type = unsafe { st.assume_init() }.f_type as i64;
+    f_type == TMPFS_MAGIC || f_type == HUGETLBFS_MAGIC
 }
 
 fn devdax_size(meta: &std::fs::Metadata, filename: &str) -> Result<u64, BdevError> {
