@@ -478,6 +478,8 @@ fn is_memory_fs(file: &File) -> bool {
         return false;
     }
     // SAFETY: fstatfs succeeded, so the struct is initialised.
+    // (f_type's integer type differs between targets, hence the cast.)
+    #[allow(clippy::unnecessary_cast)]
     let f_type = unsafe { st.assume_init() }.f_type as i64;
     f_type == TMPFS_MAGIC || f_type == HUGETLBFS_MAGIC
 }
