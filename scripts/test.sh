@@ -24,7 +24,7 @@ echo "== build (debug binaries for the integration tests)"
 cargo build --workspace --locked --bins
 
 echo "== cargo test"
-cargo test --workspace --locked -- --test-threads=2
+cargo test --workspace --locked --no-fail-fast -- --test-threads=2
 
 echo "== python plugin syntax"
 python3 -m py_compile scripts/writecache_rpc.py

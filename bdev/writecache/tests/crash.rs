@@ -357,27 +357,46 @@ fn submit_unmap(rig: &Rig, or: &Shared, r: usize, lba: u64, n: u64) {
 /// Installs hooks that count points of both devices on one clock and cut
 /// the power of both at global point `k`.
 fn arm(rig: &Rig, k: Option<u64>) {
+    arm_media(&rig.pmem, &rig.disk, &rig.points, k);
+}
+
+fn arm_media(pmem: &Arc<SimPmem>, disk: &Arc<SimDisk>, points: &Arc<AtomicU64>, k: Option<u64>) {
     for dev in 0..2 {
-        let points = rig.points.clone();
-        let pmem = rig.pmem.clone();
-        let disk = rig.disk.clone();
+        let points = points.clone();
+        let pmem2 = pmem.clone();
+        let disk2 = disk.clone();
         let hook: PointHook = Box::new(move |_| {
             let g = points.fetch_add(1, Ordering::Relaxed) + 1;
             if Some(g) == k {
-                if !pmem.is_powered_off() {
-                    pmem.set_crash_at(pmem.points());
+                if !pmem2.is_powered_off() {
+                    pmem2.set_crash_at(pmem2.points());
                 }
-                if !disk.is_powered_off() {
-                    disk.set_crash_at(disk.points());
+                if !disk2.is_powered_off() {
+                    disk2.set_crash_at(disk2.points());
                 }
             }
         });
         if dev == 0 {
-            rig.pmem.set_point_hook(hook);
+            pmem.set_point_hook(hook);
         } else {
-            rig.disk.set_point_hook(hook);
+            disk.set_point_hook(hook);
         }
     }
+}
+
+/// Images of both devices as of their cut (or now, if power never went).
+fn images(pmem: &SimPmem, disk: &SimDisk, seed: u64) -> (Vec<u8>, Vec<u8>) {
+    if !pmem.is_powered_off() {
+        pmem.set_crash_at(pmem.points());
+    }
+    if !disk.is_powered_off() {
+        disk.set_crash_at(disk.points());
+    }
+    let p = pmem.power_fail(seed ^ 0xA5A5);
+    let d = disk.power_fail(seed ^ 0x5A5A);
+    pmem.clear_point_hook();
+    disk.clear_point_hook();
+    (p, d)
 }
 
 struct Outcome {
@@ -475,17 +494,30 @@ fn run_once(seed: u64, crash_at: Option<u64>) -> Result<Outcome, String> {
             blocks_checked: 0,
         });
     };
-    if !rig.pmem.is_powered_off() {
-        // The run ended before point k: crash at the end.
-        rig.pmem.set_crash_at(rig.pmem.points());
-        rig.disk.set_crash_at(rig.disk.points());
-    }
     or.borrow_mut().ended = true;
-    let pimg = rig.pmem.power_fail(seed ^ 0xA5A5);
-    let dimg = rig.disk.power_fail(seed ^ 0x5A5A);
-    rig.pmem.clear_point_hook();
-    rig.disk.clear_point_hook();
+    let (mut pimg, mut dimg) = images(&rig.pmem, &rig.disk, seed);
     teardown(rig);
+
+    // Half of the time the power fails again during recovery (and the
+    // writeback it may start): recovery must be crash-safe too.
+    let mut rng2 = StdRng::seed_from_u64(seed ^ k);
+    if rng2.gen_bool(0.5) {
+        let pmem = Arc::new(SimPmem::from_image(pimg));
+        let disk = Arc::new(SimDisk::from_image(dimg));
+        let points = Arc::new(AtomicU64::new(0));
+        arm_media(&pmem, &disk, &points, Some(rng2.gen_range(1..=12)));
+        let rig = build(
+            Harness::new(1),
+            pmem.clone(),
+            disk.clone(),
+            0,
+            &mut StdRng::seed_from_u64(seed),
+        )
+        .map_err(|e| format!("seed {seed} crash at {k}: first recovery failed: {e}"))?;
+        rig.h.run_until_idle(100);
+        (pimg, dimg) = images(&pmem, &disk, seed ^ 0x1234);
+        teardown(rig);
+    }
 
     // Which events happened before the cut (the state right after global
     // point k): events recorded when at most k points had passed.
