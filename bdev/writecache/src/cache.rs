@@ -99,6 +99,8 @@ pub struct Writecache {
     pub(crate) flush_on_suspend: AtomicBool,
     /// Set by delete: new I/O fails with ENODEV.
     pub(crate) closing: AtomicBool,
+    /// Set by suspend: new I/O is held (queued per core), not failed.
+    pub(crate) suspended: AtomicBool,
     /// True when create formatted the cache (false: recovered).
     pub(crate) formatted: bool,
     pub(crate) origin_desc: Desc,

@@ -60,6 +60,8 @@ pub(crate) struct Local {
     free_parents: RefCell<Vec<usize>>,
     child_cb: Rc<dyn IoCompletion>,
     poller: RefCell<Option<wc_reactor::PollerHandle>>,
+    /// I/O submitted while suspended, resubmitted on resume.
+    held: RefCell<VecDeque<Io>>,
 }
 
 struct ChildDone(Weak<Local>);
@@ -105,6 +107,7 @@ pub(crate) fn create_channel(wc: &Arc<Writecache>) -> Result<WcChannel, wc_bdev:
         free_parents: RefCell::new(Vec::new()),
         child_cb: Rc::new(ChildDone(weak.clone())),
         poller: RefCell::new(None),
+        held: RefCell::new(VecDeque::new()),
     });
     r.local(Locals::default)
         .0
@@ -112,7 +115,11 @@ pub(crate) fn create_channel(wc: &Arc<Writecache>) -> Result<WcChannel, wc_bdev:
         .insert(wc.id, Rc::downgrade(&local));
     let weak = Rc::downgrade(&local);
     let p = r.register_poller("writecache_waiters", None, move || match weak.upgrade() {
-        Some(l) => l.retry_waiting(),
+        Some(l) => {
+            let a = l.release_held();
+            let b = l.retry_waiting();
+            PollStatus::from(a == PollStatus::Busy || b == PollStatus::Busy)
+        }
         None => PollStatus::Idle,
     });
     *local.poller.borrow_mut() = Some(p);
@@ -125,6 +132,19 @@ impl IoChannel for WcChannel {
         if l.wc.closing.load(Ordering::Acquire) {
             return io.complete(IoStatus::Failed(libc::ENODEV));
         }
+        if l.wc.suspended.load(Ordering::Acquire) {
+            // Quiesced: hold the I/O (do not fail it) until resume.
+            l.held.borrow_mut().push_back(io);
+            return;
+        }
+        l.dispatch(io);
+    }
+}
+
+impl Local {
+    /// Runs one I/O through the cache (counted in flight until done).
+    fn dispatch(self: &Rc<Self>, io: Io) {
+        let l = self;
         match io.io_type() {
             IoType::Read => l.read(io),
             IoType::Write => {
@@ -154,6 +174,7 @@ impl Local {
     // ---------------------------------------------------------------- parents
 
     fn new_parent(&self, io: Io, remaining: u32) -> usize {
+        inc(&self.stats().inflight, 1);
         let p = Parent {
             io: Some(io),
             remaining,
@@ -190,6 +211,11 @@ impl Local {
         };
         if let Some(mut p) = done {
             self.free_parents.borrow_mut().push(key);
+            let st = self.stats();
+            st.inflight.store(
+                st.inflight.load(Ordering::Relaxed).saturating_sub(1),
+                Ordering::Relaxed,
+            );
             if let Some(io) = p.io.take() {
                 io.complete_errno(p.errno);
             }
@@ -466,6 +492,18 @@ impl Local {
             self.wc.pool.push(b);
         }
         self.stats().free_cached.store(0, Ordering::Relaxed);
+    }
+
+    /// Resubmits I/O held while the instance was suspended.
+    fn release_held(self: &Rc<Self>) -> PollStatus {
+        if self.wc.suspended.load(Ordering::Acquire) || self.held.borrow().is_empty() {
+            return PollStatus::Idle;
+        }
+        let held: Vec<Io> = self.held.borrow_mut().drain(..).collect();
+        for io in held {
+            self.dispatch(io);
+        }
+        PollStatus::Busy
     }
 
     fn retry_waiting(self: &Rc<Self>) -> PollStatus {

@@ -176,6 +176,7 @@ pub fn create(opts: CreateOpts) -> Result<Arc<Bdev>, WcError> {
         last_write_around: AtomicU64::new(0),
         flush_on_suspend: AtomicBool::new(false),
         closing: AtomicBool::new(false),
+        suspended: AtomicBool::new(false),
         formatted: attached.formatted,
         origin_desc,
         cache_desc,
@@ -241,6 +242,11 @@ pub fn delete(name: &str, flush: bool, done: Box<dyn FnOnce(Result<(), WcError>)
         return done(Err(BdevError::NotFound(name.to_string()).into()));
     };
     let flush = flush || wc.flush_on_suspend.load(Ordering::Relaxed);
+    if wc.suspended.load(Ordering::Acquire) {
+        return done(Err(WcError::Invalid(format!(
+            "writecache '{name}' is suspended: resume it before deleting"
+        ))));
+    }
     if wc.closing.swap(true, Ordering::AcqRel) {
         return done(Err(BdevError::Busy(name.to_string()).into()));
     }
@@ -279,6 +285,74 @@ pub fn flush(name: &str, done: Box<dyn FnOnce(Result<(), WcError>) + Send>) {
     wc.drain(Box::new(move |r| {
         done(r.map_err(|e| WcError::ErrorState(n, e)))
     }));
+}
+
+/// Suspends the instance: new I/O is held (not failed), I/O in flight
+/// finishes, then everything is committed — and, with flush-on-suspend,
+/// written back so the origin alone is complete. `done` runs on home.
+pub fn suspend(name: &str, done: Box<dyn FnOnce(Result<(), WcError>) + Send>) {
+    let Some(wc) = get(name) else {
+        return done(Err(BdevError::NotFound(name.to_string()).into()));
+    };
+    if wc.suspended.swap(true, Ordering::AcqRel) {
+        return done(Err(WcError::Invalid(format!(
+            "writecache '{name}' is already suspended"
+        ))));
+    }
+    let name = name.to_string();
+    let home = wc.home.clone();
+    home.send(move || {
+        // Poll (on home, without blocking it) until no core has I/O in
+        // flight or writers waiting for blocks.
+        let mut done = Some(done);
+        let handle = std::rc::Rc::new(std::cell::RefCell::new(None::<wc_reactor::PollerHandle>));
+        let h2 = handle.clone();
+        let p = wc_reactor::current().register_poller(
+            "writecache_suspend",
+            Some(std::time::Duration::from_micros(200)),
+            move || {
+                let busy: u64 = wc
+                    .stats
+                    .iter()
+                    .map(|c| c.inflight.load(Ordering::Acquire) + c.waiting.load(Ordering::Acquire))
+                    .sum();
+                if busy > 0 {
+                    return wc_reactor::PollStatus::Idle;
+                }
+                if let Some(h) = h2.borrow().as_ref() {
+                    h.unregister();
+                }
+                if let Some(done) = done.take() {
+                    let n = name.clone();
+                    let finish: cache::Waiter =
+                        Box::new(move |r| done(r.map_err(|e| WcError::ErrorState(n, e))));
+                    if wc.flush_on_suspend.load(Ordering::Relaxed) {
+                        wc.drain(finish);
+                    } else {
+                        wc.request_commit(Some(finish));
+                    }
+                }
+                wc_reactor::PollStatus::Busy
+            },
+        );
+        *handle.borrow_mut() = Some(p);
+    });
+}
+
+/// Resumes a suspended instance: held I/O is resubmitted.
+pub fn resume(name: &str) -> Result<(), WcError> {
+    let wc = get(name).ok_or_else(|| BdevError::NotFound(name.to_string()))?;
+    if !wc.suspended.swap(false, Ordering::AcqRel) {
+        return Err(WcError::Invalid(format!(
+            "writecache '{name}' is not suspended"
+        )));
+    }
+    Ok(())
+}
+
+/// Whether the instance is suspended.
+pub fn is_suspended(name: &str) -> Option<bool> {
+    get(name).map(|w| w.suspended.load(Ordering::Acquire))
 }
 
 /// Commits without writing back; `done` runs when durable.
@@ -390,6 +464,7 @@ impl BdevOps for WcBdev {
             "error": s.error,
             "seq_count": s.seq_count,
             "flush_on_suspend": wc.flush_on_suspend.load(Ordering::Relaxed),
+            "suspended": wc.suspended.load(Ordering::Relaxed),
             "formatted_on_create": wc.formatted_on_create(),
             "options": wc.tunables.to_json(),
         }})

@@ -1,5 +1,6 @@
 //! JSON-RPC methods: `bdev_writecache_create`, `_delete`, `_flush`,
-//! `_get_stats`, `_clear_stats`, `_set_options`, `_set_flush_on_suspend`.
+//! `_suspend`, `_resume`, `_get_stats`, `_clear_stats`, `_set_options`,
+//! `_set_flush_on_suspend`.
 
 use serde::Deserialize;
 use serde_json::{json, Value};

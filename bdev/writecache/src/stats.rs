@@ -24,6 +24,8 @@ pub(crate) struct CoreStats {
     pub(crate) free_cached: AtomicU64,
     /// Writes waiting on this core for a free block.
     pub(crate) waiting: AtomicU64,
+    /// I/O accepted on this core and not completed yet (suspend drains it).
+    pub(crate) inflight: AtomicU64,
 }
 
 #[inline]

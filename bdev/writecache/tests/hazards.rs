@@ -340,3 +340,62 @@ fn same_sector_writes_from_two_cores_free_the_loser_once() {
     assert_eq!(reboot.read(0, 2), winner);
     assert_eq!(reboot.stats().dirty, 1);
 }
+
+/// Suspend quiesces (new I/O waits, nothing fails), commits, and with
+/// flush-on-suspend writes everything back; resume releases the held I/O.
+#[test]
+fn suspend_holds_io_commits_and_resume_releases_it() {
+    let rig = make_rig(2, 16, None, None, |_| {});
+    let w = rig.write(0, 4, 1);
+    rig.wait(&w);
+    // Resume without suspend is refused, state unchanged.
+    assert!(wc_writecache::resume(&rig.name).is_err());
+    wc_writecache::set_flush_on_suspend(&rig.name, true).unwrap();
+    let done: Rc<RefCell<Option<Result<(), String>>>> = Rc::default();
+    let (tx, rx) = std::sync::mpsc::channel();
+    let n = rig.name.clone();
+    rig.h.on(0, || {
+        wc_writecache::suspend(
+            &n,
+            Box::new(move |r| tx.send(r.map_err(|e| e.to_string())).unwrap()),
+        )
+    });
+    assert!(rig.h.run_until(200_000, || {
+        if let Ok(r) = rx.try_recv() {
+            *done.borrow_mut() = Some(r);
+        }
+        done.borrow().is_some()
+    }));
+    assert_eq!(done.borrow().clone(), Some(Ok(())));
+    assert_eq!(wc_writecache::is_suspended(&rig.name), Some(true));
+    let s = rig.stats();
+    assert_eq!(
+        (s.dirty, s.dirty_uncommitted),
+        (0, 0),
+        "flush-on-suspend wrote everything back: {s:?}"
+    );
+    // A second suspend and a delete while suspended are refused.
+    let (tx, rx) = std::sync::mpsc::channel();
+    rig.h.on(0, || {
+        wc_writecache::suspend(&rig.name, Box::new(move |r| tx.send(r.is_err()).unwrap()))
+    });
+    assert!(rx.recv().unwrap());
+    let (tx, rx) = std::sync::mpsc::channel();
+    rig.h.on(0, || {
+        wc_writecache::delete(
+            &rig.name,
+            false,
+            Box::new(move |r| tx.send(r.is_err()).unwrap()),
+        )
+    });
+    assert!(rx.recv().unwrap(), "delete while suspended must fail");
+    // New I/O is held, not failed.
+    let w = rig.write(1, 5, 2);
+    for _ in 0..100 {
+        rig.h.run_until_idle(10);
+    }
+    assert!(w.borrow().is_none(), "I/O ran while suspended");
+    wc_writecache::resume(&rig.name).unwrap();
+    assert_eq!(rig.wait(&w), IoStatus::Success);
+    assert_eq!(rig.read(0, 5), 2);
+}
