@@ -1,0 +1,98 @@
+//! Benchmark: recovery time of a full pmem-mode cache and the RAM the cache
+//! keeps per block. Fills a cache of N blocks (default 4 Mi blocks of 512
+//! bytes, in /dev/shm) through the writecache bdev, deletes the instance
+//! (commit only), then times re-creating it (recovery) and reports the
+//! anonymous memory the instance holds per cache block.
+//!
+//! Usage: wc_recovery [blocks] [block_size] [dir]
+
+use std::time::Instant;
+
+use wc_bdev::testing::{run_on, test_runtime};
+use wc_bdev::DmaBuf;
+
+fn rss_anon_kib() -> u64 {
+    std::fs::read_to_string("/proc/self/status")
+        .ok()
+        .and_then(|s| {
+            s.lines()
+                .find(|l| l.starts_with("RssAnon:"))
+                .and_then(|l| l.split_whitespace().nth(1))
+                .and_then(|v| v.parse().ok())
+        })
+        .unwrap_or(0)
+}
+
+fn main() {
+    let args: Vec<String> = std::env::args().collect();
+    let blocks: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(4 << 20);
+    let bs: u32 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(512);
+    let dir = args.get(3).cloned().unwrap_or_else(|| "/dev/shm".into());
+    let file = format!("{dir}/wc-recovery-{}.pmem", std::process::id());
+    let meta = (64 + 16 * blocks).div_ceil(bs as u64) * bs as u64;
+    let size = meta + blocks * bs as u64;
+    let rt = test_runtime(1);
+    let (f2, bsz) = (file.clone(), bs);
+    run_on(rt.main(), move || async move {
+        wc_bdev_null::create(wc_bdev_null::NullOpts::new("RecO", blocks * 2, bsz)).unwrap();
+        let mut po = wc_bdev_pmem::PmemOpts::new("RecC", &f2);
+        po.size = Some(size);
+        po.block_size = Some(bsz);
+        wc_bdev_pmem::create(po).unwrap();
+    });
+    let create = move || {
+        let mut o = wc_writecache::CreateOpts::new("RecWC", "RecO", "RecC");
+        o.block_size = Some(bs);
+        o.high_watermark = Some(100);
+        o.low_watermark = Some(100);
+        o.autocommit_blocks = Some(1 << 30);
+        wc_writecache::create(o)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    };
+    let before = rss_anon_kib();
+    run_on(rt.main(), move || async move { create() }).unwrap();
+    let per_block_fresh = (rss_anon_kib().saturating_sub(before)) as f64 * 1024.0 / blocks as f64;
+    let n = wc_writecache::stats("RecWC").unwrap().blocks;
+    let t = Instant::now();
+    run_on(rt.main(), move || async move {
+        let d = wc_bdev::open("RecWC", true, None).unwrap();
+        let ch = d.channel().unwrap();
+        let chunk = 256u64;
+        let mut lba = 0;
+        while lba + chunk <= n {
+            ch.write_async(lba, DmaBuf::new((chunk * bs as u64) as usize), false)
+                .await
+                .unwrap();
+            lba += chunk;
+        }
+        ch.io_async(wc_bdev::IoType::Flush, 0, 0).await.unwrap();
+    });
+    let fill = t.elapsed();
+    let before_full = rss_anon_kib();
+    let (tx, rx) = std::sync::mpsc::channel();
+    rt.main().send(move || {
+        wc_writecache::delete(
+            "RecWC",
+            false,
+            Box::new(move |r| tx.send(r.is_ok()).unwrap()),
+        )
+    });
+    assert!(rx.recv().unwrap());
+    let t = Instant::now();
+    run_on(rt.main(), move || async move { create() }).unwrap();
+    let recovery = t.elapsed();
+    let s = wc_writecache::stats("RecWC").unwrap();
+    println!(
+        "cache: {n} blocks of {bs} bytes; filled in {:.2}s; recovery of {} committed blocks: {:.3}s",
+        fill.as_secs_f64(),
+        s.dirty,
+        recovery.as_secs_f64()
+    );
+    println!(
+        "RAM per cache block: {:.1} bytes when empty, {:.1} bytes when full",
+        per_block_fresh,
+        before_full.saturating_sub(before) as f64 * 1024.0 / blocks as f64
+    );
+    let _ = std::fs::remove_file(&file);
+}
