@@ -219,14 +219,38 @@ where
     }
 }
 
+/// A module's own config entries (e.g. creations still waiting for a base
+/// bdev), written after the registered bdevs.
+pub type ConfigWriter = std::sync::Arc<dyn Fn() -> Vec<Value> + Send + Sync>;
+
+fn module_writers() -> std::sync::MutexGuard<'static, Vec<(String, ConfigWriter)>> {
+    static W: std::sync::OnceLock<std::sync::Mutex<Vec<(String, ConfigWriter)>>> =
+        std::sync::OnceLock::new();
+    W.get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+/// Registers a module-level config writer under a key (re-adding replaces).
+pub fn add_module_config_writer(key: &str, w: ConfigWriter) {
+    let mut m = module_writers();
+    m.retain(|(k, _)| k != key);
+    m.push((key.to_string(), w));
+}
+
 /// The `bdev` subsystem's config: every bdev's create entry in
-/// registration order, then `bdev_wait_for_examine`, as SPDK writes it.
+/// registration order, modules' own entries, then `bdev_wait_for_examine`,
+/// as SPDK writes it.
 pub fn subsystem_config() -> Vec<Value> {
     let mut v: Vec<Value> = vec![json!({
         "method": "bdev_set_options",
         "params": {"bdev_io_pool_size": 65535, "bdev_io_cache_size": 256, "bdev_auto_examine": true}
     })];
     v.extend(list().iter().filter_map(|b| b.ops().config_entry(b)));
+    let writers: Vec<ConfigWriter> = module_writers().iter().map(|(_, w)| w.clone()).collect();
+    for w in writers {
+        v.extend(w());
+    }
     v.push(json!({"method": "bdev_wait_for_examine"}));
     v
 }

@@ -99,6 +99,150 @@ impl WcError {
     }
 }
 
+fn pending() -> std::sync::MutexGuard<'static, Vec<CreateOpts>> {
+    static P: OnceLock<Mutex<Vec<CreateOpts>>> = OnceLock::new();
+    P.get_or_init(|| Mutex::new(Vec::new()))
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+/// What a create request led to.
+pub enum Created {
+    /// The instance runs.
+    Started(Arc<Bdev>),
+    /// A base bdev does not exist yet: the instance starts when it appears.
+    Pending {
+        /// The missing bdevs.
+        waiting_for: Vec<String>,
+    },
+}
+
+/// Like [`create`], but when the origin or cache bdev does not exist yet the
+/// request is remembered and the instance is created when they register
+/// (as SPDK's passthru/OCF do). Parameters are validated either way.
+pub fn create_or_wait(opts: CreateOpts) -> Result<Created, WcError> {
+    validate_request(&opts)?;
+    let missing: Vec<String> = [&opts.base_bdev, &opts.cache_bdev]
+        .into_iter()
+        .filter(|n| wc_bdev::lookup(n).is_none())
+        .cloned()
+        .collect();
+    if missing.is_empty() {
+        return create(opts).map(Created::Started);
+    }
+    install_examine_hook();
+    tracing::info!(
+        "writecache {}: waiting for base bdev(s) {}",
+        opts.name,
+        missing.join(", ")
+    );
+    pending().push(opts);
+    Ok(Created::Pending {
+        waiting_for: missing,
+    })
+}
+
+/// Names of pending creations and what each waits for.
+pub fn pending_creations() -> Vec<(String, Vec<String>)> {
+    pending()
+        .iter()
+        .map(|o| {
+            let w = [&o.base_bdev, &o.cache_bdev]
+                .into_iter()
+                .filter(|n| wc_bdev::lookup(n).is_none())
+                .cloned()
+                .collect();
+            (o.name.clone(), w)
+        })
+        .collect()
+}
+
+/// Forgets a pending creation; true when there was one.
+pub fn cancel_pending(name: &str) -> bool {
+    let mut p = pending();
+    let n = p.len();
+    p.retain(|o| o.name != name);
+    p.len() != n
+}
+
+fn install_examine_hook() {
+    static ONCE: std::sync::Once = std::sync::Once::new();
+    ONCE.call_once(|| {
+        wc_bdev::add_examine_hook(
+            MODULE,
+            Arc::new(|_new: &Arc<Bdev>| {
+                if wc_reactor::try_current().is_none() {
+                    return;
+                }
+                let ready: Vec<CreateOpts> = {
+                    let mut p = pending();
+                    let (ready, wait): (Vec<CreateOpts>, Vec<CreateOpts>) =
+                        p.drain(..).partition(|o| {
+                            wc_bdev::lookup(&o.base_bdev).is_some()
+                                && wc_bdev::lookup(&o.cache_bdev).is_some()
+                        });
+                    *p = wait;
+                    ready
+                };
+                for o in ready {
+                    let name = o.name.clone();
+                    match create(o) {
+                        Ok(_) => tracing::info!("writecache {name}: base bdevs arrived; started"),
+                        Err(e) => {
+                            tracing::error!("writecache {name}: deferred creation failed: {e}")
+                        }
+                    }
+                }
+            }),
+        );
+        wc_bdev::rpc::add_module_config_writer(
+            MODULE,
+            Arc::new(|| {
+                pending()
+                    .iter()
+                    .filter_map(|o| {
+                        let mut params = serde_json::to_value(o).ok()?;
+                        if let Some(m) = params.as_object_mut() {
+                            m.retain(|_, v| !v.is_null());
+                        }
+                        Some(json!({"method": "bdev_writecache_create", "params": params}))
+                    })
+                    .collect()
+            }),
+        );
+    });
+}
+
+/// Checks what can be checked without the base bdevs.
+fn validate_request(opts: &CreateOpts) -> Result<(), WcError> {
+    if opts.name.is_empty() {
+        return Err(WcError::Invalid("name must not be empty".into()));
+    }
+    if wc_bdev::lookup(&opts.name).is_some()
+        || instances().contains_key(&opts.name)
+        || pending().iter().any(|p| p.name == opts.name)
+    {
+        return Err(BdevError::Exists(opts.name.clone()).into());
+    }
+    if opts.base_bdev == opts.cache_bdev {
+        return Err(WcError::Invalid(format!(
+            "origin and cache must be different bdevs (both are '{}')",
+            opts.base_bdev
+        )));
+    }
+    let mode = opts.mode.unwrap_or(Mode::Pmem);
+    if mode == Mode::Ssd {
+        return Err(BdevError::NotSupported(
+            "ssd mode is not implemented yet; use mode pmem".into(),
+        )
+        .into());
+    }
+    wc_writecache_format::check_block_size(opts.block_size.unwrap_or(4096))
+        .map_err(AttachError::Format)?;
+    options::Tunables::from_create(opts, mode).map_err(WcError::Invalid)?;
+    Ok(())
+}
+
 /// Creates (formatting a blank cache, or recovering an existing one) and
 /// registers a writecache bdev. Runs on a reactor, which becomes the
 /// instance's home.
@@ -238,6 +382,9 @@ pub fn names() -> Vec<String> {
 /// and with `flush` writes everything back first — then releases the base
 /// bdevs. `done` runs on the home reactor with the outcome.
 pub fn delete(name: &str, flush: bool, done: Box<dyn FnOnce(Result<(), WcError>) + Send>) {
+    if cancel_pending(name) {
+        return done(Ok(()));
+    }
     let Some(wc) = get(name) else {
         return done(Err(BdevError::NotFound(name.to_string()).into()));
     };

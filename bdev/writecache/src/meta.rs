@@ -224,3 +224,385 @@ impl FreePool {
         guard.flush();
     }
 }
+
+#[cfg(test)]
+mod tests {
+    //! Model tests: `Index` against a `HashMap`, the `Meta` free/writeback
+    //! protocol against a small state machine, `FreePool` against a bounded
+    //! queue. Seeded and deterministic.
+
+    use super::*;
+    use std::collections::VecDeque;
+
+    /// xorshift64: tiny, seeded, reproducible.
+    struct Rng(u64);
+
+    impl Rng {
+        fn next(&mut self) -> u64 {
+            let mut x = self.0;
+            x ^= x << 13;
+            x ^= x >> 7;
+            x ^= x << 17;
+            self.0 = x;
+            x
+        }
+
+        fn below(&mut self, n: u64) -> u64 {
+            self.next() % n
+        }
+    }
+
+    /// LBAs that exercise the sharding: dense small ones, pairs that share a
+    /// shard ((lba ^ lba >> 8) & 255 is 0 for 0, 257, 514...), and huge ones.
+    fn pick_lba(rng: &mut Rng) -> u64 {
+        match rng.below(4) {
+            0 | 1 => rng.below(64),
+            2 => rng.below(8) * 257,
+            _ => u64::MAX - rng.below(4),
+        }
+    }
+
+    #[test]
+    fn index_matches_hashmap_model() {
+        for seed in [1u64, 0xDEAD_BEEF, 0x1234_5678_9ABC_DEF1] {
+            let mut rng = Rng(seed);
+            let index = Index::new(16);
+            let mut model: HashMap<u64, u32> = HashMap::new();
+            for op in 0..20_000 {
+                let lba = pick_lba(&mut rng);
+                match rng.below(10) {
+                    0..=3 => {
+                        let b = rng.below(32) as u32;
+                        assert_eq!(
+                            index.insert(lba, b),
+                            model.insert(lba, b),
+                            "seed {seed} op {op}: insert({lba}, {b})"
+                        );
+                    }
+                    4..=5 => {
+                        // Half the time the current block, else any block.
+                        let b = match model.get(&lba) {
+                            Some(&b) if rng.below(2) == 0 => b,
+                            _ => rng.below(32) as u32,
+                        };
+                        let want = model.get(&lba) == Some(&b);
+                        if want {
+                            model.remove(&lba);
+                        }
+                        assert_eq!(
+                            index.remove_if(lba, b),
+                            want,
+                            "seed {seed} op {op}: remove_if({lba}, {b})"
+                        );
+                    }
+                    _ => assert_eq!(
+                        index.get(lba),
+                        model.get(&lba).copied(),
+                        "seed {seed} op {op}: get({lba})"
+                    ),
+                }
+                if op % 64 == 0 {
+                    assert_eq!(index.len(), model.len(), "seed {seed} op {op}: len");
+                }
+            }
+            for (&lba, &b) in &model {
+                assert_eq!(index.get(lba), Some(b));
+            }
+            assert_eq!(index.len(), model.len());
+        }
+    }
+
+    #[test]
+    fn index_remove_if_only_removes_the_named_block() {
+        let index = Index::new(0);
+        assert_eq!(index.len(), 0);
+        assert_eq!(index.insert(0, 1), None);
+        assert_eq!(index.insert(257, 2), None); // same shard as 0
+        assert_eq!(index.insert(0, 3), Some(1));
+        assert!(!index.remove_if(0, 1), "stale block must not unmap");
+        assert_eq!(index.get(0), Some(3));
+        assert!(index.remove_if(0, 3));
+        assert!(!index.remove_if(0, 3), "exactly once");
+        assert_eq!((index.get(0), index.get(257)), (None, Some(2)));
+        assert_eq!(index.len(), 1);
+    }
+
+    /// One block of the state-machine model.
+    #[derive(Clone, Copy, Debug, Default, PartialEq)]
+    struct Model {
+        gen: u32,
+        valid: bool,
+        wb: bool,
+    }
+
+    /// What the write path does to a block it takes from the free pool.
+    fn allocate(meta: &Meta, b: u32) -> u32 {
+        let m = meta.get(b);
+        let gen = m.gen.load(Ordering::Relaxed).wrapping_add(1);
+        m.gen.store(gen, Ordering::Release);
+        m.state.store(VALID, Ordering::Release);
+        gen
+    }
+
+    fn observe(meta: &Meta, b: u32) -> Model {
+        let m = meta.get(b);
+        let s = m.state.load(Ordering::Acquire);
+        assert_eq!(s & !(VALID | WB), 0, "unknown state bits {s:#x}");
+        Model {
+            gen: m.gen.load(Ordering::Acquire),
+            valid: s & VALID != 0,
+            wb: s & WB != 0,
+        }
+    }
+
+    #[test]
+    fn meta_free_and_writeback_match_state_machine() {
+        const N: u32 = 8;
+        let mut rng = Rng(0x05EE_D0FA_CE00);
+        let meta = Meta::new(N as usize);
+        let mut model = vec![Model::default(); N as usize];
+        let mut frees = vec![0u32; N as usize];
+        let mut allocs = vec![0u32; N as usize];
+        for op in 0..50_000 {
+            let b = rng.below(N as u64) as u32;
+            let mb = &mut model[b as usize];
+            // Mostly the current generation, sometimes a stale or future one.
+            let gen = match rng.below(4) {
+                0 => mb.gen.wrapping_sub(1 + rng.below(3) as u32),
+                1 => mb.gen.wrapping_add(1),
+                _ => mb.gen,
+            };
+            match rng.below(5) {
+                // Only free blocks are allocated (they come from the pool).
+                0 if !mb.valid && !mb.wb => {
+                    mb.gen = mb.gen.wrapping_add(1);
+                    mb.valid = true;
+                    allocs[b as usize] += 1;
+                    assert_eq!(allocate(&meta, b), mb.gen);
+                }
+                1 => {
+                    let want = mb.gen == gen && mb.valid && !mb.wb;
+                    if want {
+                        mb.valid = false;
+                        frees[b as usize] += 1;
+                    }
+                    assert_eq!(
+                        meta.begin_free(b, gen),
+                        want,
+                        "op {op}: begin_free({b}, {gen}) on {mb:?}"
+                    );
+                }
+                2 => {
+                    let want = mb.gen == gen && mb.valid && !mb.wb;
+                    if want {
+                        mb.wb = true;
+                    }
+                    assert_eq!(
+                        meta.begin_writeback(b, gen),
+                        want,
+                        "op {op}: begin_writeback({b}, {gen}) on {mb:?}"
+                    );
+                }
+                // Only the writeback ends a writeback it started.
+                3 if mb.wb => {
+                    mb.wb = false;
+                    meta.end_writeback(b);
+                }
+                _ => {}
+            }
+            assert_eq!(observe(&meta, b), model[b as usize], "op {op}: block {b}");
+        }
+        for b in 0..N as usize {
+            // Each allocation was freed at most once (the last one may be live).
+            let live = u32::from(model[b].valid);
+            assert_eq!(frees[b] + live, allocs[b], "block {b}");
+            assert!(allocs[b] > 100, "block {b}: the walk reached it");
+        }
+    }
+
+    #[test]
+    fn meta_protocol_scenarios() {
+        let meta = Meta::new(2);
+        // A fresh block is neither valid nor freeable.
+        assert!(!meta.begin_free(0, 0));
+        assert!(!meta.begin_writeback(0, 0));
+        let g = allocate(&meta, 0);
+        assert_eq!(g, 1);
+        // Generation mismatch refuses both.
+        assert!(!meta.begin_free(0, g + 1));
+        assert!(!meta.begin_free(0, g - 1));
+        assert!(!meta.begin_writeback(0, g + 1));
+        // Under writeback: no free, no second writeback.
+        assert!(meta.begin_writeback(0, g));
+        assert!(!meta.begin_writeback(0, g));
+        assert!(!meta.begin_free(0, g));
+        assert_eq!(
+            observe(&meta, 0),
+            Model {
+                gen: g,
+                valid: true,
+                wb: true
+            }
+        );
+        meta.end_writeback(0);
+        assert_eq!(
+            observe(&meta, 0),
+            Model {
+                gen: g,
+                valid: true,
+                wb: false
+            }
+        );
+        // Exactly once.
+        assert!(meta.begin_free(0, g));
+        assert!(!meta.begin_free(0, g));
+        assert!(!meta.begin_writeback(0, g));
+        // A log entry of the old allocation cannot touch the new one.
+        let g2 = allocate(&meta, 0);
+        assert_eq!(g2, g + 1);
+        assert!(!meta.begin_free(0, g));
+        assert!(!meta.begin_writeback(0, g));
+        assert!(meta.begin_free(0, g2));
+        // Blocks are independent.
+        let h = allocate(&meta, 1);
+        assert!(meta.begin_writeback(1, h));
+        assert_eq!(
+            observe(&meta, 0),
+            Model {
+                gen: g2,
+                valid: false,
+                wb: false
+            }
+        );
+        // Generations wrap without sticking.
+        meta.get(1).state.store(0, Ordering::Release);
+        meta.get(1).gen.store(u32::MAX, Ordering::Release);
+        let w = allocate(&meta, 1);
+        assert_eq!(w, 0);
+        assert!(!meta.begin_free(1, u32::MAX));
+        assert!(meta.begin_free(1, 0));
+    }
+
+    #[test]
+    fn begin_free_races_have_exactly_one_winner() {
+        const THREADS: usize = 4;
+        const ROUNDS: u32 = 2_000;
+        let meta = Meta::new(1);
+        let wins = AtomicU64::new(0);
+        // Round r: the main thread allocates (generation r + 1), everyone
+        // passes `start`, the racers race, everyone passes `end`, the main
+        // thread checks.
+        let start = std::sync::Barrier::new(THREADS + 1);
+        let end = std::sync::Barrier::new(THREADS + 1);
+        std::thread::scope(|s| {
+            for t in 0..THREADS {
+                let (meta, wins, start, end) = (&meta, &wins, &start, &end);
+                s.spawn(move || {
+                    for r in 0..ROUNDS {
+                        start.wait();
+                        let g = r + 1;
+                        // Half the racers free, half start a writeback, which
+                        // (like `retire`) ends it and then frees.
+                        if t % 2 == 0 {
+                            if meta.begin_free(0, g) {
+                                wins.fetch_add(1, Ordering::Relaxed);
+                            }
+                        } else if meta.begin_writeback(0, g) {
+                            meta.end_writeback(0);
+                            if meta.begin_free(0, g) {
+                                wins.fetch_add(1, Ordering::Relaxed);
+                            }
+                        }
+                        end.wait();
+                    }
+                });
+            }
+            for r in 0..ROUNDS {
+                wins.store(0, Ordering::Relaxed);
+                assert_eq!(allocate(&meta, 0), r + 1);
+                start.wait();
+                end.wait();
+                assert_eq!(wins.load(Ordering::Relaxed), 1, "round {r}: one free");
+                assert!(!observe(&meta, 0).valid);
+            }
+        });
+    }
+
+    #[test]
+    fn free_pool_matches_bounded_queue_model() {
+        const CAP: usize = 16;
+        let pool = FreePool::new(CAP);
+        let mut model: VecDeque<u32> = VecDeque::new();
+        let mut rng = Rng(0xF00D);
+        for op in 0..20_000 {
+            if rng.below(2) == 0 {
+                let b = rng.below(1000) as u32;
+                pool.push(b);
+                // A push beyond capacity (a double free) is dropped and not
+                // counted.
+                if model.len() < CAP {
+                    model.push_back(b);
+                }
+            } else {
+                assert_eq!(pool.pop(), model.pop_front(), "op {op}: pop");
+            }
+            assert_eq!(pool.len(), model.len() as u64, "op {op}: len");
+        }
+    }
+
+    #[test]
+    fn free_pool_edges() {
+        // Zero blocks still makes a usable (capacity 1) pool.
+        let p = FreePool::new(0);
+        assert_eq!((p.len(), p.pop()), (0, None));
+        p.push(7);
+        p.push(8); // overflow: dropped
+        assert_eq!(p.len(), 1);
+        assert_eq!((p.pop(), p.pop(), p.len()), (Some(7), None, 0));
+
+        let p = FreePool::new(4);
+        for b in 0..4 {
+            p.push(b);
+        }
+        p.push(99);
+        assert_eq!(p.len(), 4);
+        let got: Vec<u32> = std::iter::from_fn(|| p.pop()).collect();
+        assert_eq!(got, vec![0, 1, 2, 3], "FIFO, overflow dropped");
+        assert_eq!(p.len(), 0);
+    }
+
+    #[test]
+    fn free_after_grace_returns_every_block_once() {
+        let p = FreePool::new(8);
+        p.free_after_grace(Vec::new());
+        assert_eq!(p.len(), 0);
+        p.free_after_grace(vec![3, 1, 4]);
+        p.free_after_grace(vec![5]);
+        // The blocks come back once the epoch advances past this point.
+        let t0 = std::time::Instant::now();
+        while p.len() < 4 && t0.elapsed() < std::time::Duration::from_secs(2) {
+            crossbeam::epoch::pin().flush();
+        }
+        assert_eq!(p.len(), 4);
+        let mut got: Vec<u32> = std::iter::from_fn(|| p.pop()).collect();
+        got.sort_unstable();
+        assert_eq!(got, vec![1, 3, 4, 5]);
+    }
+
+    #[test]
+    fn free_after_grace_waits_for_pinned_readers() {
+        let p = FreePool::new(4);
+        let reader = crossbeam::epoch::pin();
+        p.free_after_grace(vec![2]);
+        for _ in 0..64 {
+            crossbeam::epoch::pin().flush();
+        }
+        assert_eq!(p.len(), 0, "reused while a reader that saw it is pinned");
+        drop(reader);
+        let t0 = std::time::Instant::now();
+        while p.len() < 1 && t0.elapsed() < std::time::Duration::from_secs(2) {
+            crossbeam::epoch::pin().flush();
+        }
+        assert_eq!(p.pop(), Some(2));
+    }
+}

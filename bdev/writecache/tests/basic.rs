@@ -283,3 +283,59 @@ fn a_corrupt_superblock_is_refused_untouched() {
     );
     let _ = std::fs::remove_file(f);
 }
+
+#[test]
+fn creation_waits_for_missing_bases_and_starts_when_they_appear() {
+    let rt = test_runtime(1);
+    let f = shm_file("pending");
+    wc_bdev_malloc::create(wc_bdev_malloc::MallocOpts::new("O_pending", 256, 4096)).unwrap();
+    let f2 = f.clone();
+    let started = run_on(rt.main(), move || async move {
+        let r =
+            wc_writecache::create_or_wait(CreateOpts::new("WC_pending", "O_pending", "C_pending"))
+                .unwrap();
+        let waiting = match r {
+            wc_writecache::Created::Pending { waiting_for } => waiting_for,
+            wc_writecache::Created::Started(_) => panic!("started without its cache"),
+        };
+        assert_eq!(waiting, vec!["C_pending".to_string()]);
+        assert!(wc_bdev::lookup("WC_pending").is_none());
+        // Same name again is refused while pending.
+        assert!(wc_writecache::create_or_wait(CreateOpts::new(
+            "WC_pending",
+            "O_pending",
+            "C_pending"
+        ))
+        .is_err());
+        // The cache appears: the instance starts from the examine hook.
+        let mut po = wc_bdev_pmem::PmemOpts::new("C_pending", f2.to_str().unwrap());
+        po.size = Some(1 << 20);
+        wc_bdev_pmem::create(po).unwrap();
+        wc_bdev::lookup("WC_pending").is_some()
+    });
+    assert!(
+        started,
+        "pending writecache did not start when its cache registered"
+    );
+    assert!(wc_writecache::pending_creations()
+        .iter()
+        .all(|(n, _)| n != "WC_pending"));
+    // A pending creation can be cancelled by delete.
+    run_on(rt.main(), || async {
+        wc_writecache::create_or_wait(CreateOpts::new("WC_pending2", "nope_o", "nope_c")).unwrap();
+    });
+    let (tx, rx) = mpsc::channel();
+    wc_writecache::delete(
+        "WC_pending2",
+        false,
+        Box::new(move |r| tx.send(r.is_ok()).unwrap()),
+    );
+    assert!(wait(rx));
+    assert!(
+        wc_writecache::pending_creations().is_empty()
+            || wc_writecache::pending_creations()
+                .iter()
+                .all(|(n, _)| n != "WC_pending2")
+    );
+    let _ = std::fs::remove_file(f);
+}
