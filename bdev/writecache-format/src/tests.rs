@@ -77,6 +77,64 @@ fn superblock_byte_layout() {
     assert!(b[32..].iter().all(|&x| x == 0));
 }
 
+/// Whole encodings against literal bytes: the 16 MiB / 4 KiB cache Linux
+/// reports (4080 blocks) at seq_count 3, its magic-less first format step,
+/// and entries (sector 8 of 4 KiB block 1, seq 2; unused; a kernel-freed
+/// entry that keeps its sector).
+#[test]
+fn golden_bytes() {
+    #[rustfmt::skip]
+    const SB: [u8; SUPERBLOCK_SIZE] = [
+        0x21, 0x93, 0x48, 0x23, // magic 0x23489321
+        0x01, 0x00, 0x00, 0x00, // version 1
+        0x00, 0x10, 0x00, 0x00, // block_size 4096
+        0x00, 0x00, 0x00, 0x00, // pad
+        0xf0, 0x0f, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // n_blocks 4080
+        0x03, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, 0x00, // seq_count 3
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+        0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0, 0,
+    ];
+    let s = Superblock {
+        block_size: 4096,
+        n_blocks: 4080,
+        seq_count: 3,
+    };
+    assert_eq!(s.encode(), SB);
+    let mut no_magic = SB;
+    no_magic[..4].fill(0);
+    assert_eq!(s.encode_without_magic(), no_magic);
+    assert_eq!(Superblock::decode(&SB), Ok(SuperblockState::Formatted(s)));
+
+    #[rustfmt::skip]
+    const E: [u8; ENTRY_SIZE] = [
+        0x08, 0, 0, 0, 0, 0, 0, 0, // original_sector 8
+        0x02, 0, 0, 0, 0, 0, 0, 0, // seq_count 2
+    ];
+    let e = Entry {
+        original_sector: 8,
+        seq_count: 2,
+    };
+    assert_eq!(e.encode(), E);
+    assert_eq!(Entry::decode(&E), e);
+    assert_eq!(Entry::UNUSED.encode(), [0xff; ENTRY_SIZE]);
+    #[rustfmt::skip]
+    const FREED: [u8; ENTRY_SIZE] = [
+        0x08, 0, 0, 0, 0, 0, 0, 0,
+        0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff,
+    ];
+    let freed = Entry::decode(&FREED);
+    assert!(freed.is_unused() && freed.original_sector == 8);
+
+    // Entries in a metadata buffer: entry i at 64 + 16 i.
+    let mut meta = [0u8; SUPERBLOCK_SIZE + 3 * ENTRY_SIZE];
+    meta[..SUPERBLOCK_SIZE].copy_from_slice(&SB);
+    e.write_at(&mut meta, 2).unwrap();
+    Entry::UNUSED.write_at(&mut meta, 0).unwrap();
+    assert_eq!(meta[64..80], [0xff; 16]);
+    assert_eq!(meta[80..96], [0; 16]);
+    assert_eq!(meta[96..112], E);
+}
+
 #[test]
 fn superblock_roundtrip_random() {
     let mut rng = XorShift(0x9E37_79B9_7F4A_7C15);

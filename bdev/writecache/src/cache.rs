@@ -374,6 +374,10 @@ impl Writecache {
         if c.fifo.is_empty() || self.error() != 0 {
             return false;
         }
+        // Being deleted without a drain: start nothing new.
+        if self.closing.load(Ordering::Acquire) && wb.drain_waiters.is_empty() {
+            return false;
+        }
         // Waiting writers override the watermarks (and pause_writeback):
         // only writeback can give them blocks.
         if !wb.drain_waiters.is_empty()
@@ -455,9 +459,7 @@ impl Writecache {
                     break;
                 };
                 let m = self.meta.get(e.block);
-                if m.gen.load(Ordering::Acquire) != e.gen
-                    || m.state.load(Ordering::Acquire) & VALID == 0
-                {
+                if m.gen() != e.gen || m.state() & VALID == 0 {
                     continue; // freed or reused since it was logged
                 }
                 let lba = m.lba.load(Ordering::Acquire);
@@ -583,7 +585,7 @@ impl Writecache {
                 c.fifo.push_front((
                     crate::cache::LogEntry {
                         block: b,
-                        gen: m.gen.load(Ordering::Acquire),
+                        gen: m.gen(),
                         seq: m.seq.load(Ordering::Acquire),
                     },
                     ticks(),
@@ -604,24 +606,27 @@ impl Writecache {
             let me = self.clone();
             let origin = lock(&self.wb).origin.clone();
             if let Some(o) = origin {
+                let attempt = run.attempt.get();
                 let run = run.run.clone();
                 let cb: Rc<dyn IoCompletion> = Rc::new(wc_bdev::FnCompletion(move |io: Io, _| {
-                    me.retire(&run, io.status().is_success());
+                    me.retire(&run, io.status().is_success(), attempt);
                 }));
                 o.flush(0, o.bdev().num_blocks(), &cb, 0);
                 return;
             }
         }
-        self.retire(&run.run, true);
+        self.retire(&run.run, true, run.attempt.get());
     }
 
     /// The origin holds these blocks durably: drop them from the cache.
-    fn retire(self: &Arc<Self>, run: &[(u64, u32)], ok: bool) {
+    fn retire(self: &Arc<Self>, run: &[(u64, u32)], ok: bool, attempt: u32) {
         if !ok {
+            // The origin flush after a nofua write failed: retry the whole
+            // run (write + flush) under the same retry budget.
             let r = WbRun {
                 wc: self.clone(),
                 run: run.to_vec(),
-                attempt: std::cell::Cell::new(5),
+                attempt: std::cell::Cell::new(attempt),
             };
             self.run_done(&r, false);
             return;
@@ -633,7 +638,7 @@ impl Writecache {
             // successor is in the index; either way this copy is redundant.
             self.index.remove_if(lba, b);
             self.meta.end_writeback(b);
-            let gen = self.meta.get(b).gen.load(Ordering::Acquire);
+            let gen = self.meta.get(b).gen();
             if self.meta.begin_free(b, gen) {
                 to_free.push(b);
             }
@@ -667,6 +672,31 @@ impl Writecache {
     /// Blocks in flight to the origin (for tests).
     pub fn writeback_in_flight(&self) -> u64 {
         lock(&self.wb).in_flight
+    }
+
+    /// Calls `done` (on home) once no writeback I/O is in flight.
+    pub(crate) fn when_writeback_idle(self: &Arc<Self>, done: Waiter) {
+        let me = self.clone();
+        let mut done = Some(done);
+        let handle = Rc::new(std::cell::RefCell::new(None::<wc_reactor::PollerHandle>));
+        let h2 = handle.clone();
+        let p = wc_reactor::current().register_poller(
+            "writecache_wb_idle",
+            Some(Duration::from_micros(200)),
+            move || {
+                if lock(&me.wb).in_flight > 0 {
+                    return wc_reactor::PollStatus::Idle;
+                }
+                if let Some(h) = h2.borrow().as_ref() {
+                    h.unregister();
+                }
+                if let Some(d) = done.take() {
+                    d(Ok(()));
+                }
+                wc_reactor::PollStatus::Busy
+            },
+        );
+        *handle.borrow_mut() = Some(p);
     }
 
     /// Drops the home pollers' origin channel (on delete).

@@ -347,8 +347,10 @@ impl Local {
             };
             let lba = first + i;
             let m = wc.meta.get(b);
-            let gen = m.gen.load(Ordering::Relaxed).wrapping_add(1);
-            m.gen.store(gen, Ordering::Release);
+            // A new allocation: bump the generation (state stays 0 until
+            // the block is published).
+            let gen = m.gen().wrapping_add(1);
+            m.set(gen, 0);
             // The stamp: a commit that bumps the sequence after this load
             // runs its fence on this core only after this write is done.
             let seq = wc.seq.load(Ordering::Acquire);
@@ -368,7 +370,7 @@ impl Local {
             wc.media.write_entry(b, wc.sector_of(lba), seq);
             m.lba.store(lba, Ordering::Relaxed);
             m.seq.store(seq, Ordering::Relaxed);
-            m.state.store(VALID, Ordering::Release);
+            m.set(gen, VALID);
             let displaced = wc.index.insert(lba, b);
             self.write_log
                 .borrow_mut()
@@ -400,7 +402,7 @@ impl Local {
         let wc = &self.wc;
         let m = wc.meta.get(old);
         let oseq = m.seq.load(Ordering::Acquire);
-        let ogen = m.gen.load(Ordering::Acquire);
+        let ogen = m.gen();
         let st = self.stats();
         if oseq >= my_seq {
             // Not committed, and will not be before our version is: drop
@@ -510,6 +512,21 @@ impl Local {
         if self.waiting.borrow().is_empty() {
             return PollStatus::Idle;
         }
+        // In the error state writeback has stopped: no block will come
+        // back, so waiting writes fail (nothing cached is dropped).
+        if self.wc.error() != 0 || self.wc.closing.load(Ordering::Acquire) {
+            let errno = if self.wc.error() != 0 {
+                libc::EIO
+            } else {
+                libc::ENODEV
+            };
+            let waiting: Vec<Io> = self.waiting.borrow_mut().drain(..).collect();
+            self.stats().waiting.store(0, Ordering::Relaxed);
+            for io in waiting {
+                io.complete(IoStatus::Failed(errno));
+            }
+            return PollStatus::Busy;
+        }
         // Let deferred frees run so blocks come back to the pool.
         crossbeam::epoch::pin().flush();
         if self.free.borrow().is_empty() && self.wc.pool.len() == 0 {
@@ -601,7 +618,7 @@ impl Writecache {
         let mut to_free = Vec::new();
         let mut consider = |l: u64, b: u32| {
             if self.index.remove_if(l, b) {
-                let gen = self.meta.get(b).gen.load(Ordering::Acquire);
+                let gen = self.meta.get(b).gen();
                 if self.meta.begin_free(b, gen) {
                     to_free.push(b);
                 }
@@ -617,7 +634,7 @@ impl Writecache {
             // A range larger than the cache: scan the blocks instead.
             for b in 0..self.media.geo.n_blocks() as u32 {
                 let m = self.meta.get(b);
-                if m.state.load(Ordering::Acquire) & VALID != 0 {
+                if m.state() & VALID != 0 {
                     let l = m.lba.load(Ordering::Acquire);
                     if l >= lba && l - lba < n {
                         consider(l, b);

@@ -336,8 +336,7 @@ pub fn create(opts: CreateOpts) -> Result<Arc<Bdev>, WcError> {
             let m = wc.meta.get(r.block);
             m.lba.store(r.lba, Ordering::Relaxed);
             m.seq.store(r.seq, Ordering::Relaxed);
-            m.gen.store(1, Ordering::Relaxed);
-            m.state.store(VALID, Ordering::Release);
+            m.set(1, VALID);
             wc.index.insert(r.lba, r.block);
             c.fifo.push_back((
                 LogEntry {
@@ -401,7 +400,8 @@ pub fn delete(name: &str, flush: bool, done: Box<dyn FnOnce(Result<(), WcError>)
     // Commit (and drain) while the channels still hold the per-core logs;
     // new I/O already fails. Then the bdev goes away and the bases are
     // released.
-    let finish: cache::Waiter = Box::new(move |res| {
+    let wc2 = wc.clone();
+    let finish_now: cache::Waiter = Box::new(move |res| {
         if let Err(e) = wc_bdev::hot_remove(&name) {
             tracing::debug!("writecache delete {name}: {e}");
         }
@@ -411,6 +411,13 @@ pub fn delete(name: &str, flush: bool, done: Box<dyn FnOnce(Result<(), WcError>)
         }
         drop(inst);
         done(res.map_err(|e| WcError::ErrorState(name.clone(), e)));
+    });
+    // Writeback still in flight must land before the instance lets go of
+    // its devices: a late completion would clear entries of the media.
+    let finish: cache::Waiter = Box::new(move |res| {
+        let w = wc2.clone();
+        wc2.home
+            .send(move || w.when_writeback_idle(Box::new(move |_| finish_now(res))));
     });
     if flush {
         wc.drain(finish);

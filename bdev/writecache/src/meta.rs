@@ -12,7 +12,7 @@
 
 use std::collections::HashMap;
 use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex};
 
 use crossbeam::queue::ArrayQueue;
@@ -30,10 +30,35 @@ pub(crate) struct BlockMeta {
     pub(crate) lba: AtomicU64,
     /// The sequence number stamped in its entry.
     pub(crate) seq: AtomicU64,
+    /// Allocation generation (high 32 bits) and VALID | WB (low 32 bits),
+    /// in one word so that checking the generation and changing the state
+    /// is a single compare-and-swap (no reuse can slip in between).
+    gs: AtomicU64,
+}
+
+impl BlockMeta {
+    #[inline]
+    fn pack(gen: u32, state: u32) -> u64 {
+        (gen as u64) << 32 | state as u64
+    }
+
     /// Allocation generation.
-    pub(crate) gen: AtomicU32,
-    /// VALID | WB.
-    pub(crate) state: AtomicU32,
+    #[inline]
+    pub(crate) fn gen(&self) -> u32 {
+        (self.gs.load(Ordering::Acquire) >> 32) as u32
+    }
+
+    /// VALID | WB bits.
+    #[inline]
+    pub(crate) fn state(&self) -> u32 {
+        self.gs.load(Ordering::Acquire) as u32
+    }
+
+    /// Sets generation and state together (the owner of the block only).
+    #[inline]
+    pub(crate) fn set(&self, gen: u32, state: u32) {
+        self.gs.store(Self::pack(gen, state), Ordering::Release);
+    }
 }
 
 /// All blocks' state.
@@ -56,27 +81,33 @@ impl Meta {
     /// Takes the right to free `b` (allocation `gen`): true for exactly one
     /// caller, and never while the block is under writeback.
     pub(crate) fn begin_free(&self, b: u32, gen: u32) -> bool {
-        let m = self.get(b);
-        if m.gen.load(Ordering::Acquire) != gen {
-            return false;
-        }
-        m.state
-            .compare_exchange(VALID, 0, Ordering::AcqRel, Ordering::Acquire)
+        self.get(b)
+            .gs
+            .compare_exchange(
+                BlockMeta::pack(gen, VALID),
+                BlockMeta::pack(gen, 0),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
             .is_ok()
     }
 
     /// Marks `b` as under writeback if it is still allocation `gen` and idle.
     pub(crate) fn begin_writeback(&self, b: u32, gen: u32) -> bool {
-        let m = self.get(b);
-        m.gen.load(Ordering::Acquire) == gen
-            && m.state
-                .compare_exchange(VALID, VALID | WB, Ordering::AcqRel, Ordering::Acquire)
-                .is_ok()
+        self.get(b)
+            .gs
+            .compare_exchange(
+                BlockMeta::pack(gen, VALID),
+                BlockMeta::pack(gen, VALID | WB),
+                Ordering::AcqRel,
+                Ordering::Acquire,
+            )
+            .is_ok()
     }
 
     /// Ends writeback of `b`, leaving it VALID.
     pub(crate) fn end_writeback(&self, b: u32) {
-        self.get(b).state.fetch_and(!WB, Ordering::AcqRel);
+        self.get(b).gs.fetch_and(!(WB as u64), Ordering::AcqRel);
     }
 }
 
@@ -175,15 +206,12 @@ impl Index {
 /// batches by the writers.
 pub(crate) struct FreePool {
     queue: ArrayQueue<u32>,
-    /// Blocks waiting in the queue (approximate under concurrency).
-    count: AtomicU64,
 }
 
 impl FreePool {
     pub(crate) fn new(n: usize) -> Arc<FreePool> {
         Arc::new(FreePool {
             queue: ArrayQueue::new(n.max(1)),
-            count: AtomicU64::new(0),
         })
     }
 
@@ -192,19 +220,17 @@ impl FreePool {
         // block is freed twice — which the state CAS prevents.
         if self.queue.push(b).is_err() {
             tracing::error!("writecache: free pool overflow on block {b} (double free?)");
-            return;
         }
-        self.count.fetch_add(1, Ordering::Relaxed);
     }
 
     pub(crate) fn pop(&self) -> Option<u32> {
-        let b = self.queue.pop()?;
-        self.count.fetch_sub(1, Ordering::Relaxed);
-        Some(b)
+        self.queue.pop()
     }
 
     pub(crate) fn len(&self) -> u64 {
-        self.count.load(Ordering::Relaxed)
+        // The queue's own count: a separate counter updated after the push
+        // or pop could be observed mid-way and wrap below zero.
+        self.queue.len() as u64
     }
 
     /// Returns `blocks` to the pool once every reader pinned now has
@@ -338,18 +364,17 @@ mod tests {
     /// What the write path does to a block it takes from the free pool.
     fn allocate(meta: &Meta, b: u32) -> u32 {
         let m = meta.get(b);
-        let gen = m.gen.load(Ordering::Relaxed).wrapping_add(1);
-        m.gen.store(gen, Ordering::Release);
-        m.state.store(VALID, Ordering::Release);
+        let gen = m.gen().wrapping_add(1);
+        m.set(gen, VALID);
         gen
     }
 
     fn observe(meta: &Meta, b: u32) -> Model {
         let m = meta.get(b);
-        let s = m.state.load(Ordering::Acquire);
+        let s = m.state();
         assert_eq!(s & !(VALID | WB), 0, "unknown state bits {s:#x}");
         Model {
-            gen: m.gen.load(Ordering::Acquire),
+            gen: m.gen(),
             valid: s & VALID != 0,
             wb: s & WB != 0,
         }
@@ -475,8 +500,7 @@ mod tests {
             }
         );
         // Generations wrap without sticking.
-        meta.get(1).state.store(0, Ordering::Release);
-        meta.get(1).gen.store(u32::MAX, Ordering::Release);
+        meta.get(1).set(u32::MAX, 0);
         let w = allocate(&meta, 1);
         assert_eq!(w, 0);
         assert!(!meta.begin_free(1, u32::MAX));
@@ -604,5 +628,46 @@ mod tests {
             crossbeam::epoch::pin().flush();
         }
         assert_eq!(p.pop(), Some(2));
+    }
+
+    /// `push` adds to `count` after the block is in the queue and `pop`
+    /// subtracts after taking it, so a pop that overtakes a push's
+    /// increment drives `count` below zero: `len()` wraps to u64::MAX.
+    /// `stats().free_blocks` then reports 2^64 - 1 and
+    /// `Writecache::used_blocks` computes `pool.len() + cached`, which
+    /// overflows (a panic with overflow checks, a wrong watermark decision
+    /// without). Pushes (grace-period frees, channel teardown,
+    /// `return_cached_blocks`) and pops (`alloc`) run on different reactor
+    /// threads, so this happens in a real runtime. Fails within
+    /// microseconds here; passes in 1 s once fixed (e.g. `len()` from
+    /// `queue.len()`, or count up before the queue push).
+    #[test]
+    fn free_pool_len_never_exceeds_capacity_under_concurrency() {
+        use std::sync::atomic::AtomicBool;
+        let pool = FreePool::new(4);
+        let token = AtomicBool::new(true); // the pusher may push one block
+        let stop = AtomicBool::new(false);
+        let t0 = std::time::Instant::now();
+        let mut worst = 0;
+        std::thread::scope(|s| {
+            s.spawn(|| {
+                while !stop.load(Ordering::Relaxed) {
+                    if token.swap(false, Ordering::AcqRel) {
+                        pool.push(1);
+                    }
+                }
+            });
+            while t0.elapsed() < std::time::Duration::from_secs(1) {
+                if pool.pop().is_some() {
+                    worst = worst.max(pool.len());
+                    token.store(true, Ordering::Release);
+                    if worst > 4 {
+                        break;
+                    }
+                }
+            }
+            stop.store(true, Ordering::Relaxed);
+        });
+        assert!(worst <= 4, "a 4-block pool reported {worst} free blocks");
     }
 }
