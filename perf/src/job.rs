@@ -201,6 +201,8 @@ pub struct Job {
     state: RefCell<State>,
     me: RefCell<Option<Rc<dyn IoCompletion>>>,
     done: RefCell<Option<Sender<JobResult>>>,
+    /// Nanoseconds per tick, as a 32.32 fixed-point number.
+    ns_per_tick_q32: u64,
     _desc: wc_bdev::Desc,
 }
 
@@ -268,6 +270,7 @@ pub fn start(spec: JobSpec, done: Sender<JobResult>) {
         }),
         me: RefCell::new(None),
         done: RefCell::new(Some(done)),
+        ns_per_tick_q32: ((1_000_000_000u128 << 32) / rate as u128) as u64,
         spec,
         ch,
         _desc: desc,
@@ -322,7 +325,8 @@ impl Job {
             st.rng ^= st.rng << 13;
             st.rng ^= st.rng >> 7;
             st.rng ^= st.rng << 17;
-            st.rng % units
+            // Lemire's multiply-shift range reduction: no division.
+            ((st.rng as u128 * units as u128) >> 64) as u64
         } else {
             let u = st.next_seq % units;
             st.next_seq += 1;
@@ -345,10 +349,10 @@ impl Job {
     }
 
     fn submit(&self, slot: usize) {
-        let cb = match self.me.borrow().as_ref() {
-            Some(cb) => cb.clone(),
-            None => return,
-        };
+        // Borrowed for the call: completions are deferred, so nothing
+        // re-enters `me` mutably while we submit.
+        let me = self.me.borrow();
+        let Some(cb) = me.as_ref() else { return };
         let mut st = self.state.borrow_mut();
         let now = ticks();
         if self.spec.workload == Workload::Reset && now >= st.next_reset {
@@ -357,7 +361,7 @@ impl Job {
             st.slots[slot].submit = now;
             drop(st);
             // Ctx with the top bit marks a reset (no slot buffer involved).
-            self.ch.reset(&cb, slot as u64 | 1 << 63);
+            self.ch.reset(cb, slot as u64 | 1 << 63);
             return;
         }
         let offset = self.next_offset(&mut st);
@@ -370,15 +374,15 @@ impl Job {
         match self.spec.workload {
             Workload::Flush => {
                 drop(st);
-                self.ch.flush(offset, n, &cb, slot as u64)
+                self.ch.flush(offset, n, cb, slot as u64)
             }
             Workload::Unmap => {
                 drop(st);
-                self.ch.unmap(offset, n, &cb, slot as u64)
+                self.ch.unmap(offset, n, cb, slot as u64)
             }
             Workload::WriteZeroes => {
                 drop(st);
-                self.ch.write_zeroes(offset, n, &cb, slot as u64)
+                self.ch.write_zeroes(offset, n, cb, slot as u64)
             }
             Workload::Verify | Workload::Reset => {
                 s.generation += 1;
@@ -389,7 +393,7 @@ impl Job {
                     .unwrap_or_else(|| DmaBuf::new(self.spec.io_size as usize));
                 stamp(&mut buf, offset, s.generation);
                 drop(st);
-                self.ch.write(offset, buf, false, &cb, slot as u64)
+                self.ch.write(offset, buf, false, cb, slot as u64)
             }
             _ => {
                 let buf = s
@@ -398,9 +402,9 @@ impl Job {
                     .unwrap_or_else(|| DmaBuf::new(self.spec.io_size as usize));
                 drop(st);
                 if read {
-                    self.ch.read(offset, buf, &cb, slot as u64)
+                    self.ch.read(offset, buf, cb, slot as u64)
                 } else {
-                    self.ch.write(offset, buf, false, &cb, slot as u64)
+                    self.ch.write(offset, buf, false, cb, slot as u64)
                 }
             }
         }
@@ -445,8 +449,10 @@ impl IoCompletion for Job {
         drop(io);
         let mut st = self.state.borrow_mut();
         st.outstanding -= 1;
-        let lat_ns = ((now.saturating_sub(st.slots[slot].submit)) as u128 * 1_000_000_000
-            / tick_rate() as u128) as u64;
+        // Fixed-point ticks -> ns (a u128 division per I/O is measurable).
+        let lat_ns = ((now.saturating_sub(st.slots[slot].submit)) as u128
+            * self.ns_per_tick_q32 as u128
+            >> 32) as u64;
 
         // Verify: a completed write is followed by a read of the same range.
         if !is_reset

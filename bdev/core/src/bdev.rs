@@ -130,6 +130,9 @@ pub struct Bdev {
     pub(crate) required_alignment: u32,
     pub(crate) max_io_blocks: u64,
     pub(crate) ops: Arc<dyn BdevOps>,
+    /// `io_type_supported` per [`IoType::ALL`] index, asked once at
+    /// registration (the answer is fixed for a bdev's life).
+    pub(crate) supported: [bool; 6],
     pub(crate) claim: Mutex<Option<ClaimInfo>>,
     pub(crate) openers: Mutex<Vec<Opener>>,
     pub(crate) stats: Mutex<Vec<Arc<IoStats>>>,
@@ -202,8 +205,9 @@ impl Bdev {
     }
 
     /// Whether an I/O type is supported.
+    #[inline]
     pub fn io_type_supported(&self, t: IoType) -> bool {
-        self.ops.io_type_supported(t)
+        self.supported[t as usize]
     }
 
     /// Load/store media of the bdev, if it has one.

@@ -455,7 +455,7 @@ impl BdevChannel {
         if bdev.is_removed() {
             return Err(libc::ENODEV);
         }
-        if !bdev.ops.io_type_supported(t) {
+        if !bdev.io_type_supported(t) {
             return Err(libc::ENOTSUP);
         }
         if t == IoType::Reset {

@@ -7,6 +7,7 @@ use std::sync::{Arc, Mutex, MutexGuard, OnceLock};
 
 use crate::bdev::{Bdev, BdevConfig, BdevEvent, BdevOps};
 use crate::error::BdevError;
+use crate::io::IoType;
 
 /// Called for every newly registered bdev (SPDK's examine): vbdev modules
 /// use it to create instances that were waiting for a base bdev.
@@ -49,6 +50,7 @@ pub fn register(cfg: BdevConfig, ops: Arc<dyn BdevOps>) -> Result<Arc<Bdev>, Bde
             num_blocks: cfg.num_blocks,
             required_alignment: cfg.required_alignment.max(1),
             max_io_blocks: cfg.max_io_blocks,
+            supported: IoType::ALL.map(|t| ops.io_type_supported(t)),
             ops,
             claim: Mutex::new(None),
             openers: Mutex::new(Vec::new()),
