@@ -450,8 +450,8 @@ impl IoCompletion for Job {
         let mut st = self.state.borrow_mut();
         st.outstanding -= 1;
         // Fixed-point ticks -> ns (a u128 division per I/O is measurable).
-        let lat_ns = ((now.saturating_sub(st.slots[slot].submit)) as u128
-            * self.ns_per_tick_q32 as u128
+        let lat_ns = (((now.saturating_sub(st.slots[slot].submit)) as u128
+            * self.ns_per_tick_q32 as u128)
             >> 32) as u64;
 
         // Verify: a completed write is followed by a read of the same range.

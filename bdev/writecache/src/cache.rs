@@ -40,6 +40,8 @@ pub(crate) type Waiter = Box<dyn FnOnce(Result<(), i32>) + Send>;
 #[derive(Default)]
 pub(crate) struct Coordinator {
     in_progress: bool,
+    /// A commit was requested (without a waiter) while one was running.
+    again: bool,
     /// Waiters for the next commit.
     next: Vec<Waiter>,
     /// Committed blocks, oldest first: the writeback order.
@@ -57,7 +59,8 @@ pub(crate) struct Writeback {
     pub(crate) in_flight: u64,
     /// Writeback everything (flush RPC, flush-on-suspend, cleaner).
     drain_waiters: Vec<Waiter>,
-    active: bool,
+    /// Writeback started by the high watermark (runs down to the low one).
+    wm_active: bool,
     pub(crate) ios: u64,
     pub(crate) bytes: u64,
     pub(crate) blocks: u64,
@@ -206,6 +209,9 @@ impl Writecache {
                 c.next.push(w);
             }
             if c.in_progress {
+                // Remember it: the running round may not cover writes that
+                // asked for this one.
+                c.again = true;
                 return;
             }
             c.in_progress = true;
@@ -297,7 +303,7 @@ impl Writecache {
                 to_free.push(e.block);
             }
         }
-        let more = !c.next.is_empty();
+        let more = !c.next.is_empty() || std::mem::take(&mut c.again);
         let next = if more {
             std::mem::take(&mut c.next)
         } else {
@@ -370,13 +376,14 @@ impl Writecache {
             .sum()
     }
 
-    fn wants_writeback(&self, c: &Coordinator, wb: &Writeback) -> bool {
+    /// Why (and how much) to write back now.
+    fn wants_writeback(&self, c: &Coordinator, wb: &Writeback) -> WbReason {
         if c.fifo.is_empty() || self.error() != 0 {
-            return false;
+            return WbReason::None;
         }
         // Being deleted without a drain: start nothing new.
         if self.closing.load(Ordering::Acquire) && wb.drain_waiters.is_empty() {
-            return false;
+            return WbReason::None;
         }
         // Waiting writers override the watermarks (and pause_writeback):
         // only writeback can give them blocks.
@@ -384,7 +391,7 @@ impl Writecache {
             || self.tunables.cleaner.load(Ordering::Relaxed)
             || self.waiting_writers() > 0
         {
-            return true;
+            return WbReason::All;
         }
         let pause = self.tunables.pause_writeback_ms.load(Ordering::Relaxed);
         let last_around = self.last_write_around.load(Ordering::Relaxed);
@@ -392,28 +399,30 @@ impl Writecache {
             && last_around != 0
             && ticks().saturating_sub(last_around) < duration_to_ticks(Duration::from_millis(pause))
         {
-            return false;
+            return WbReason::None;
         }
+        // As dm-writecache: blocks under writeback or in their grace
+        // period count as free for the watermarks.
         let n = self.media.geo.n_blocks().max(1);
-        let used_pct = self.used_blocks() * 100 / n;
+        let used = self
+            .used_blocks()
+            .saturating_sub(wb.in_flight + self.pool.in_grace());
         let hi = self.tunables.high_watermark.load(Ordering::Relaxed) as u64;
         let lo = self.tunables.low_watermark.load(Ordering::Relaxed) as u64;
-        if wb.active {
-            if used_pct >= lo {
-                return true;
-            }
-        } else if used_pct >= hi {
-            return true;
+        let started = wb.wm_active || used * 100 >= hi * n;
+        if started && used * 100 >= lo * n {
+            // Enough to get strictly below the low watermark.
+            let target = (lo * n).div_ceil(100);
+            return WbReason::Blocks(used + 1 - target.min(used + 1));
         }
         let max_age = self.tunables.max_age_ms.load(Ordering::Relaxed);
         if max_age > 0 {
-            if let Some((_, t)) = c.fifo.front() {
-                if ticks().saturating_sub(*t) >= duration_to_ticks(Duration::from_millis(max_age)) {
-                    return true;
-                }
+            let cutoff = ticks().saturating_sub(duration_to_ticks(Duration::from_millis(max_age)));
+            if c.fifo.front().is_some_and(|(_, t)| *t <= cutoff) {
+                return WbReason::OlderThan(cutoff);
             }
         }
-        false
+        WbReason::None
     }
 
     /// Starts writeback I/O while conditions hold (on home).
@@ -422,8 +431,8 @@ impl Writecache {
             let mut c = lock(&self.coord);
             let mut wb = lock(&self.wb);
             let want = self.wants_writeback(&c, &wb);
-            wb.active = want;
-            if !want {
+            wb.wm_active = matches!(want, WbReason::Blocks(_));
+            if want == WbReason::None {
                 let done = c.fifo.is_empty() && wb.in_flight == 0 && !wb.drain_waiters.is_empty();
                 let waiters = if done {
                     std::mem::take(&mut wb.drain_waiters)
@@ -451,13 +460,23 @@ impl Writecache {
                 return;
             }
             // Take a batch of the oldest committed blocks.
-            let room = (limit - wb.in_flight).min(1024);
+            let mut room = (limit - wb.in_flight).min(1024);
+            if let WbReason::Blocks(k) = want {
+                room = room.min(k.max(1));
+            }
             let mut batch: Vec<(u64, u32)> = Vec::new();
             let mut deferred = Vec::new();
             while (batch.len() as u64) < room {
                 let Some((e, t)) = c.fifo.pop_front() else {
                     break;
                 };
+                if let WbReason::OlderThan(cutoff) = want {
+                    if t > cutoff {
+                        // Younger than max_age: stays for now.
+                        c.fifo.push_front((e, t));
+                        break;
+                    }
+                }
                 let m = self.meta.get(e.block);
                 if m.gen() != e.gen || m.state() & VALID == 0 {
                     continue; // freed or reused since it was logged
@@ -674,6 +693,21 @@ impl Writecache {
         lock(&self.wb).in_flight
     }
 
+    /// True when a writeback of an LBA in `[lba, lba+n)` is in flight.
+    /// (Cleaner-mode writers on any core ask; the lock is otherwise only
+    /// taken on home, and this only reads the LBA set.)
+    pub(crate) fn writeback_busy_on(&self, lba: u64, n: u64) -> bool {
+        let wb = lock(&self.wb);
+        if wb.lbas.is_empty() {
+            return false;
+        }
+        if n as usize <= wb.lbas.len() {
+            (lba..lba.saturating_add(n)).any(|l| wb.lbas.contains(&l))
+        } else {
+            wb.lbas.iter().any(|l| *l >= lba && *l - lba < n)
+        }
+    }
+
     /// Calls `done` (on home) once no writeback I/O is in flight.
     pub(crate) fn when_writeback_idle(self: &Arc<Self>, done: Waiter) {
         let me = self.clone();
@@ -713,6 +747,19 @@ impl Writecache {
     pub fn formatted_on_create(&self) -> bool {
         self.formatted
     }
+}
+
+/// What the writeback should do now.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum WbReason {
+    /// Nothing.
+    None,
+    /// Everything committed (drain, cleaner, starving writers).
+    All,
+    /// This many blocks (to get below the low watermark).
+    Blocks(u64),
+    /// Blocks committed at or before this tick (max_age).
+    OlderThan(u64),
 }
 
 /// A writeback run in flight.

@@ -314,7 +314,10 @@ impl Local {
         // Cleaner mode: new data goes around the cache, straight to the
         // origin (hits still go to the cache to keep versions ordered).
         if wc.tunables.cleaner.load(Ordering::Relaxed) && io.driver_ctx()[PROGRESS] == 0 {
-            let cached = (0..n).any(|i| wc.index.get(first + i).is_some());
+            // Around only when no version of these LBAs is cached or still
+            // on its way to the origin (which would land after ours).
+            let cached =
+                (0..n).any(|i| wc.index.get(first + i).is_some()) || wc.writeback_busy_on(first, n);
             if !cached {
                 return self.write_around(io);
             }
@@ -530,6 +533,17 @@ impl Local {
         // Let deferred frees run so blocks come back to the pool.
         crossbeam::epoch::pin().flush();
         if self.free.borrow().is_empty() && self.wc.pool.len() == 0 {
+            // Still starved: blocks written meanwhile must be committed
+            // before writeback can free them (one request at a time).
+            let wc = &self.wc;
+            let dirty: u64 = wc
+                .stats
+                .iter()
+                .map(|c| c.uncommitted.load(Ordering::Relaxed))
+                .sum();
+            if dirty > 0 && !wc.commit_requested.swap(true, Ordering::AcqRel) {
+                wc.request_commit(None);
+            }
             return PollStatus::Idle;
         }
         let mut progressed = false;

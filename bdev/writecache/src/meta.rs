@@ -206,12 +206,16 @@ impl Index {
 /// batches by the writers.
 pub(crate) struct FreePool {
     queue: ArrayQueue<u32>,
+    /// Freed blocks waiting for their grace period (counted as free for
+    /// the watermarks: nobody can allocate them, but they are not in use).
+    grace: AtomicU64,
 }
 
 impl FreePool {
     pub(crate) fn new(n: usize) -> Arc<FreePool> {
         Arc::new(FreePool {
             queue: ArrayQueue::new(n.max(1)),
+            grace: AtomicU64::new(0),
         })
     }
 
@@ -227,6 +231,11 @@ impl FreePool {
         self.queue.pop()
     }
 
+    /// Blocks freed but still in their grace period.
+    pub(crate) fn in_grace(&self) -> u64 {
+        self.grace.load(Ordering::Relaxed)
+    }
+
     pub(crate) fn len(&self) -> u64 {
         // The queue's own count: a separate counter updated after the push
         // or pop could be observed mid-way and wrap below zero.
@@ -240,11 +249,14 @@ impl FreePool {
             return;
         }
         let me = self.clone();
+        let n = blocks.len() as u64;
+        self.grace.fetch_add(n, Ordering::Relaxed);
         let guard = crossbeam::epoch::pin();
         guard.defer(move || {
             for b in blocks {
                 me.push(b);
             }
+            me.grace.fetch_sub(n, Ordering::Relaxed);
         });
         // Push the deferred work out promptly so freed blocks return soon.
         guard.flush();
