@@ -352,8 +352,11 @@ pub fn create(opts: CreateOpts) -> Result<Arc<Bdev>, WcError> {
     wc.start_home_pollers(home_origin);
     let mut cfg = BdevConfig::new(opts.name.clone(), bs, num_blocks);
     cfg.required_alignment = 1;
+    cfg.uuid = opts.uuid;
     let ops = Arc::new(WcBdev { wc: wc.clone() });
     let bdev = wc_bdev::register(cfg, ops)?;
+    let mut opts = opts;
+    opts.uuid = Some(bdev.uuid());
     instances().insert(
         opts.name.clone(),
         Instance {

@@ -61,6 +61,10 @@ pub struct CreateOpts {
     /// (default 3000).
     #[serde(default)]
     pub pause_writeback_ms: Option<u64>,
+    /// UUID of the writecache bdev; random when absent (saved by
+    /// save_config so it survives restarts).
+    #[serde(default)]
+    pub uuid: Option<uuid::Uuid>,
 }
 
 impl CreateOpts {
@@ -82,6 +86,7 @@ impl CreateOpts {
             cleaner: None,
             max_age_ms: None,
             pause_writeback_ms: None,
+            uuid: None,
         }
     }
 }

@@ -462,8 +462,6 @@ fn writecache_stack_survives_save_config_restart() {
 }
 
 #[test]
-#[ignore = "BUG: bdev_pmem_create / bdev_writecache_create config entries carry no uuid, \
-            so those bdevs get new UUIDs after save_config + restart"]
 fn writecache_stack_uuids_survive_save_config_restart() {
     require_spdk_rpc!();
     let mut t = Target::start("wcuuid", &[]);

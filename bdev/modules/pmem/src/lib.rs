@@ -51,6 +51,10 @@ pub struct PmemOpts {
     /// existing file's size.
     #[serde(default)]
     pub size: Option<u64>,
+    /// UUID; random when absent (saved by save_config, so it survives a
+    /// restart).
+    #[serde(default)]
+    pub uuid: Option<uuid::Uuid>,
 }
 
 impl PmemOpts {
@@ -61,6 +65,7 @@ impl PmemOpts {
             filename: filename.to_string(),
             block_size: None,
             size: None,
+            uuid: None,
         }
     }
 }
@@ -107,7 +112,8 @@ pub(crate) fn create_with(
         map.strategy(),
         map.map_sync()
     );
-    let cfg = BdevConfig::new(opts.name.clone(), block_size, num_blocks);
+    let mut cfg = BdevConfig::new(opts.name.clone(), block_size, num_blocks);
+    cfg.uuid = opts.uuid;
     wc_bdev::register(
         cfg,
         Arc::new(PmemBdev {
@@ -177,6 +183,7 @@ impl BdevOps for PmemBdev {
                 "name": bdev.name(),
                 "filename": self.filename,
                 "block_size": bdev.block_size(),
+                "uuid": bdev.uuid().to_string(),
             }
         }))
     }
