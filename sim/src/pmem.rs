@@ -31,6 +31,9 @@ struct State {
     pending: HashMap<usize, PendingWord>,
     /// Words each core may have pending stores to (may hold stale entries).
     per_core: Vec<Vec<usize>>,
+    /// Per core: words stored with ordinary (cached) stores that still need
+    /// a cache-line flush before a fence makes them durable.
+    deferred: Vec<Vec<usize>>,
     fences: u64,
     stores: u64,
     count_stores: bool,
@@ -120,6 +123,12 @@ impl SimPmem {
     /// Records a store by `core` to word `w`, whose visible value went from
     /// `old` to `new`.
     fn track(st: &mut State, w: usize, core: usize, old: u64, new: u64) {
+        Self::track_as(st, w, core, old, new, false)
+    }
+
+    /// Records a store; `deferred` stores need [`flush_range`] before a
+    /// fence makes them durable.
+    fn track_as(st: &mut State, w: usize, core: usize, old: u64, new: u64, deferred: bool) {
         use std::collections::hash_map::Entry;
         match st.pending.entry(w) {
             // Storing the durable value again changes no crash image.
@@ -131,7 +140,7 @@ impl SimPmem {
                     durable: old,
                     stores,
                 });
-                Self::note_core(st, core, w);
+                Self::note(st, core, w, deferred);
             }
             Entry::Occupied(mut e) => {
                 let pw = e.get_mut();
@@ -140,9 +149,20 @@ impl SimPmem {
                     pw.stores.push((core, new));
                 } else {
                     pw.stores.push((core, new));
-                    Self::note_core(st, core, w);
+                    Self::note(st, core, w, deferred);
                 }
             }
+        }
+    }
+
+    fn note(st: &mut State, core: usize, w: usize, deferred: bool) {
+        if deferred {
+            if st.deferred.len() <= core {
+                st.deferred.resize_with(core + 1, Vec::new);
+            }
+            st.deferred[core].push(w);
+        } else {
+            Self::note_core(st, core, w);
         }
     }
 
@@ -379,6 +399,43 @@ impl PersistentMemory for SimPmem {
         drop(st);
         if let Some(p) = p {
             self.report(p);
+        }
+    }
+
+    fn write_u64_deferred(&self, offset: usize, value: u64) {
+        assert!(
+            offset % 8 == 0,
+            "SimPmem::write_u64_deferred at unaligned offset {offset}"
+        );
+        self.check_range(offset, 8);
+        let core = current_core();
+        let mut st = self.lock();
+        st.stores += 1;
+        let w = offset / 8;
+        let new = u64::from_ne_bytes(value.to_le_bytes());
+        let old = self.words[w].swap(new, Ordering::Relaxed);
+        Self::track_as(&mut st, w, core, old, new, true);
+        let p = st
+            .count_stores
+            .then(|| self.point(&mut st, PointKind::Store, core));
+        drop(st);
+        if let Some(p) = p {
+            self.report(p);
+        }
+    }
+
+    fn flush_range(&self, offset: usize, len: usize) {
+        self.check_range(offset, len);
+        let core = current_core();
+        let mut st = self.lock();
+        let (first, last) = (offset / 8, (offset + len).div_ceil(8));
+        if let Some(d) = st.deferred.get_mut(core) {
+            let (flushed, keep): (Vec<usize>, Vec<usize>) =
+                d.drain(..).partition(|w| (first..last).contains(w));
+            *d = keep;
+            for w in flushed {
+                Self::note_core(&mut st, core, w);
+            }
         }
     }
 

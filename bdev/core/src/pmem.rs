@@ -31,7 +31,21 @@ pub trait PersistentMemory: Send + Sync {
     /// be torn) with the same durability rules as `write_nt`.
     fn write_u64(&self, offset: usize, value: u64);
 
-    /// Orders and completes this core's earlier `write_nt`/`write_u64`.
+    /// Writes an aligned 8-byte value with an ordinary (cached) store that
+    /// becomes durable only after [`flush_range`](Self::flush_range) over
+    /// it and then a [`fence`](Self::fence) on this core. Cheaper than a
+    /// partial-line non-temporal store when the flush can be batched.
+    /// The default is [`write_u64`](Self::write_u64) (durable at the fence).
+    fn write_u64_deferred(&self, offset: usize, value: u64) {
+        self.write_u64(offset, value)
+    }
+
+    /// Writes back the cache lines of `[offset, offset+len)` written with
+    /// `write_u64_deferred` (durable at the next fence on this core).
+    fn flush_range(&self, _offset: usize, _len: usize) {}
+
+    /// Orders and completes this core's earlier `write_nt`/`write_u64`
+    /// (and flushed deferred stores).
     fn fence(&self);
 
     /// Copies `len` bytes at `offset` out of the media.

@@ -249,11 +249,17 @@ impl Writecache {
         };
         wc_reactor::for_each_reactor(
             move || {
-                // On each core: make its stores durable, hand over the logs
-                // of everything stamped with a committed sequence.
+                // On each core: write back the entries it stamped (cached
+                // stores), fence so they and its data are durable, then
+                // hand over the logs of everything being committed.
+                let drained = crate::channel::local_of(id).map(|local| local.drain_logs(limit));
+                if let Some((w, _)) = &drained {
+                    for e in w {
+                        me.media.flush_entry(e.block);
+                    }
+                }
                 me.media.pmem.fence();
-                if let Some(local) = crate::channel::local_of(id) {
-                    let (w, sup) = local.drain_logs(limit);
+                if let Some((w, sup)) = drained {
                     let mut c = lock(&col);
                     c.0.extend(w);
                     c.1.extend(sup);

@@ -370,7 +370,7 @@ impl Local {
                 let pmem = &wc.media.pmem;
                 for_each_piece(&io, start, bs, |at, piece| pmem.write_nt(off + at, piece));
             }
-            wc.media.write_entry(b, wc.sector_of(lba), seq);
+            wc.media.write_entry_deferred(b, wc.sector_of(lba), seq);
             m.lba.store(lba, Ordering::Relaxed);
             m.seq.store(seq, Ordering::Relaxed);
             m.set(gen, VALID);

@@ -67,12 +67,20 @@ impl Media {
         self.geo.entry_offset(b as u64) as usize
     }
 
-    /// Stamps block `b`'s entry (not durable until a fence on this core).
+    /// Stamps block `b`'s entry with cached stores: durable only after
+    /// [`flush_entry`](Self::flush_entry) and a fence on this core (the
+    /// commit does both for every block it covers).
     #[inline]
-    pub(crate) fn write_entry(&self, b: u32, sector: u64, seq: u64) {
+    pub(crate) fn write_entry_deferred(&self, b: u32, sector: u64, seq: u64) {
         let off = self.entry_offset(b);
-        self.pmem.write_u64(off, sector);
-        self.pmem.write_u64(off + 8, seq);
+        self.pmem.write_u64_deferred(off, sector);
+        self.pmem.write_u64_deferred(off + 8, seq);
+    }
+
+    /// Writes back block `b`'s entry line (see `write_entry_deferred`).
+    #[inline]
+    pub(crate) fn flush_entry(&self, b: u32) {
+        self.pmem.flush_range(self.entry_offset(b), ENTRY_SIZE);
     }
 
     /// Marks `b`'s entry unused (all ones), seq first so a torn update is

@@ -401,6 +401,35 @@ impl PersistentMemory for PmemMap {
         }
     }
 
+    fn write_u64_deferred(&self, offset: usize, value: u64) {
+        if self.strategy == Strategy::Msync {
+            return self.write_u64(offset, value);
+        }
+        if offset % 8 != 0 || !self.in_range(offset, 8) {
+            tracing::error!(
+                "pmem write_u64_deferred at {offset} is unaligned or out of range; ignored"
+            );
+            return;
+        }
+        // SAFETY: 8 bytes at offset are inside the mapping, 8-byte aligned,
+        // and only ever accessed atomically or by raw copies.
+        let a =
+            unsafe { std::sync::atomic::AtomicU64::from_ptr(self.base.add(offset) as *mut u64) };
+        a.store(value.to_le(), std::sync::atomic::Ordering::Relaxed);
+    }
+
+    fn flush_range(&self, offset: usize, len: usize) {
+        if self.strategy == Strategy::Msync || !self.in_range(offset, len) {
+            return;
+        }
+        #[cfg(target_arch = "x86_64")]
+        // SAFETY: the range is inside the mapping (checked above) and the
+        // flush instruction was checked supported at creation.
+        unsafe {
+            x86::flush_range(self.base.add(offset) as *const u8, len, self.line_insn())
+        };
+    }
+
     fn fence(&self) {
         if let Err(e) = self.persist() {
             tracing::error!("pmem fence: msync failed: {e}");
