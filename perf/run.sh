@@ -27,6 +27,10 @@ cfg wc "{\"method\":\"bdev_uring_create\",\"params\":{\"name\":\"Origin0\",\"fil
  {\"method\":\"bdev_pmem_create\",\"params\":{\"name\":\"Cache0\",\"filename\":\"$TMP/cache.pmem\",\"size\":2214592512}},
  {\"method\":\"bdev_writecache_create\",\"params\":{\"name\":\"WC0\",\"base_bdev\":\"Origin0\",\"cache_bdev\":\"Cache0\"}}"
 
+cfg wcnowb "{\"method\":\"bdev_uring_create\",\"params\":{\"name\":\"Origin0\",\"filename\":\"$ORIGIN_DIR/origin.img\",\"block_size\":4096}},
+ {\"method\":\"bdev_pmem_create\",\"params\":{\"name\":\"Cache0\",\"filename\":\"$TMP/cache.pmem\",\"size\":2214592512}},
+ {\"method\":\"bdev_writecache_create\",\"params\":{\"name\":\"WC0\",\"base_bdev\":\"Origin0\",\"cache_bdev\":\"Cache0\",\"high_watermark\":100,\"low_watermark\":100}}"
+
 run() { # cfg target qd -> iops
   local vals=()
   for _ in $(seq "$RUNS"); do
@@ -41,7 +45,7 @@ run() { # cfg target qd -> iops
 
 declare -A R
 for qd in 1 32; do
-  for c in null:Null0 malloc:Malloc0 origin:Origin0 wc:WC0; do
+  for c in null:Null0 malloc:Malloc0 origin:Origin0 wc:WC0 wcnowb:WC0; do
     R[$c/$qd]=$(run "${c%%:*}" "${c##*:}" "$qd")
     echo "qd $qd ${c%%:*}: ${R[$c/$qd]}" >&2
   done
@@ -53,18 +57,19 @@ host="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cor
   echo
   echo "Machine: $host. bdevperf, 1 reactor (busy polling), 4 KiB randwrite, ${SECS}s per run, median of ${RUNS}."
   echo "Cache: pmem bdev on a tmpfs file (movnt+sfence); origin: uring O_DIRECT on a preallocated 2 GiB file."
-  echo "The 2 GiB cache covers the whole origin, so the run measures the write path until the cache fills (writeback starts at 50%)."
+  echo "writecache: default watermarks (writeback from 50% used, the origin then sets the pace);"
+  echo "writecache (no wb): high_watermark 100, the write path alone (the cache holds the whole origin)."
   echo
-  echo "| QD | null IOPS | malloc IOPS | origin IOPS | writecache IOPS | wc/malloc | wc/origin | wc p99 (us) |"
-  echo "|---:|---:|---:|---:|---:|---:|---:|---:|"
+  echo "| QD | null IOPS | malloc IOPS | origin IOPS | writecache IOPS | wc (no wb) IOPS | wc/malloc | wc (no wb)/malloc | wc/origin | wc p99 (us) |"
+  echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
   for qd in 1 32; do
-    n=${R[null:Null0/$qd]%% *}; m=${R[malloc:Malloc0/$qd]%% *}; o=${R[origin:Origin0/$qd]%% *}; w=${R[wc:WC0/$qd]%% *}; p=${R[wc:WC0/$qd]##* }
-    python3 - "$qd" "$n" "$m" "$o" "$w" "$p" <<'PY'
+    n=${R[null:Null0/$qd]%% *}; m=${R[malloc:Malloc0/$qd]%% *}; o=${R[origin:Origin0/$qd]%% *}; w=${R[wc:WC0/$qd]%% *}; p=${R[wc:WC0/$qd]##* }; x=${R[wcnowb:WC0/$qd]%% *}
+    python3 - "$qd" "$n" "$m" "$o" "$w" "$p" "$x" <<'PY'
 import sys
-qd, n, m, o, w, p = sys.argv[1:]
-n, m, o, w = map(int, (n, m, o, w))
+qd, n, m, o, w, p, x = sys.argv[1:]
+n, m, o, w, x = map(int, (n, m, o, w, x))
 r = lambda a, b: f"{a / b:.2f}" if b else "n/a"
-print(f"| {qd} | {n:,} | {m:,} | {o:,} | {w:,} | {r(w, m)} | {r(w, o)} | {p} |")
+print(f"| {qd} | {n:,} | {m:,} | {o:,} | {w:,} | {x:,} | {r(w, m)} | {r(x, m)} | {r(w, o)} | {p} |")
 PY
   done
 } > "$OUT/report.md"
