@@ -155,6 +155,30 @@ impl SimPmem {
         }
     }
 
+    /// One aligned 8-byte store (never torn); `deferred` stores need a
+    /// flush before a fence makes them durable.
+    fn store_u64(&self, offset: usize, value: u64, deferred: bool) {
+        assert!(
+            offset % 8 == 0,
+            "SimPmem: 8-byte store at unaligned offset {offset}"
+        );
+        self.check_range(offset, 8);
+        let core = current_core();
+        let mut st = self.lock();
+        st.stores += 1;
+        let w = offset / 8;
+        let new = u64::from_ne_bytes(value.to_le_bytes());
+        let old = self.words[w].swap(new, Ordering::Relaxed);
+        Self::track_as(&mut st, w, core, old, new, deferred);
+        let p = st
+            .count_stores
+            .then(|| self.point(&mut st, PointKind::Store, core));
+        drop(st);
+        if let Some(p) = p {
+            self.report(p);
+        }
+    }
+
     fn note(st: &mut State, core: usize, w: usize, deferred: bool) {
         if deferred {
             if st.deferred.len() <= core {
@@ -381,47 +405,11 @@ impl PersistentMemory for SimPmem {
     }
 
     fn write_u64(&self, offset: usize, value: u64) {
-        assert!(
-            offset % 8 == 0,
-            "SimPmem::write_u64 at unaligned offset {offset}"
-        );
-        self.check_range(offset, 8);
-        let core = current_core();
-        let mut st = self.lock();
-        st.stores += 1;
-        let w = offset / 8;
-        let new = u64::from_ne_bytes(value.to_le_bytes());
-        let old = self.words[w].swap(new, Ordering::Relaxed);
-        Self::track(&mut st, w, core, old, new);
-        let p = st
-            .count_stores
-            .then(|| self.point(&mut st, PointKind::Store, core));
-        drop(st);
-        if let Some(p) = p {
-            self.report(p);
-        }
+        self.store_u64(offset, value, false);
     }
 
     fn write_u64_deferred(&self, offset: usize, value: u64) {
-        assert!(
-            offset % 8 == 0,
-            "SimPmem::write_u64_deferred at unaligned offset {offset}"
-        );
-        self.check_range(offset, 8);
-        let core = current_core();
-        let mut st = self.lock();
-        st.stores += 1;
-        let w = offset / 8;
-        let new = u64::from_ne_bytes(value.to_le_bytes());
-        let old = self.words[w].swap(new, Ordering::Relaxed);
-        Self::track_as(&mut st, w, core, old, new, true);
-        let p = st
-            .count_stores
-            .then(|| self.point(&mut st, PointKind::Store, core));
-        drop(st);
-        if let Some(p) = p {
-            self.report(p);
-        }
+        self.store_u64(offset, value, true);
     }
 
     fn flush_range(&self, offset: usize, len: usize) {

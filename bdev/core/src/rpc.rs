@@ -219,6 +219,37 @@ where
     }
 }
 
+/// Registers the usual pair `<prefix>_create` (params `P`, result: the
+/// new bdev's name) and `<prefix>_delete` (`{name}`, result `true`) for a
+/// bdev module, as every SPDK base bdev module has.
+pub fn register_create_delete<P, C, D>(
+    reg: &Registry,
+    prefix: &str,
+    create: C,
+    delete: D,
+) -> Result<(), RegisterError>
+where
+    P: serde::de::DeserializeOwned + 'static,
+    C: Fn(P) -> Result<std::sync::Arc<crate::Bdev>, BdevError> + Send + Sync + 'static,
+    D: Fn(&str) -> Result<(), BdevError> + Send + Sync + 'static,
+{
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
+    struct Delete {
+        name: String,
+    }
+    reg.register_fn(
+        &format!("{prefix}_create"),
+        StateMask::RUNTIME,
+        move |p, r| handle(p, r, |o: P| create(o).map(|b| json!(b.name()))),
+    )?;
+    reg.register_fn(
+        &format!("{prefix}_delete"),
+        StateMask::RUNTIME,
+        move |p, r| handle(p, r, |d: Delete| delete(&d.name).map(|_| Value::Bool(true))),
+    )
+}
+
 /// A module's own config entries (e.g. creations still waiting for a base
 /// bdev), written after the registered bdevs.
 pub type ConfigWriter = std::sync::Arc<dyn Fn() -> Vec<Value> + Send + Sync>;

@@ -177,28 +177,15 @@ impl IoChannel for NullChannel {
 
 /// JSON-RPC methods of the module.
 pub mod rpc {
-    use serde::Deserialize;
-    use serde_json::{json, Value};
-    use wc_bdev::rpc::handle;
-    use wc_rpc::{RegisterError, Registry, StateMask};
-
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Delete {
-        name: String,
-    }
+    use wc_rpc::{RegisterError, Registry};
 
     /// Registers `bdev_null_create` and `bdev_null_delete`.
     pub fn register(reg: &Registry) -> Result<(), RegisterError> {
-        reg.register_fn("bdev_null_create", StateMask::RUNTIME, |p, r| {
-            handle(p, r, |o: super::NullOpts| {
-                super::create(o).map(|b| json!(b.name()))
-            })
-        })?;
-        reg.register_fn("bdev_null_delete", StateMask::RUNTIME, |p, r| {
-            handle(p, r, |d: Delete| {
-                super::delete(&d.name).map(|_| Value::Bool(true))
-            })
-        })
+        wc_bdev::rpc::register_create_delete(
+            reg,
+            "bdev_null",
+            |o: super::NullOpts| super::create(o),
+            super::delete,
+        )
     }
 }

@@ -265,28 +265,15 @@ mod tests;
 
 /// JSON-RPC methods of the module (ours; SPDK removed its pmem bdev).
 pub mod rpc {
-    use serde::Deserialize;
-    use serde_json::{json, Value};
-    use wc_bdev::rpc::handle;
-    use wc_rpc::{RegisterError, Registry, StateMask};
-
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Delete {
-        name: String,
-    }
+    use wc_rpc::{RegisterError, Registry};
 
     /// Registers `bdev_pmem_create` and `bdev_pmem_delete`.
     pub fn register(reg: &Registry) -> Result<(), RegisterError> {
-        reg.register_fn("bdev_pmem_create", StateMask::RUNTIME, |p, r| {
-            handle(p, r, |o: super::PmemOpts| {
-                super::create(o).map(|b| json!(b.name()))
-            })
-        })?;
-        reg.register_fn("bdev_pmem_delete", StateMask::RUNTIME, |p, r| {
-            handle(p, r, |d: Delete| {
-                super::delete(&d.name).map(|_| Value::Bool(true))
-            })
-        })
+        wc_bdev::rpc::register_create_delete(
+            reg,
+            "bdev_pmem",
+            |o: super::PmemOpts| super::create(o),
+            super::delete,
+        )
     }
 }

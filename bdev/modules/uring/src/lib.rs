@@ -215,30 +215,17 @@ mod tests {
 /// JSON-RPC methods of the module: `bdev_uring_*`, and `bdev_aio_*` (same
 /// engine: the aio bdev's users get io_uring underneath).
 pub mod rpc {
-    use serde::Deserialize;
-    use serde_json::{json, Value};
-    use wc_bdev::rpc::handle;
-    use wc_rpc::{RegisterError, Registry, StateMask};
-
-    #[derive(Deserialize)]
-    #[serde(deny_unknown_fields)]
-    struct Delete {
-        name: String,
-    }
+    use wc_rpc::{RegisterError, Registry};
 
     /// Registers the create/delete methods under both names.
     pub fn register(reg: &Registry) -> Result<(), RegisterError> {
         for prefix in ["bdev_uring", "bdev_aio"] {
-            reg.register_fn(&format!("{prefix}_create"), StateMask::RUNTIME, |p, r| {
-                handle(p, r, |o: super::UringOpts| {
-                    super::create(o).map(|b| json!(b.name()))
-                })
-            })?;
-            reg.register_fn(&format!("{prefix}_delete"), StateMask::RUNTIME, |p, r| {
-                handle(p, r, |d: Delete| {
-                    super::delete(&d.name).map(|_| Value::Bool(true))
-                })
-            })?;
+            wc_bdev::rpc::register_create_delete(
+                reg,
+                prefix,
+                |o: super::UringOpts| super::create(o),
+                super::delete,
+            )?;
         }
         Ok(())
     }
