@@ -80,7 +80,8 @@ fn pmem_passes_conformance_from_two_reactors() {
         assert_eq!(
             b.ops().config_entry(&b).unwrap(),
             json!({"method": "bdev_pmem_create",
-                   "params": {"name": name, "filename": f.path(), "block_size": bs}})
+                   "params": {"name": name, "filename": f.path(), "block_size": bs,
+                              "uuid": b.uuid().to_string()}})
         );
         conformance(
             &rt,
