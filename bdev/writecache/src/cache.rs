@@ -33,6 +33,16 @@ pub(crate) struct LogEntry {
     pub(crate) seq: u64,
 }
 
+/// A committed block in the writeback queue: 12 bytes, as it is kept for
+/// every dirty block of the cache.
+#[derive(Debug, Clone, Copy)]
+pub(crate) struct FifoEntry {
+    pub(crate) block: u32,
+    pub(crate) gen: u32,
+    /// Commit time, ms since the instance started (for max_age).
+    pub(crate) at_ms: u32,
+}
+
 /// Somebody waiting for a commit or a drain (runs on home; usually sends a
 /// message back to the waiter's reactor).
 pub(crate) type Waiter = Box<dyn FnOnce(Result<(), i32>) + Send>;
@@ -45,7 +55,7 @@ pub(crate) struct Coordinator {
     /// Waiters for the next commit.
     next: Vec<Waiter>,
     /// Committed blocks, oldest first: the writeback order.
-    pub(crate) fifo: VecDeque<(LogEntry, u64)>,
+    pub(crate) fifo: VecDeque<FifoEntry>,
     /// Superseded blocks waiting for their successor's commit.
     superseded: Vec<LogEntry>,
     pub(crate) commits: u64,
@@ -104,6 +114,8 @@ pub struct Writecache {
     pub(crate) closing: AtomicBool,
     /// Set by suspend: new I/O is held (queued per core), not failed.
     pub(crate) suspended: AtomicBool,
+    /// Tick count when the instance started.
+    pub(crate) started_ticks: u64,
     /// True when create formatted the cache (false: recovered).
     pub(crate) formatted: bool,
     pub(crate) origin_desc: Desc,
@@ -124,6 +136,12 @@ impl Writecache {
     #[inline]
     pub(crate) fn sector_of(&self, lba: u64) -> u64 {
         lba * (self.block_size as u64 / 512)
+    }
+
+    /// Milliseconds since the instance started (wraps after 49 days; ages
+    /// compare within that).
+    pub(crate) fn now_ms(&self) -> u32 {
+        (crate::ticks_to_ms(ticks().saturating_sub(self.started_ticks))) as u32
     }
 
     /// Cache blocks in use (allocated or waiting for a grace period).
@@ -285,14 +303,18 @@ impl Writecache {
             self.media.pmem.fence();
             self.sb_seq.store(s + 1, Ordering::Release);
         }
-        let now = ticks();
+        let now = self.now_ms();
         written.sort_unstable_by_key(|e| e.seq);
         let mut c = lock(&self.coord);
         if bump {
             c.commits += 1;
         }
         for e in written {
-            c.fifo.push_back((e, now));
+            c.fifo.push_back(FifoEntry {
+                block: e.block,
+                gen: e.gen,
+                at_ms: now,
+            });
         }
         c.superseded.extend(superseded);
         // Free superseded versions whose successor is now committed.
@@ -423,9 +445,14 @@ impl Writecache {
         }
         let max_age = self.tunables.max_age_ms.load(Ordering::Relaxed);
         if max_age > 0 {
-            let cutoff = ticks().saturating_sub(duration_to_ticks(Duration::from_millis(max_age)));
-            if c.fifo.front().is_some_and(|(_, t)| *t <= cutoff) {
-                return WbReason::OlderThan(cutoff);
+            // Nothing can be older than max_age before max_age has passed.
+            if let Some(cutoff) = self
+                .now_ms()
+                .checked_sub(max_age.min(u32::MAX as u64) as u32)
+            {
+                if c.fifo.front().is_some_and(|e| e.at_ms <= cutoff) {
+                    return WbReason::OlderThan(cutoff);
+                }
             }
         }
         WbReason::None
@@ -473,13 +500,13 @@ impl Writecache {
             let mut batch: Vec<(u64, u32)> = Vec::new();
             let mut deferred = Vec::new();
             while (batch.len() as u64) < room {
-                let Some((e, t)) = c.fifo.pop_front() else {
+                let Some(e) = c.fifo.pop_front() else {
                     break;
                 };
                 if let WbReason::OlderThan(cutoff) = want {
-                    if t > cutoff {
+                    if e.at_ms > cutoff {
                         // Younger than max_age: stays for now.
-                        c.fifo.push_front((e, t));
+                        c.fifo.push_front(e);
                         break;
                     }
                 }
@@ -491,7 +518,7 @@ impl Writecache {
                 if wb.lbas.contains(&lba) {
                     // An older version of this LBA is still going out: the
                     // newer one must reach the origin after it.
-                    deferred.push((e, t));
+                    deferred.push(e);
                     continue;
                 }
                 if !self.meta.begin_writeback(e.block, e.gen) {
@@ -606,15 +633,13 @@ impl Writecache {
             for &(lba, b) in &run.run {
                 self.meta.end_writeback(b);
                 wb.lbas.remove(&lba);
-                let m = self.meta.get(b);
-                c.fifo.push_front((
-                    crate::cache::LogEntry {
-                        block: b,
-                        gen: m.gen(),
-                        seq: m.seq.load(Ordering::Acquire),
-                    },
-                    ticks(),
-                ));
+                let gen = self.meta.get(b).gen();
+                let at_ms = self.now_ms();
+                c.fifo.push_front(FifoEntry {
+                    block: b,
+                    gen,
+                    at_ms,
+                });
             }
             wb.in_flight -= run.run.len() as u64;
             let waiters = std::mem::take(&mut wb.drain_waiters);
@@ -764,8 +789,8 @@ enum WbReason {
     All,
     /// This many blocks (to get below the low watermark).
     Blocks(u64),
-    /// Blocks committed at or before this tick (max_age).
-    OlderThan(u64),
+    /// Blocks committed at or before this time, ms since start (max_age).
+    OlderThan(u32),
 }
 
 /// A writeback run in flight.

@@ -49,8 +49,12 @@ pub use media::AttachError;
 pub use options::{CreateOpts, Mode, SetOpts};
 pub use stats::Stats;
 
-use cache::{LogEntry, MAX_CORES};
+use cache::MAX_CORES;
 use meta::{FreePool, Index, Meta, VALID};
+
+pub(crate) fn ticks_to_ms(t: u64) -> u64 {
+    wc_reactor::tick::ticks_to_duration(t).as_millis() as u64
+}
 
 /// Module name (claims, driver info).
 pub const MODULE: &str = "writecache";
@@ -322,6 +326,7 @@ pub fn create(opts: CreateOpts) -> Result<Arc<Bdev>, WcError> {
         closing: AtomicBool::new(false),
         suspended: AtomicBool::new(false),
         formatted: attached.formatted,
+        started_ticks: wc_reactor::tick::ticks(),
         origin_desc,
         cache_desc,
         media: attached.media,
@@ -330,7 +335,7 @@ pub fn create(opts: CreateOpts) -> Result<Arc<Bdev>, WcError> {
         wc.pool.push(b);
     }
     {
-        let now = wc_reactor::tick::ticks();
+        let now = wc.now_ms();
         let mut c = wc.coord.lock().unwrap_or_else(|p| p.into_inner());
         for r in &attached.committed {
             let m = wc.meta.get(r.block);
@@ -338,14 +343,11 @@ pub fn create(opts: CreateOpts) -> Result<Arc<Bdev>, WcError> {
             m.seq.store(r.seq, Ordering::Relaxed);
             m.set(1, VALID);
             wc.index.insert(r.lba, r.block);
-            c.fifo.push_back((
-                LogEntry {
-                    block: r.block,
-                    gen: 1,
-                    seq: r.seq,
-                },
-                now,
-            ));
+            c.fifo.push_back(cache::FifoEntry {
+                block: r.block,
+                gen: 1,
+                at_ms: now,
+            });
         }
     }
     let home_origin = wc.origin_desc.channel()?;
