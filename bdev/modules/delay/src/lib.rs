@@ -16,6 +16,7 @@
 
 #![warn(missing_docs)]
 
+use slab::Slab;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::{Rc, Weak};
@@ -385,7 +386,7 @@ impl BdevOps for DelayBdev {
             chan_id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             base,
             me: me.clone(),
-            slab: RefCell::new(Slab::default()),
+            slab: RefCell::new(Slab::new()),
             queues: Default::default(),
             rng: Cell::new(seed_for(me.as_ptr() as usize)),
             resets: RefCell::new(Vec::new()),
@@ -467,42 +468,6 @@ fn release_all(id: u64, status: Option<IoStatus>) {
     }
 }
 
-/// A slot vector: I/O in flight to the base, indexed by the child's ctx.
-struct Slab<T> {
-    entries: Vec<Option<T>>,
-    free: Vec<usize>,
-}
-
-impl<T> Default for Slab<T> {
-    fn default() -> Self {
-        Slab {
-            entries: Vec::new(),
-            free: Vec::new(),
-        }
-    }
-}
-
-impl<T> Slab<T> {
-    fn insert(&mut self, v: T) -> usize {
-        match self.free.pop() {
-            Some(i) => {
-                self.entries[i] = Some(v);
-                i
-            }
-            None => {
-                self.entries.push(Some(v));
-                self.entries.len() - 1
-            }
-        }
-    }
-
-    fn remove(&mut self, i: usize) -> Option<T> {
-        let v = self.entries.get_mut(i)?.take()?;
-        self.free.push(i);
-        Some(v)
-    }
-}
-
 /// A parent I/O at the base, with the latency class it drew.
 struct Inflight {
     io: Io,
@@ -522,6 +487,7 @@ struct ChanState {
     chan_id: u64,
     base: Rc<BdevChannel>,
     me: Weak<ChanState>,
+    /// I/O in flight to the base, keyed by the child's ctx.
     slab: RefCell<Slab<Inflight>>,
     /// One FIFO per latency class (`LatencyType::index`): within a class
     /// due times grow with completion order (until a latency change).
@@ -676,7 +642,7 @@ impl IoCompletion for ChanState {
     fn io_done(&self, child: Io, ctx: u64) {
         let status = child.status();
         drop(child);
-        let Some(p) = self.slab.borrow_mut().remove(ctx as usize) else {
+        let Some(p) = self.slab.borrow_mut().try_remove(ctx as usize) else {
             return;
         };
         match p.class {

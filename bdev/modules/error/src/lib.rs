@@ -24,6 +24,7 @@
 
 #![warn(missing_docs)]
 
+use slab::Slab;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::{Rc, Weak};
@@ -520,7 +521,7 @@ impl BdevOps for ErrorBdev {
             chan_id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
             base,
             me: me.clone(),
-            slab: RefCell::new(Slab::default()),
+            slab: RefCell::new(Slab::new()),
             inflight: Cell::new(0),
             pending: RefCell::new(VecDeque::new()),
             retry: RefCell::new(VecDeque::new()),
@@ -598,42 +599,6 @@ fn abort_held(id: u64) {
     }
 }
 
-/// A slot vector: I/O in flight to the base, indexed by the child's ctx.
-struct Slab<T> {
-    entries: Vec<Option<T>>,
-    free: Vec<usize>,
-}
-
-impl<T> Default for Slab<T> {
-    fn default() -> Self {
-        Slab {
-            entries: Vec::new(),
-            free: Vec::new(),
-        }
-    }
-}
-
-impl<T> Slab<T> {
-    fn insert(&mut self, v: T) -> usize {
-        match self.free.pop() {
-            Some(i) => {
-                self.entries[i] = Some(v);
-                i
-            }
-            None => {
-                self.entries.push(Some(v));
-                self.entries.len() - 1
-            }
-        }
-    }
-
-    fn remove(&mut self, i: usize) -> Option<T> {
-        let v = self.entries.get_mut(i)?.take()?;
-        self.free.push(i);
-        Some(v)
-    }
-}
-
 /// A parent I/O waiting for its child on the base.
 struct Inflight {
     io: Io,
@@ -648,6 +613,7 @@ struct ChanState {
     base: Rc<BdevChannel>,
     /// Itself, to hand out as the completion of forwarded I/O.
     me: Weak<ChanState>,
+    /// I/O in flight to the base, keyed by the child's ctx.
     slab: RefCell<Slab<Inflight>>,
     inflight: Cell<u64>,
     /// Held by `pending` injections.
@@ -811,7 +777,7 @@ impl IoCompletion for ChanState {
     fn io_done(&self, child: Io, ctx: u64) {
         let status = child.status();
         drop(child);
-        let Some(mut p) = self.slab.borrow_mut().remove(ctx as usize) else {
+        let Some(mut p) = self.slab.borrow_mut().try_remove(ctx as usize) else {
             return;
         };
         self.inflight.set(self.inflight.get().saturating_sub(1));
