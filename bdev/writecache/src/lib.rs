@@ -251,27 +251,9 @@ fn validate_request(opts: &CreateOpts) -> Result<(), WcError> {
 /// registers a writecache bdev. Runs on a reactor, which becomes the
 /// instance's home.
 pub fn create(opts: CreateOpts) -> Result<Arc<Bdev>, WcError> {
-    if opts.name.is_empty() {
-        return Err(WcError::Invalid("name must not be empty".into()));
-    }
-    if wc_bdev::lookup(&opts.name).is_some() || instances().contains_key(&opts.name) {
-        return Err(BdevError::Exists(opts.name.clone()).into());
-    }
-    if opts.base_bdev == opts.cache_bdev {
-        return Err(WcError::Invalid(format!(
-            "origin and cache must be different bdevs (both are '{}')",
-            opts.base_bdev
-        )));
-    }
+    validate_request(&opts)?;
     let mode = opts.mode.unwrap_or(Mode::Pmem);
-    if mode == Mode::Ssd {
-        return Err(BdevError::NotSupported(
-            "ssd mode is not implemented yet; use mode pmem".into(),
-        )
-        .into());
-    }
     let bs = opts.block_size.unwrap_or(4096);
-    wc_writecache_format::check_block_size(bs).map_err(AttachError::Format)?;
     let tunables = options::Tunables::from_create(&opts, mode).map_err(WcError::Invalid)?;
     let origin = wc_bdev::lookup(&opts.base_bdev)
         .ok_or_else(|| BdevError::NotFound(opts.base_bdev.clone()))?;
