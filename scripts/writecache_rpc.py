@@ -253,3 +253,61 @@ def spdk_rpc_plugin_initialize(subparsers):
         cleaner.add_argument('--no-cleaner', dest='cleaner', action='store_false', default=None,
                              help='Leave cleaner mode')
         p.set_defaults(func=bdev_writecache_set_options)
+
+    # --- NBD export (writecache_tgt serves NBD itself; SPDK's nbd_start_disk
+    # needs the kernel driver) ---
+
+    def nbd_server_start(args):
+        _call(args, 'nbd_server_start', {'listen': args.listen})
+
+    p = add_parser('nbd_server_start',
+                   help='Listen for NBD clients on a Unix socket path or HOST:PORT')
+    if p is not None:
+        p.add_argument('listen', help='Unix socket path (containing a "/") or HOST:PORT, '
+                                      'HOST being an IPv4 literal, [IPv6] or localhost')
+        p.set_defaults(func=nbd_server_start)
+
+    def nbd_server_stop(args):
+        _call(args, 'nbd_server_stop', {'listen': args.listen})
+
+    p = add_parser('nbd_server_stop', help='Stop an NBD listener and close its connections')
+    if p is not None:
+        p.add_argument('listen', help='The address given to nbd_server_start')
+        p.set_defaults(func=nbd_server_stop)
+
+    def nbd_export_create(args):
+        _call(args, 'nbd_export_create', {
+            'bdev_name': args.bdev_name,
+            'export_name': args.export_name,
+            'readonly': True if args.readonly else None,
+        })
+
+    p = add_parser('nbd_export_create', help='Export a bdev to NBD clients under a name')
+    if p is not None:
+        p.add_argument('bdev_name', help='bdev to export')
+        p.add_argument('export_name', help='Name NBD clients ask for')
+        p.add_argument('-r', '--readonly', action='store_true', help='Refuse writes')
+        p.set_defaults(func=nbd_export_create)
+
+    def nbd_export_delete(args):
+        _call(args, 'nbd_export_delete', {'export_name': args.export_name})
+
+    p = add_parser('nbd_export_delete', help='Delete an NBD export and close its connections')
+    if p is not None:
+        p.add_argument('export_name', help='Export name')
+        p.set_defaults(func=nbd_export_delete)
+
+    def nbd_get_exports(args):
+        _call(args, 'nbd_get_exports', {'export_name': args.export_name})
+
+    p = add_parser('nbd_get_exports', help='List NBD exports')
+    if p is not None:
+        p.add_argument('-e', '--export-name', dest='export_name', help='Only this export')
+        p.set_defaults(func=nbd_get_exports)
+
+    def nbd_get_servers(args):
+        _call(args, 'nbd_get_servers', {})
+
+    p = add_parser('nbd_get_servers', help='List NBD listeners')
+    if p is not None:
+        p.set_defaults(func=nbd_get_servers)

@@ -30,6 +30,7 @@ pub fn register_modules(reg: &Registry) -> Result<(), String> {
     let e = |e: wc_rpc::RegisterError| e.to_string();
     wc_rpc::register_builtin(reg).map_err(e)?;
     wc_bdev::rpc::register(reg).map_err(e)?;
+    wc_nbd::rpc::register(reg).map_err(e)?;
     wc_bdev_malloc::rpc::register(reg).map_err(e)?;
     wc_bdev_null::rpc::register(reg).map_err(e)?;
     wc_bdev_uring::rpc::register(reg).map_err(e)?;
@@ -45,6 +46,7 @@ pub fn register_modules(reg: &Registry) -> Result<(), String> {
         &["accel", "iobuf"],
         Some(Arc::new(wc_bdev::rpc::subsystem_config)),
     );
+    wc_config::register_subsystem("nbd", &["bdev"], Some(Arc::new(wc_nbd::config_entries)));
     Ok(())
 }
 

@@ -10,5 +10,6 @@ mod bdev;
 mod config;
 mod errors;
 mod fuzz;
+mod nbd;
 mod plugin;
 mod shutdown;
