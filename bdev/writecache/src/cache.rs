@@ -194,7 +194,10 @@ impl Writecache {
         let mut s = Stats {
             error: self.error(),
             blocks: self.media.geo.n_blocks(),
-            free_blocks: self.pool.len(),
+            // Blocks in their grace period are free for every purpose but
+            // allocation in the next microseconds; count them as free.
+            free_blocks: self.pool.len() + self.pool.in_grace(),
+            free_blocks_in_grace: self.pool.in_grace(),
             seq_count: self.sb_seq.load(Ordering::Acquire),
             ..Stats::default()
         };

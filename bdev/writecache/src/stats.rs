@@ -46,6 +46,9 @@ pub struct Stats {
     pub free_blocks: u64,
     /// Blocks being written back now.
     pub writeback_blocks: u64,
+    /// Of the free blocks, those still in their epoch grace period (not
+    /// allocatable until every reader that may see them has moved on).
+    pub free_blocks_in_grace: u64,
     /// Blocks read.
     pub read_blocks: u64,
     /// Blocks read from the cache.
