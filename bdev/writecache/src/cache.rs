@@ -587,10 +587,10 @@ impl Writecache {
             wb.ios += 1;
         }
         let cb: Rc<dyn IoCompletion> = run;
-        // SAFETY: each segment is one cache block's data in the mapping,
-        // which stays mapped while the cache bdev is open (we hold it), and
-        // the blocks are marked WB so nobody frees or rewrites them until
-        // this write completes. The origin only reads from them.
+        // Each segment is one cache block's data in the mapping, mapped while
+        // we hold the cache bdev open; the blocks are marked WB, so nobody
+        // frees or rewrites them until this write completes.
+        // SAFETY: valid, stable, read-only memory for the write's duration.
         unsafe {
             origin.writev(
                 lba * self.origin_ratio,

@@ -350,10 +350,9 @@ impl PersistentMemory for PmemMap {
         let dst = unsafe { self.base.add(offset) };
         match self.strategy {
             #[cfg(target_arch = "x86_64")]
-            // SAFETY: src is a valid slice of len bytes, dst has len bytes
-            // inside the mapping, they cannot overlap (src is a Rust slice,
-            // the mapping is only written through raw pointers), and the
-            // flush instruction is this CPU's best.
+            // SAFETY: src is a valid len-byte slice, dst len bytes inside the
+            // mapping (only written via raw pointers, so no overlap with src);
+            // the flush instruction is this CPU's best (checked at creation).
             Strategy::MovntSfence => unsafe { x86::copy_nt(dst, src.as_ptr(), len, self.flush) },
             #[cfg(target_arch = "x86_64")]
             Strategy::ClwbSfence | Strategy::ClflushoptSfence => {

@@ -72,10 +72,9 @@ pub(crate) unsafe fn flush_range(p: *const u8, len: usize, insn: FlushInsn) {
     let end = p as usize + len;
     let mut line = p as usize & !(LINE - 1);
     while line < end {
-        // SAFETY: `line` is the start of a cache line that overlaps the
-        // caller's range, so it is inside the same mapping (mappings are
-        // page aligned, pages are whole lines); the caller vouches for the
-        // instruction.
+        // SAFETY: `line` starts a cache line overlapping the caller's range,
+        // so it is inside the same page-aligned mapping (pages are whole
+        // lines); the caller vouches for the instruction.
         unsafe { flush_line(line as *const u8, insn) };
         line += LINE;
     }

@@ -200,11 +200,10 @@ impl Inner {
     /// transfer).
     fn queue(&mut self, idx: u32) {
         let entry = self.build_sqe(idx);
-        // SAFETY: every pointer in the entry (the slot's iovec array, the
-        // segments it points to: the Io's buffers or the slot's bounce
-        // buffer) stays valid until the completion is reaped: the slot
-        // keeps the Io (and so its buffers) and is not reused before then,
-        // and `Inner` waits for all completions before freeing anything.
+        // Every pointer in the entry (the slot's iovecs, the Io's buffers or
+        // the bounce buffer) lives until the completion is reaped: the slot
+        // keeps the Io and is not reused before, and `Inner` waits for all
+        // completions before freeing. SAFETY: so they are valid until reaped.
         let pushed = unsafe { self.ring.submission().push(&entry) }.is_ok();
         if pushed {
             self.unsubmitted += 1;
