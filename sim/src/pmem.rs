@@ -60,6 +60,8 @@ struct State {
 /// tracked (it cannot change any image). Each pending word costs about 64
 /// bytes of bookkeeping until its fence.
 pub struct SimPmem {
+    /// Injected media error (errno; 0 = none), see `inject_media_error`.
+    media_error: std::sync::atomic::AtomicI32,
     words: Box<[AtomicU64]>,
     len: usize,
     state: Mutex<State>,
@@ -87,6 +89,7 @@ impl SimPmem {
         let n = len.div_ceil(8);
         let words: Box<[AtomicU64]> = (0..n).map(|_| AtomicU64::new(0)).collect();
         SimPmem {
+            media_error: std::sync::atomic::AtomicI32::new(0),
             words,
             len,
             state: Mutex::new(State {
@@ -95,6 +98,12 @@ impl SimPmem {
             }),
             hook: Mutex::new(None),
         }
+    }
+
+    /// Makes the media report a persistent error (as a failed msync or a
+    /// poisoned line would): `media_error()` returns `errno` from now on.
+    pub fn inject_media_error(&self, errno: i32) {
+        self.media_error.store(errno, Ordering::Release);
     }
 
     /// Media holding `image`, all durable: "reboots" from a crash image.
@@ -410,6 +419,13 @@ impl PersistentMemory for SimPmem {
 
     fn write_u64_deferred(&self, offset: usize, value: u64) {
         self.store_u64(offset, value, true);
+    }
+
+    fn media_error(&self) -> Option<i32> {
+        match self.media_error.load(Ordering::Acquire) {
+            0 => None,
+            e => Some(e),
+        }
     }
 
     fn flush_range(&self, offset: usize, len: usize) {

@@ -60,6 +60,13 @@ pub trait PersistentMemory: Send + Sync {
         };
     }
 
+    /// A media error seen since creation (an msync that failed, a
+    /// poisoned line...), as a positive errno. Sticky: once the media has
+    /// failed to persist something, durability can no longer be promised.
+    fn media_error(&self) -> Option<i32> {
+        None
+    }
+
     /// Name of the persistence strategy, for `driver_specific` (e.g.
     /// "movnt+sfence", "clwb+sfence", "msync", "simulated").
     fn strategy(&self) -> &'static str;

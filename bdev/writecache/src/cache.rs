@@ -301,6 +301,12 @@ impl Writecache {
         waiters: Vec<Waiter>,
     ) {
         let (mut written, superseded) = std::mem::take(&mut *lock(&collected));
+        // A cache media error: durability cannot be promised any more. Stop
+        // committing (the superblock stays as it is) and enter the error
+        // state; nothing cached is dropped.
+        if let Some(e) = self.media.pmem.media_error() {
+            self.set_error(e);
+        }
         if bump && self.error() == 0 {
             self.media.write_sb_seq(s + 1);
             self.media.pmem.fence();

@@ -401,3 +401,28 @@ fn suspend_holds_io_commits_and_resume_releases_it() {
     assert_eq!(rig.wait(&w), IoStatus::Success);
     assert_eq!(rig.read(0, 5), 2);
 }
+
+/// A cache media error (the media can no longer persist) puts the instance
+/// in its error state: writes and flushes fail with the error, the
+/// superblock is not advanced, and everything cached still reads back.
+#[test]
+fn a_cache_media_error_enters_the_error_state_and_keeps_data() {
+    let rig = make_rig(2, 16, None, None, |_| {});
+    let w = rig.write(0, 6, 1);
+    rig.wait(&w);
+    let f = rig.flush(1);
+    assert_eq!(rig.wait(&f), IoStatus::Success);
+    let seq = rig.stats().seq_count;
+    let w = rig.write(1, 7, 2);
+    rig.wait(&w);
+    rig.pmem.inject_media_error(libc::EIO);
+    let f = rig.flush(0);
+    assert_eq!(rig.wait(&f), IoStatus::Failed(libc::EIO));
+    let s = rig.stats();
+    assert_eq!((s.error, s.seq_count), (libc::EIO, seq), "{s:?}");
+    let w = rig.write(0, 8, 3);
+    assert_eq!(rig.wait(&w), IoStatus::Failed(libc::EIO));
+    // Nothing cached was dropped.
+    assert_eq!((rig.read(0, 6), rig.read(1, 7)), (1, 2));
+    assert_eq!(rig.stats().dirty, 2);
+}

@@ -107,6 +107,8 @@ pub(crate) struct PmemMap {
     flush: FlushInsn,
     page: usize,
     dirty: DirtyTracker,
+    /// First errno a persist (msync) failed with; 0 while none did.
+    media_error: std::sync::atomic::AtomicI32,
 }
 
 // SAFETY: the mapping is shared memory owned by this object until it drops;
@@ -231,6 +233,7 @@ impl PmemMap {
             flush: FlushInsn::best(),
             page,
             dirty: DirtyTracker::default(),
+            media_error: std::sync::atomic::AtomicI32::new(0),
         })
     }
 
@@ -432,6 +435,20 @@ impl PersistentMemory for PmemMap {
     fn fence(&self) {
         if let Err(e) = self.persist() {
             tracing::error!("pmem fence: msync failed: {e}");
+            let errno = e.raw_os_error().unwrap_or(libc::EIO);
+            let _ = self.media_error.compare_exchange(
+                0,
+                errno,
+                std::sync::atomic::Ordering::AcqRel,
+                std::sync::atomic::Ordering::Acquire,
+            );
+        }
+    }
+
+    fn media_error(&self) -> Option<i32> {
+        match self.media_error.load(std::sync::atomic::Ordering::Acquire) {
+            0 => None,
+            e => Some(e),
         }
     }
 
