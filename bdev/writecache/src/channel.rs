@@ -501,7 +501,18 @@ impl Local {
 
     /// Resubmits I/O held while the instance was suspended.
     fn release_held(self: &Rc<Self>) -> PollStatus {
-        if self.wc.suspended.load(Ordering::Acquire) || self.held.borrow().is_empty() {
+        if self.held.borrow().is_empty() {
+            return PollStatus::Idle;
+        }
+        // Deleted while suspended: held I/O fails (it must still complete).
+        if self.wc.closing.load(Ordering::Acquire) {
+            let held: Vec<Io> = self.held.borrow_mut().drain(..).collect();
+            for io in held {
+                io.complete(IoStatus::Failed(libc::ENODEV));
+            }
+            return PollStatus::Busy;
+        }
+        if self.wc.suspended.load(Ordering::Acquire) {
             return PollStatus::Idle;
         }
         let held: Vec<Io> = self.held.borrow_mut().drain(..).collect();

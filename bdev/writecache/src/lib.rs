@@ -397,6 +397,9 @@ pub fn delete(name: &str, flush: bool, done: Box<dyn FnOnce(Result<(), WcError>)
             i.wc.release_home();
         }
         drop(inst);
+        // Without a drain, deleting an instance in the error state still
+        // succeeds: its data stays committed on the cache for a re-attach.
+        let res = if flush { res } else { Ok(()) };
         done(res.map_err(|e| WcError::ErrorState(name.clone(), e)));
     });
     // Writeback still in flight must land before the instance lets go of

@@ -85,10 +85,16 @@ pub fn register(reg: &Registry) -> Result<(), RegisterError> {
         "bdev_writecache_create",
         StateMask::RUNTIME,
         |p, r: Responder| match decode::<CreateOpts>(p) {
-            Ok(o) => match crate::create(o) {
-                Ok(b) => r.ok(json!(b.name())),
-                Err(e) => r.err(err(&e)),
-            },
+            Ok(o) => {
+                let name = o.name.clone();
+                match crate::create_or_wait(o) {
+                    // SPDK's vbdevs answer with the name either way; a
+                    // pending one shows as such in get_stats.
+                    Ok(crate::Created::Started(b)) => r.ok(json!(b.name())),
+                    Ok(crate::Created::Pending { .. }) => r.ok(json!(name)),
+                    Err(e) => r.err(err(&e)),
+                }
+            }
             Err(e) => r.err(e),
         },
     )?;
@@ -109,6 +115,26 @@ pub fn register(reg: &Registry) -> Result<(), RegisterError> {
         },
     )?;
     reg.register_fn(
+        "bdev_writecache_suspend",
+        StateMask::RUNTIME,
+        |p, r: Responder| match decode::<Name>(p) {
+            Ok(n) => crate::suspend(&n.name, reply_done(r)),
+            Err(e) => r.err(e),
+        },
+    )?;
+    reg.register_fn(
+        "bdev_writecache_resume",
+        StateMask::RUNTIME,
+        |p, r: Responder| match decode::<Name>(p) {
+            Ok(n) => r.respond(
+                crate::resume(&n.name)
+                    .map(|_| json!(true))
+                    .map_err(|e| err(&e)),
+            ),
+            Err(e) => r.err(e),
+        },
+    )?;
+    reg.register_fn(
         "bdev_writecache_get_stats",
         StateMask::RUNTIME,
         |p, r: Responder| {
@@ -116,17 +142,34 @@ pub fn register(reg: &Registry) -> Result<(), RegisterError> {
                 Ok(n) => n,
                 Err(e) => return r.err(e),
             };
-            let names = match n.name {
-                Some(n) => vec![n],
+            let pending = crate::pending_creations();
+            let names = match &n.name {
+                Some(n) => vec![n.clone()],
                 None => crate::names(),
             };
             let mut out = Vec::new();
+            for (p, waiting) in &pending {
+                if n.name.as_ref().is_none_or(|x| x == p) {
+                    out.push(json!({"name": p, "state": "pending", "waiting_for": waiting}));
+                }
+            }
             for name in names {
+                if pending.iter().any(|(p, _)| *p == name) {
+                    continue;
+                }
                 match crate::stats(&name) {
                     Ok(s) => {
                         let mut v = serde_json::to_value(s).unwrap_or(Value::Null);
                         if let Some(o) = v.as_object_mut() {
                             o.insert("name".into(), json!(name));
+                            let state = if crate::is_suspended(&name) == Some(true) {
+                                "suspended"
+                            } else if o.get("error").and_then(Value::as_i64).unwrap_or(0) != 0 {
+                                "error"
+                            } else {
+                                "running"
+                            };
+                            o.insert("state".into(), json!(state));
                         }
                         out.push(v);
                     }

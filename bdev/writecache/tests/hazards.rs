@@ -376,21 +376,12 @@ fn suspend_holds_io_commits_and_resume_releases_it() {
         (0, 0),
         "flush-on-suspend wrote everything back: {s:?}"
     );
-    // A second suspend and a delete while suspended are refused.
+    // A second suspend is refused.
     let (tx, rx) = std::sync::mpsc::channel();
     rig.h.on(0, || {
         wc_writecache::suspend(&rig.name, Box::new(move |r| tx.send(r.is_err()).unwrap()))
     });
     assert!(rx.recv().unwrap());
-    let (tx, rx) = std::sync::mpsc::channel();
-    rig.h.on(0, || {
-        wc_writecache::delete(
-            &rig.name,
-            false,
-            Box::new(move |r| tx.send(r.is_err()).unwrap()),
-        )
-    });
-    assert!(rx.recv().unwrap(), "delete while suspended must fail");
     // New I/O is held, not failed.
     let w = rig.write(1, 5, 2);
     for _ in 0..100 {
@@ -400,6 +391,55 @@ fn suspend_holds_io_commits_and_resume_releases_it() {
     wc_writecache::resume(&rig.name).unwrap();
     assert_eq!(rig.wait(&w), IoStatus::Success);
     assert_eq!(rig.read(0, 5), 2);
+    // Delete while suspended is refused; the instance stays.
+    suspend_and_wait(&rig);
+    let (tx, rx) = std::sync::mpsc::channel();
+    rig.h.on(0, || {
+        wc_writecache::delete(
+            &rig.name,
+            false,
+            Box::new(move |r| tx.send(r.is_err()).unwrap()),
+        )
+    });
+    assert!(rx.recv().unwrap(), "delete while suspended must fail");
+    assert!(wc_bdev::lookup(&rig.name).is_some());
+    // The safe-removal sequence: flush-on-suspend + suspend drained it all;
+    // resume and delete (which drains again: flush-on-suspend is set).
+    assert_eq!(rig.stats().dirty, 0);
+    wc_writecache::resume(&rig.name).unwrap();
+    let (tx, rx) = std::sync::mpsc::channel();
+    rig.h.on(0, || {
+        wc_writecache::delete(
+            &rig.name,
+            false,
+            Box::new(move |r| tx.send(r.is_ok()).unwrap()),
+        )
+    });
+    assert!(
+        rig.h
+            .run_until(200_000, || matches!(rx.try_recv(), Ok(true))),
+        "safe removal deletes"
+    );
+    assert!(wc_bdev::lookup(&rig.name).is_none());
+}
+
+fn suspend_and_wait(rig: &Rig) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    let n = rig.name.clone();
+    rig.h.on(0, || {
+        wc_writecache::suspend(
+            &n,
+            Box::new(move |r| tx.send(r.map_err(|e| e.to_string())).unwrap()),
+        )
+    });
+    let got: RefCell<Option<Result<(), String>>> = RefCell::default();
+    assert!(rig.h.run_until(200_000, || {
+        if let Ok(r) = rx.try_recv() {
+            *got.borrow_mut() = Some(r);
+        }
+        got.borrow().is_some()
+    }));
+    assert_eq!(got.borrow().clone(), Some(Ok(())));
 }
 
 /// A cache media error (the media can no longer persist) puts the instance

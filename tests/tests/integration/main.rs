@@ -13,3 +13,4 @@ mod fuzz;
 mod nbd;
 mod plugin;
 mod shutdown;
+mod writecache;
