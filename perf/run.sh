@@ -1,76 +1,86 @@
 #!/usr/bin/env bash
-# Benchmark matrix: 4 KiB random writes through bdevperf (one reactor, busy
-# polling) on null, malloc, the origin alone (uring, O_DIRECT, preallocated
-# file) and writecache (pmem mode, cache file in /dev/shm) over that origin.
-# Each cell is the median of RUNS runs; the report states ratios measured in
-# this one run. Usage: perf/run.sh [seconds-per-run] [runs]
+# The benchmark suite of issue 6, in one command:
+#
+#   perf/run.sh [--quick]
+#
+# Runs the whole matrix with our SPDK-compatible bdevperf -- 4 KiB random
+# writes, 4 KiB random reads (cache hits and misses), 128 KiB sequential
+# writes and a 70/30 random mix, at QD 1/8/32/128, on 1 and 2 reactors
+# (-m 0x1; -m 0x3 -C), on null, malloc, the origin alone (uring O_DIRECT on
+# a file; also wrapped in bdev_delay, 40 us avg / 80 us p99, a stand-in for
+# an NVMe) and writecache (pmem mode, cache file in /dev/shm) over that
+# origin -- plus writecache in the steady state (a small cache kept at the
+# high watermark while writeback runs) and wc_recovery (recovery time for
+# 1/4/16 Mi cache blocks of 512 B, RAM per cache block). Every cell is the
+# median of 3 runs (--quick: 1 run of 1 s, QD 1 and 32: a few minutes).
+#
+# Writes perf/results/report.md, results.json, headline.md and PNG plots
+# (perf/plot.py, matplotlib: installed with pip when missing).
+# Overrides (environment): RUNS, SECS, QDS="1 8 32 128", ORIGIN_MIB=1024,
+# STEADY_CACHE_MIB=64, STEADY_WARM, STEADY_SECS, RECOVERY_MI="1 4 16",
+# SHM_DIR=/dev/shm, ORIGIN_DIR_PARENT=/var/tmp, RESULTS_DIR=perf/results.
 set -euo pipefail
-cd "$(dirname "$0")/.."
-SECS=${1:-2}
-RUNS=${2:-3}
-OUT=perf/results
-mkdir -p "$OUT"
-cargo build --release -p wc-perf -q
-BP=target/release/bdevperf
-TMP=$(mktemp -d /dev/shm/wc-perf.XXXXXX)
-ORIGIN_DIR=$(mktemp -d "${TMPDIR:-/var/tmp}/wc-perf-origin.XXXXXX")
-trap 'rm -rf "$TMP" "$ORIGIN_DIR"' EXIT
-fallocate -l 2G "$ORIGIN_DIR/origin.img"
 
-cfg() { # name, json-entries
-  printf '{"subsystems":[{"subsystem":"bdev","config":[%s]}]}\n' "$2" > "$TMP/$1.json"
-}
-cfg null '{"method":"bdev_null_create","params":{"name":"Null0","num_blocks":524288,"block_size":4096}}'
-cfg malloc '{"method":"bdev_malloc_create","params":{"name":"Malloc0","num_blocks":524288,"block_size":4096}}'
-cfg origin "{\"method\":\"bdev_uring_create\",\"params\":{\"name\":\"Origin0\",\"filename\":\"$ORIGIN_DIR/origin.img\",\"block_size\":4096}}"
-cfg wc "{\"method\":\"bdev_uring_create\",\"params\":{\"name\":\"Origin0\",\"filename\":\"$ORIGIN_DIR/origin.img\",\"block_size\":4096}},
- {\"method\":\"bdev_pmem_create\",\"params\":{\"name\":\"Cache0\",\"filename\":\"$TMP/cache.pmem\",\"size\":2214592512}},
- {\"method\":\"bdev_writecache_create\",\"params\":{\"name\":\"WC0\",\"base_bdev\":\"Origin0\",\"cache_bdev\":\"Cache0\"}}"
-
-cfg wcnowb "{\"method\":\"bdev_uring_create\",\"params\":{\"name\":\"Origin0\",\"filename\":\"$ORIGIN_DIR/origin.img\",\"block_size\":4096}},
- {\"method\":\"bdev_pmem_create\",\"params\":{\"name\":\"Cache0\",\"filename\":\"$TMP/cache.pmem\",\"size\":2214592512}},
- {\"method\":\"bdev_writecache_create\",\"params\":{\"name\":\"WC0\",\"base_bdev\":\"Origin0\",\"cache_bdev\":\"Cache0\",\"high_watermark\":100,\"low_watermark\":100}}"
-
-run() { # cfg target qd -> iops
-  local vals=()
-  for _ in $(seq "$RUNS"); do
-    rm -f "$TMP/cache.pmem"
-    local j="$TMP/out.json"
-    "$BP" --json "$TMP/$1.json" -q "$3" -o 4096 -w randwrite -t "$SECS" -m 0x1 -T "$2" \
-      --log-level ERROR --output-json "$j" >/dev/null 2>&1 || { echo 0; return; }
-    vals+=("$(python3 -c 'import json,sys; r=json.load(open(sys.argv[1]))["results"][0]; print(int(r["iops"]), r["latency_percentiles_us"]["p99"])' "$j")")
-  done
-  printf '%s\n' "${vals[@]}" | sort -n | awk -v n="$RUNS" 'NR==int((n+1)/2){print}'
-}
-
-declare -A R
-for qd in 1 32; do
-  for c in null:Null0 malloc:Malloc0 origin:Origin0 wc:WC0 wcnowb:WC0; do
-    R[$c/$qd]=$(run "${c%%:*}" "${c##*:}" "$qd")
-    echo "qd $qd ${c%%:*}: ${R[$c/$qd]}" >&2
-  done
+QUICK=()
+for arg in "$@"; do
+  case "$arg" in
+    --quick) QUICK=(--quick) ;;
+    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "usage: $0 [--quick]" >&2; exit 2 ;;
+  esac
 done
 
-host="$(grep -m1 'model name' /proc/cpuinfo | cut -d: -f2 | xargs), $(nproc) cores"
-{
-  echo "# writecache benchmark ($(date -u +%F))"
-  echo
-  echo "Machine: $host. bdevperf, 1 reactor (busy polling), 4 KiB randwrite, ${SECS}s per run, median of ${RUNS}."
-  echo "Cache: pmem bdev on a tmpfs file (movnt+sfence); origin: uring O_DIRECT on a preallocated 2 GiB file."
-  echo "writecache: default watermarks (writeback from 50% used, the origin then sets the pace);"
-  echo "writecache (no wb): high_watermark 100, the write path alone (the cache holds the whole origin)."
-  echo
-  echo "| QD | null IOPS | malloc IOPS | origin IOPS | writecache IOPS | wc (no wb) IOPS | wc/malloc | wc (no wb)/malloc | wc/origin | wc p99 (us) |"
-  echo "|---:|---:|---:|---:|---:|---:|---:|---:|---:|---:|"
-  for qd in 1 32; do
-    n=${R[null:Null0/$qd]%% *}; m=${R[malloc:Malloc0/$qd]%% *}; o=${R[origin:Origin0/$qd]%% *}; w=${R[wc:WC0/$qd]%% *}; p=${R[wc:WC0/$qd]##* }; x=${R[wcnowb:WC0/$qd]%% *}
-    python3 - "$qd" "$n" "$m" "$o" "$w" "$p" "$x" <<'PY'
-import sys
-qd, n, m, o, w, p, x = sys.argv[1:]
-n, m, o, w, x = map(int, (n, m, o, w, x))
-r = lambda a, b: f"{a / b:.2f}" if b else "n/a"
-print(f"| {qd} | {n:,} | {m:,} | {o:,} | {w:,} | {x:,} | {r(w, m)} | {r(x, m)} | {r(w, o)} | {p} |")
-PY
-  done
-} > "$OUT/report.md"
-cat "$OUT/report.md"
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+OUT=${RESULTS_DIR:-$ROOT/perf/results}
+SHM_DIR=${SHM_DIR:-/dev/shm}
+ORIGIN_PARENT=${ORIGIN_DIR_PARENT:-${TMPDIR:-/var/tmp}}
+
+TMP="" ORIGIN_DIR="" PY_PID=""
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  if [[ -n "$PY_PID" ]] && kill -0 "$PY_PID" 2>/dev/null; then
+    kill -TERM "$PY_PID" 2>/dev/null || true
+    wait "$PY_PID" 2>/dev/null || true
+  fi
+  [[ -n "$TMP" ]] && rm -rf "$TMP"
+  [[ -n "$ORIGIN_DIR" ]] && rm -rf "$ORIGIN_DIR"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+echo "building bdevperf and wc_recovery (release)..." >&2
+cargo build --release -p wc-perf -q
+BIN="$ROOT/target/release"
+
+if ! python3 -c 'import matplotlib' 2>/dev/null; then
+  echo "installing matplotlib..." >&2
+  python3 -m pip install --quiet matplotlib 2>/dev/null ||
+    python3 -m pip install --quiet --break-system-packages matplotlib ||
+    echo "warning: no matplotlib; the report will have no plots" >&2
+fi
+
+TMP=$(mktemp -d "$SHM_DIR/wc-perf.XXXXXX")
+ORIGIN_DIR=$(mktemp -d "$ORIGIN_PARENT/wc-perf-origin.XXXXXX")
+
+ARGS=(--tmp "$TMP" --origin-dir "$ORIGIN_DIR" --bin "$BIN" --out "$OUT" "${QUICK[@]}")
+EST=$(python3 perf/bench.py "${ARGS[@]}" --estimate-only)
+echo "perf/run.sh ${QUICK[*]}: estimated $((EST / 60)) min $((EST % 60)) s" \
+  "(bounded: every test has a fixed duration); started $(date '+%H:%M:%S')" >&2
+
+START=$SECONDS
+python3 perf/bench.py "${ARGS[@]}" &
+PY_PID=$!
+wait "$PY_PID"
+PY_PID=""
+
+if python3 -c 'import matplotlib' 2>/dev/null; then
+  python3 perf/plot.py "$OUT"
+fi
+echo "finished in $(((SECONDS - START) / 60)) min $(((SECONDS - START) % 60)) s;" \
+  "report: $OUT/report.md" >&2
+echo
+cat "$OUT/headline.md"
