@@ -213,6 +213,12 @@ impl Io {
         self.inner.as_deref_mut().expect("live Io has a descriptor")
     }
 
+    /// Tick count when the I/O was submitted (for latency accounting by
+    /// modules; see `wc_reactor::tick`).
+    pub fn submit_ticks(&self) -> u64 {
+        self.inner().submit_ticks
+    }
+
     /// The I/O type.
     pub fn io_type(&self) -> IoType {
         self.inner().io_type

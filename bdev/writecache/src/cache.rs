@@ -204,6 +204,7 @@ impl Writecache {
         for c in self.stats.iter() {
             s.add_core(c);
         }
+        s.add_latencies(self.stats.iter().map(|c| &**c));
         {
             let wb = lock(&self.wb);
             s.writeback_blocks = wb.in_flight;

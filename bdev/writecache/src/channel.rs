@@ -171,6 +171,22 @@ impl Local {
         self.wc.core_stats(self.core)
     }
 
+    /// Completes a read or write, recording its latency.
+    fn finish(&self, io: Io, status: IoStatus) {
+        if status.is_success() {
+            let ns = wc_reactor::tick::ticks_to_duration(
+                wc_reactor::tick::ticks().saturating_sub(io.submit_ticks()),
+            )
+            .as_nanos() as u64;
+            match io.io_type() {
+                IoType::Read => self.stats().read_lat.record(ns),
+                IoType::Write | IoType::WriteZeroes => self.stats().write_lat.record(ns),
+                _ => {}
+            }
+        }
+        io.complete(status);
+    }
+
     // ---------------------------------------------------------------- parents
 
     fn new_parent(&self, io: Io, remaining: u32) -> usize {
@@ -217,7 +233,12 @@ impl Local {
                 Ordering::Relaxed,
             );
             if let Some(io) = p.io.take() {
-                io.complete_errno(p.errno);
+                let status = if p.errno == 0 {
+                    IoStatus::Success
+                } else {
+                    IoStatus::Failed(p.errno)
+                };
+                self.finish(io, status);
             }
         }
     }
@@ -272,7 +293,7 @@ impl Local {
         let missed: u64 = misses.iter().map(|m| m.1).sum();
         inc(&st.read_hits, n - missed);
         if misses.is_empty() {
-            return io.complete(IoStatus::Success);
+            return self.finish(io, IoStatus::Success);
         }
         let ratio = self.wc.origin_ratio;
         let runs: SmallVec<[MissRun; 4]> = misses
@@ -396,7 +417,7 @@ impl Local {
             let w = self.waiter_for(key);
             wc.request_commit(Some(w));
         } else {
-            io.complete(IoStatus::Success);
+            self.finish(io, IoStatus::Success);
         }
     }
 

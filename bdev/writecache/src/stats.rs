@@ -26,6 +26,81 @@ pub(crate) struct CoreStats {
     pub(crate) waiting: AtomicU64,
     /// I/O accepted on this core and not completed yet (suspend drains it).
     pub(crate) inflight: AtomicU64,
+    /// Completed read latencies: bucket i counts [2^i, 2^(i+1)) ns.
+    pub(crate) read_lat: LatencyHistogram,
+    /// Completed write latencies (FUA writes include their commit).
+    pub(crate) write_lat: LatencyHistogram,
+}
+
+/// A log2 latency histogram with a single writer (the owning core).
+pub(crate) struct LatencyHistogram([AtomicU64; 40]);
+
+impl Default for LatencyHistogram {
+    fn default() -> Self {
+        LatencyHistogram(std::array::from_fn(|_| AtomicU64::new(0)))
+    }
+}
+
+impl LatencyHistogram {
+    #[inline]
+    pub(crate) fn record(&self, ns: u64) {
+        let b = (63 - ns.max(1).leading_zeros() as usize).min(39);
+        inc(&self.0[b], 1);
+    }
+
+    fn clear(&self) {
+        for a in &self.0 {
+            a.store(0, Relaxed);
+        }
+    }
+
+    fn add_to(&self, total: &mut [u64; 40]) {
+        for (t, a) in total.iter_mut().zip(&self.0) {
+            *t += a.load(Relaxed);
+        }
+    }
+}
+
+/// Latency percentiles in microseconds (upper bounds of log2 buckets).
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
+pub struct LatencyPercentiles {
+    /// Completed operations counted.
+    pub count: u64,
+    /// Median.
+    pub p50: f64,
+    /// 90th percentile.
+    pub p90: f64,
+    /// 99th percentile.
+    pub p99: f64,
+    /// 99.9th percentile.
+    pub p999: f64,
+}
+
+impl LatencyPercentiles {
+    fn from_buckets(b: &[u64; 40]) -> Self {
+        let count: u64 = b.iter().sum();
+        let pct = |p: f64| {
+            if count == 0 {
+                return 0.0;
+            }
+            let want = ((p / 100.0) * count as f64).ceil().max(1.0) as u64;
+            let mut acc = 0;
+            for (i, n) in b.iter().enumerate() {
+                acc += n;
+                if acc >= want {
+                    return (1u64 << (i + 1)) as f64 / 1000.0;
+                }
+            }
+            0.0
+        };
+        LatencyPercentiles {
+            count,
+            p50: pct(50.0),
+            p90: pct(90.0),
+            p99: pct(99.0),
+            p999: pct(99.9),
+        }
+    }
 }
 
 #[inline]
@@ -36,7 +111,7 @@ pub(crate) fn inc(a: &AtomicU64, n: u64) {
 
 /// What `bdev_writecache_get_stats` returns, dm-writecache's status fields
 /// first, in its order.
-#[derive(Debug, Clone, Default, Serialize, PartialEq, Eq)]
+#[derive(Debug, Clone, Default, Serialize, PartialEq)]
 pub struct Stats {
     /// 0, or the errno of the error state.
     pub error: i32,
@@ -85,9 +160,24 @@ pub struct Stats {
     pub writeback_completed_blocks: u64,
     /// Writeback I/Os retried after an origin error.
     pub writeback_retries: u64,
+    /// Read latency percentiles (µs, log2 bucket bounds).
+    pub read_latency_us: LatencyPercentiles,
+    /// Write latency percentiles (µs, log2 bucket bounds).
+    pub write_latency_us: LatencyPercentiles,
 }
 
 impl Stats {
+    /// Fills the latency percentiles from every core's histograms.
+    pub(crate) fn add_latencies<'a>(&mut self, cores: impl Iterator<Item = &'a CoreStats>) {
+        let (mut r, mut w) = ([0u64; 40], [0u64; 40]);
+        for c in cores {
+            c.read_lat.add_to(&mut r);
+            c.write_lat.add_to(&mut w);
+        }
+        self.read_latency_us = LatencyPercentiles::from_buckets(&r);
+        self.write_latency_us = LatencyPercentiles::from_buckets(&w);
+    }
+
     pub(crate) fn add_core(&mut self, c: &CoreStats) {
         self.read_blocks += c.read_blocks.load(Relaxed);
         self.read_hits += c.read_hits.load(Relaxed);
@@ -120,5 +210,7 @@ impl CoreStats {
         ] {
             a.store(0, Relaxed);
         }
+        self.read_lat.clear();
+        self.write_lat.clear();
     }
 }

@@ -101,6 +101,10 @@ fn write_read_flush_recover_and_writeback() {
     assert_eq!(s.read_hits, 100 + 4);
     assert!(s.commits >= 1 && s.seq_count >= 1, "{s:?}");
     assert_eq!(s.dirty, 100);
+    // Every completed read and write was timed.
+    assert_eq!(s.write_latency_us.count, 100, "{s:?}");
+    assert_eq!(s.read_latency_us.count, 102, "{s:?}");
+    assert!(s.write_latency_us.p50 > 0.0 && s.write_latency_us.p99 >= s.write_latency_us.p50);
 
     // Overwrite committed blocks: new blocks allocated, old freed after commit.
     run_on(rt.main(), || async {

@@ -1880,7 +1880,6 @@ fn writecache_delete_in_the_error_state_replies_true() {
 
 /// Stats carry the instance state and the latency percentiles of §3.10.
 #[test]
-#[ignore = "not implemented yet: latency percentiles in bdev_writecache_get_stats (design 3.10)"]
 fn writecache_stats_report_state_and_latency() {
     require_spdk_rpc!();
     let data = DataDir::new("wcstat-data");
