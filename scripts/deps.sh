@@ -15,6 +15,21 @@ if [ "${#need_pkgs[@]}" -gt 0 ]; then
   DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${need_pkgs[@]}" >/dev/null
 fi
 
+# The vhost-user-blk VM test boots Debian's kernel with a busybox initramfs
+# under QEMU; without these packages it skips (with a message), so a
+# failure to install them is not fatal.
+vm_pkgs=()
+for p in qemu-system-x86 busybox-static linux-image-amd64 file xz-utils zstd; do
+  dpkg -s "$p" >/dev/null 2>&1 || vm_pkgs+=("$p")
+done
+if [ "${#vm_pkgs[@]}" -gt 0 ] && [ "${WC_SKIP_VM:-0}" != 1 ]; then
+  echo "deps: installing VM test packages: ${vm_pkgs[*]}"
+  SUDO=""
+  [ "$(id -u)" -ne 0 ] && SUDO="sudo"
+  DEBIAN_FRONTEND=noninteractive $SUDO apt-get install -y -qq "${vm_pkgs[@]}" >/dev/null 2>&1 ||
+    echo "deps: warning: VM test packages not installed; the vhost VM test will skip"
+fi
+
 if [ "${WC_SKIP_PY:-0}" != 1 ]; then
   if ! command -v spdk-rpc >/dev/null 2>&1 || ! python3 -c 'import spdk' >/dev/null 2>&1; then
     echo "deps: installing SPDK's Python client (spdk==26.9)"

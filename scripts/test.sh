@@ -26,6 +26,9 @@ cargo build --workspace --locked --bins
 echo "== cargo test"
 cargo test --workspace --locked --no-fail-fast -- --test-threads=2
 
+echo "== vhost-user-blk: a QEMU guest (TCG) writes and reads back through writecache_tgt"
+bash exports/vhost/tests/qemu_vm.sh target/debug/writecache_tgt
+
 echo "== python plugin syntax"
 python3 -m py_compile scripts/writecache_rpc.py
 

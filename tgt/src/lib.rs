@@ -31,6 +31,7 @@ pub fn register_modules(reg: &Registry) -> Result<(), String> {
     wc_rpc::register_builtin(reg).map_err(e)?;
     wc_bdev::rpc::register(reg).map_err(e)?;
     wc_nbd::rpc::register(reg).map_err(e)?;
+    wc_vhost::rpc::register(reg).map_err(e)?;
     wc_bdev_malloc::rpc::register(reg).map_err(e)?;
     wc_bdev_null::rpc::register(reg).map_err(e)?;
     wc_bdev_uring::rpc::register(reg).map_err(e)?;
@@ -47,6 +48,11 @@ pub fn register_modules(reg: &Registry) -> Result<(), String> {
         Some(Arc::new(wc_bdev::rpc::subsystem_config)),
     );
     wc_config::register_subsystem("nbd", &["bdev"], Some(Arc::new(wc_nbd::config_entries)));
+    wc_config::register_subsystem(
+        "vhost_blk",
+        &["bdev"],
+        Some(Arc::new(wc_vhost::config_entries)),
+    );
     Ok(())
 }
 
@@ -93,6 +99,9 @@ impl App {
         args: AppArgs,
         extra: impl FnOnce(&Registry) -> Result<(), String>,
     ) -> Result<App, String> {
+        if let Some(dir) = &args.vhost_dir {
+            wc_vhost::set_socket_dir(dir);
+        }
         let mask = args.core_mask()?;
         let mut rcfg = RuntimeConfig::new(mask);
         rcfg.main_core = args.main_core;

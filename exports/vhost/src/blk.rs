@@ -1,0 +1,437 @@
+//! The virtio-blk request engine: parses descriptor chains against guest
+//! memory, validates them, and submits them to a bdev channel with the
+//! data segments pointing straight into guest memory (zero copy).
+//!
+//! It is independent of vhost-user: a [`QueueOps`] gives it chains and
+//! takes used entries, so the unit tests drive it with virtio-queue's mock
+//! queue, and the vhost backend with the vrings of a connection.
+
+use std::cell::RefCell;
+use std::rc::Rc;
+use std::sync::Arc;
+
+use slab::Slab;
+use virtio_queue::desc::split::Descriptor;
+use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
+use wc_bdev::{BdevChannel, Io, IoCompletion, IoVec};
+
+/// Guest memory as the engine sees it.
+pub type Mem = GuestMemoryMmap<()>;
+
+/// `VIRTIO_BLK_T_IN`.
+pub const T_IN: u32 = 0;
+/// `VIRTIO_BLK_T_OUT`.
+pub const T_OUT: u32 = 1;
+/// `VIRTIO_BLK_T_FLUSH`.
+pub const T_FLUSH: u32 = 4;
+/// `VIRTIO_BLK_T_GET_ID`.
+pub const T_GET_ID: u32 = 8;
+/// `VIRTIO_BLK_T_DISCARD`.
+pub const T_DISCARD: u32 = 11;
+/// `VIRTIO_BLK_T_WRITE_ZEROES`.
+pub const T_WRITE_ZEROES: u32 = 13;
+/// `VIRTIO_BLK_S_OK`.
+pub const S_OK: u8 = 0;
+/// `VIRTIO_BLK_S_IOERR`.
+pub const S_IOERR: u8 = 1;
+/// `VIRTIO_BLK_S_UNSUPP`.
+pub const S_UNSUPP: u8 = 2;
+/// Length of `VIRTIO_BLK_T_GET_ID` answers.
+pub const ID_BYTES: usize = 20;
+/// Most data segments per request (advertised as `seg_max`).
+pub const SEG_MAX: u32 = 126;
+/// Largest segment (advertised as `size_max`).
+pub const SIZE_MAX: u32 = 1 << 20;
+/// Largest request payload.
+pub const MAX_IO_BYTES: u64 = 4 << 20;
+/// Largest discard / write-zeroes request, in 512-byte sectors.
+pub const MAX_DISCARD_SECTORS: u32 = 1 << 22;
+/// Most descriptors a chain may have (data + header + status).
+const MAX_CHAIN: usize = SEG_MAX as usize + 2;
+
+/// What a device exports.
+#[derive(Debug, Clone)]
+pub struct Geometry {
+    /// Bdev block size in bytes (a multiple of 512).
+    pub block_size: u32,
+    /// Bdev size in blocks.
+    pub num_blocks: u64,
+    /// Writes refused.
+    pub readonly: bool,
+    /// The GET_ID string (bdev name, truncated to 20 bytes).
+    pub id: Vec<u8>,
+}
+
+impl Geometry {
+    fn sectors_per_block(&self) -> u64 {
+        u64::from(self.block_size / 512).max(1)
+    }
+}
+
+/// A parsed, validated request.
+#[derive(Debug)]
+enum Kind {
+    Read { lba: u64, blocks: u64 },
+    Write { lba: u64, blocks: u64 },
+    Flush,
+    GetId,
+    Unmap { lba: u64, blocks: u64 },
+    Zeroes { lba: u64, blocks: u64 },
+}
+
+/// One request in flight.
+struct Req {
+    head: u16,
+    status: GuestAddress,
+    /// Bytes the device writes into the chain on success (data + status).
+    used_len: u32,
+    segs: Vec<IoVec>,
+    kind: Kind,
+    /// Keeps the guest mapping alive until the request completes.
+    mem: Arc<Mem>,
+    generation: u64,
+}
+
+/// A chain the engine could not accept: its head and, where the status
+/// descriptor is usable, where to write `VIRTIO_BLK_S_*`.
+#[derive(Debug)]
+pub struct Rejected {
+    /// Head index.
+    pub head: u16,
+    /// Status byte address, if valid.
+    pub status: Option<GuestAddress>,
+    /// The status to report.
+    pub code: u8,
+}
+
+/// Host pointer to `[addr, addr+len)`, which must lie in one region.
+fn host_ptr(mem: &Mem, addr: GuestAddress, len: usize) -> Option<*mut u8> {
+    if len == 0 {
+        return None;
+    }
+    let s = mem.get_slice(addr, len).ok()?;
+    Some(s.ptr_guard_mut().as_ptr())
+}
+
+/// Parses a chain (as a list of descriptors) into a request, checking every
+/// address and length. `Err` carries the status to report, with the status
+/// address where one was found.
+fn parse(
+    head: u16,
+    descs: &[Descriptor],
+    mem: &Arc<Mem>,
+    g: &Geometry,
+) -> Result<(Kind, Vec<IoVec>, GuestAddress, u32), Rejected> {
+    let reject = |status: Option<GuestAddress>, code| Rejected { head, status, code };
+    if descs.len() < 2 || descs.len() > MAX_CHAIN {
+        // A chain with no room for a status, or too long: the status (if
+        // the last descriptor looks like one) gets IOERR.
+        let st = descs
+            .last()
+            .filter(|d| d.is_write_only() && d.len() >= 1 && descs.len() > 1)
+            .and_then(|d| status_addr(mem, d));
+        return Err(reject(st, S_IOERR));
+    }
+    let last = descs[descs.len() - 1];
+    let status = if last.is_write_only() && last.len() >= 1 {
+        status_addr(mem, &last)
+    } else {
+        None
+    };
+    let Some(status) = status else {
+        return Err(reject(None, S_IOERR));
+    };
+    let hdr = descs[0];
+    if hdr.is_write_only() || hdr.len() < 16 {
+        return Err(reject(Some(status), S_IOERR));
+    }
+    let Ok(req_type) = mem.read_obj::<u32>(hdr.addr()) else {
+        return Err(reject(Some(status), S_IOERR));
+    };
+    let Some(sector_addr) = hdr.addr().checked_add(8) else {
+        return Err(reject(Some(status), S_IOERR));
+    };
+    let Ok(sector) = mem.read_obj::<u64>(sector_addr) else {
+        return Err(reject(Some(status), S_IOERR));
+    };
+    let req_type = u32::from_le(req_type);
+    let sector = u64::from_le(sector);
+    let data = &descs[1..descs.len() - 1];
+    if data.len() > SEG_MAX as usize {
+        return Err(reject(Some(status), S_IOERR));
+    }
+    let spb = g.sectors_per_block();
+    let mut segs = Vec::with_capacity(data.len());
+    let mut total: u64 = 0;
+    let want_write_only = matches!(req_type, T_IN | T_GET_ID);
+    for d in data {
+        if d.is_write_only() != want_write_only || d.len() == 0 || d.len() > SIZE_MAX {
+            return Err(reject(Some(status), S_IOERR));
+        }
+        let Some(p) = host_ptr(mem, d.addr(), d.len() as usize) else {
+            return Err(reject(Some(status), S_IOERR));
+        };
+        segs.push(IoVec {
+            base: p,
+            len: d.len() as usize,
+        });
+        total += u64::from(d.len());
+    }
+    let range = |sector: u64, bytes: u64| -> Option<(u64, u64)> {
+        let bs = u64::from(g.block_size);
+        if sector % spb != 0 || bytes % bs != 0 || bytes == 0 {
+            return None;
+        }
+        let lba = sector / spb;
+        let blocks = bytes / bs;
+        (lba.checked_add(blocks)? <= g.num_blocks).then_some((lba, blocks))
+    };
+    let kind = match req_type {
+        T_IN | T_OUT => {
+            if total > MAX_IO_BYTES {
+                return Err(reject(Some(status), S_IOERR));
+            }
+            if req_type == T_OUT && g.readonly {
+                return Err(reject(Some(status), S_IOERR));
+            }
+            let Some((lba, blocks)) = range(sector, total) else {
+                return Err(reject(Some(status), S_IOERR));
+            };
+            if req_type == T_IN {
+                Kind::Read { lba, blocks }
+            } else {
+                Kind::Write { lba, blocks }
+            }
+        }
+        T_FLUSH => Kind::Flush,
+        T_GET_ID => {
+            if total < ID_BYTES as u64 {
+                // The spec wants 20 bytes; shorter buffers are an error.
+                return Err(reject(Some(status), S_IOERR));
+            }
+            Kind::GetId
+        }
+        T_DISCARD | T_WRITE_ZEROES => {
+            if g.readonly {
+                return Err(reject(Some(status), S_IOERR));
+            }
+            // One 16-byte virtio_blk_discard_write_zeroes segment.
+            if data.len() != 1 || data[0].len() != 16 {
+                return Err(reject(Some(status), S_UNSUPP));
+            }
+            let a = data[0].addr();
+            let (Ok(s), Some(na)) = (mem.read_obj::<u64>(a), a.checked_add(8)) else {
+                return Err(reject(Some(status), S_IOERR));
+            };
+            let Ok(n) = mem.read_obj::<u32>(na) else {
+                return Err(reject(Some(status), S_IOERR));
+            };
+            let (s, n) = (u64::from_le(s), u32::from_le(n));
+            if n > MAX_DISCARD_SECTORS {
+                return Err(reject(Some(status), S_IOERR));
+            }
+            let Some((lba, blocks)) = range(s, u64::from(n) * 512) else {
+                return Err(reject(Some(status), S_IOERR));
+            };
+            segs.clear();
+            if req_type == T_DISCARD {
+                Kind::Unmap { lba, blocks }
+            } else {
+                Kind::Zeroes { lba, blocks }
+            }
+        }
+        _ => return Err(reject(Some(status), S_UNSUPP)),
+    };
+    let used = match kind {
+        Kind::Read { .. } => total as u32 + 1,
+        Kind::GetId => ID_BYTES as u32 + 1,
+        _ => 1,
+    };
+    Ok((kind, segs, status, used))
+}
+
+fn status_addr(mem: &Mem, d: &Descriptor) -> Option<GuestAddress> {
+    // The status byte is the last byte of the last descriptor.
+    let a = d.addr().checked_add(u64::from(d.len()) - 1)?;
+    mem.address_in_range(a).then_some(a)
+}
+
+/// Access to a virtqueue: popping chains and adding used entries.
+pub trait QueueOps {
+    /// Pops up to `max` available chains as (head, descriptors); a chain
+    /// whose descriptors could not be read comes back truncated (and is
+    /// rejected by the parser). `None` when the queue is not usable.
+    fn pop(&self, mem: &Mem, max: usize) -> Option<Vec<(u16, Vec<Descriptor>)>>;
+    /// Adds a used entry and notifies the driver if it wants it.
+    fn push_used(&self, mem: &Mem, head: u16, len: u32);
+}
+
+/// One virtqueue served on one reactor, with its bdev channel.
+pub struct QueueEngine<Q: QueueOps> {
+    q: Q,
+    chan: Rc<BdevChannel>,
+    geom: Geometry,
+    inflight: RefCell<Slab<Req>>,
+    generation: std::cell::Cell<u64>,
+    /// Requests seen, for tests and stats.
+    pub completed: std::cell::Cell<u64>,
+}
+
+impl<Q: QueueOps + 'static> QueueEngine<Q> {
+    /// An engine for `q` on the calling reactor's channel `chan`.
+    pub fn new(q: Q, chan: Rc<BdevChannel>, geom: Geometry) -> Rc<Self> {
+        Rc::new(QueueEngine {
+            q,
+            chan,
+            geom,
+            inflight: RefCell::new(Slab::new()),
+            generation: std::cell::Cell::new(0),
+            completed: std::cell::Cell::new(0),
+        })
+    }
+
+    /// The queue.
+    pub fn queue(&self) -> &Q {
+        &self.q
+    }
+
+    /// Requests in flight.
+    pub fn inflight(&self) -> usize {
+        self.inflight.borrow().len()
+    }
+
+    /// Forgets the queue's requests in flight (the driver went away):
+    /// their completions are dropped instead of touching the ring.
+    pub fn reset(&self) {
+        self.generation.set(self.generation.get() + 1);
+    }
+
+    /// Processes what the driver made available. Returns the number of
+    /// chains taken.
+    pub fn poll(self: &Rc<Self>, mem: &Arc<Mem>) -> usize {
+        let Some(chains) = self.q.pop(mem, 32) else {
+            return 0;
+        };
+        let n = chains.len();
+        for (head, descs) in chains {
+            match parse(head, &descs, mem, &self.geom) {
+                Err(r) => self.finish_rejected(mem, r),
+                Ok((kind, segs, status, used_len)) => {
+                    let req = Req {
+                        head,
+                        status,
+                        used_len,
+                        segs,
+                        kind,
+                        mem: mem.clone(),
+                        generation: self.generation.get(),
+                    };
+                    self.submit(req);
+                }
+            }
+        }
+        n
+    }
+
+    fn finish_rejected(&self, mem: &Mem, r: Rejected) {
+        if let Some(st) = r.status {
+            let _ = mem.write_obj(r.code, st);
+        }
+        self.completed.set(self.completed.get() + 1);
+        self.q.push_used(mem, r.head, u32::from(r.status.is_some()));
+    }
+
+    fn submit(self: &Rc<Self>, req: Req) {
+        if let Kind::GetId = req.kind {
+            let mut id = [0u8; ID_BYTES];
+            let n = self.geom.id.len().min(ID_BYTES);
+            id[..n].copy_from_slice(&self.geom.id[..n]);
+            let mut off = 0;
+            for s in &req.segs {
+                let take = s.len.min(ID_BYTES - off);
+                // SAFETY: the segment was resolved from a write-only guest
+                // descriptor inside a mapped region of `req.mem`, which is
+                // alive here; `take <= s.len`.
+                unsafe { std::ptr::copy_nonoverlapping(id[off..].as_ptr(), s.base, take) };
+                off += take;
+                if off == ID_BYTES {
+                    break;
+                }
+            }
+            return self.complete(req, S_OK);
+        }
+        let cb: Rc<dyn IoCompletion> = self.clone();
+        let kind = match &req.kind {
+            Kind::Read { lba, blocks } => (0, *lba, *blocks),
+            Kind::Write { lba, blocks } => (1, *lba, *blocks),
+            Kind::Flush => (2, 0, self.geom.num_blocks),
+            Kind::Unmap { lba, blocks } => (3, *lba, *blocks),
+            Kind::Zeroes { lba, blocks } => (4, *lba, *blocks),
+            Kind::GetId => unreachable!("handled above"),
+        };
+        // Segments live in guest memory kept mapped by `req.mem`; the slab
+        // keeps them in place until the completion.
+        let segs = req.segs.clone();
+        let key = self.inflight.borrow_mut().insert(req) as u64;
+        match kind {
+            // SAFETY: each segment is a write-only guest buffer inside a
+            // mapped region held alive by the request's `mem` until io_done;
+            // the guest gave it to the device for this request only.
+            (0, lba, n) => unsafe { self.chan.readv(lba, n, &segs, &cb, key) },
+            // SAFETY: readable guest buffers inside a mapped region held
+            // alive by the request until io_done.
+            (1, lba, n) => unsafe { self.chan.writev(lba, n, &segs, false, &cb, key) },
+            (2, lba, n) => self.chan.flush(lba, n, &cb, key),
+            (3, lba, n) => self.chan.unmap(lba, n, &cb, key),
+            (_, lba, n) => self.chan.write_zeroes(lba, n, &cb, key),
+        }
+    }
+
+    fn complete(&self, req: Req, status: u8) {
+        self.completed.set(self.completed.get() + 1);
+        if req.generation != self.generation.get() {
+            return;
+        }
+        let _ = req.mem.write_obj(status, req.status);
+        let len = if status == S_OK { req.used_len } else { 1 };
+        self.q.push_used(&req.mem, req.head, len);
+    }
+}
+
+impl<Q: QueueOps + 'static> IoCompletion for QueueEngine<Q> {
+    fn io_done(&self, io: Io, ctx: u64) {
+        let ok = io.status().is_success();
+        drop(io);
+        let req = {
+            let mut s = self.inflight.borrow_mut();
+            if !s.contains(ctx as usize) {
+                return;
+            }
+            s.remove(ctx as usize)
+        };
+        self.complete(req, if ok { S_OK } else { S_IOERR });
+    }
+}
+
+/// The `virtio_blk_config` bytes (60 bytes, little endian).
+pub fn config_space(g: &Geometry, num_queues: u16) -> Vec<u8> {
+    let mut c = vec![0u8; 60];
+    let put32 =
+        |c: &mut Vec<u8>, off: usize, v: u32| c[off..off + 4].copy_from_slice(&v.to_le_bytes());
+    let sectors = g.num_blocks * g.sectors_per_block();
+    c[0..8].copy_from_slice(&sectors.to_le_bytes());
+    put32(&mut c, 8, SIZE_MAX);
+    put32(&mut c, 12, SEG_MAX);
+    put32(&mut c, 20, g.block_size);
+    // topology: physical_block_exp, alignment_offset, min_io_size, opt_io_size
+    c[24] = 0;
+    c[26..28].copy_from_slice(&1u16.to_le_bytes());
+    c[34..36].copy_from_slice(&num_queues.to_le_bytes());
+    put32(&mut c, 36, MAX_DISCARD_SECTORS);
+    put32(&mut c, 40, 1);
+    put32(&mut c, 44, g.block_size / 512);
+    put32(&mut c, 48, MAX_DISCARD_SECTORS);
+    put32(&mut c, 52, 1);
+    c[56] = 1;
+    c
+}

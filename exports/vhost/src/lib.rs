@@ -1,0 +1,28 @@
+//! # wc-vhost: vhost-user-blk controllers
+//!
+//! `vhost_create_blk_controller` creates a vhost-user socket
+//! `<socket dir>/<ctrlr>` (mode 0600) for a bdev. The vhost-user protocol
+//! (memory tables, vring setup, config space) is served by a
+//! `vhost-user-backend` daemon thread per controller; the virtqueues are
+//! *polled* by a poller on one reactor (the first core of the controller's
+//! cpumask that runs a reactor, else the main reactor): all queues of a
+//! controller run on that reactor. Requests are parsed and validated by
+//! [`blk`], and the bdev reads and writes guest memory directly (zero copy;
+//! a segment that crosses a guest memory region boundary is an I/O error).
+//! When the VM disconnects, the daemon accepts the next connection (a VM
+//! restart reconnects); completions of requests of the old connection are
+//! dropped.
+
+#![warn(missing_docs)]
+
+pub mod blk;
+mod ctrl;
+pub mod rpc;
+
+pub use ctrl::{
+    config_entries, controllers, create_controller, delete_controller, set_socket_dir, shutdown,
+    socket_dir, ControllerSummary, CreateOpts, VhostError,
+};
+
+#[cfg(test)]
+mod tests;

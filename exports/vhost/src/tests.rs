@@ -1,0 +1,427 @@
+//! The request engine against virtio-queue's mock split queue and a malloc
+//! bdev on a test runtime: good requests, and malformed chains that must
+//! get an error status (or no status) without a panic.
+
+use std::cell::RefCell;
+use std::future::Future;
+use std::pin::Pin;
+use std::sync::Arc;
+use std::task::{Context, Poll};
+
+use virtio_queue::desc::split::Descriptor as SplitDesc;
+use virtio_queue::desc::RawDescriptor;
+use virtio_queue::mock::MockSplitQueue;
+use virtio_queue::Queue;
+use vm_memory::{Bytes, GuestAddress};
+
+use crate::blk::*;
+use crate::ctrl::{add_used, pop_chains};
+
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+const MEM_SIZE: usize = 0x20_0000;
+
+struct MockQ(RefCell<Queue>);
+
+impl QueueOps for MockQ {
+    fn pop(&self, mem: &Mem, max: usize) -> Option<Vec<(u16, Vec<SplitDesc>)>> {
+        Some(pop_chains(&mut self.0.borrow_mut(), mem, max))
+    }
+    fn push_used(&self, mem: &Mem, head: u16, len: u32) {
+        add_used(&mut self.0.borrow_mut(), mem, head, len);
+    }
+}
+
+struct YieldNow(bool);
+
+impl Future for YieldNow {
+    type Output = ();
+    fn poll(mut self: Pin<&mut Self>, cx: &mut Context<'_>) -> Poll<()> {
+        if self.0 {
+            return Poll::Ready(());
+        }
+        self.0 = true;
+        cx.waker().wake_by_ref();
+        Poll::Pending
+    }
+}
+
+async fn until(mut f: impl FnMut() -> bool) {
+    for _ in 0..1_000_000 {
+        if f() {
+            return;
+        }
+        YieldNow(false).await;
+    }
+    panic!("condition not reached");
+}
+
+/// A request: descriptors as (addr, len, device-writable).
+type Chain = Vec<(u64, u32, bool)>;
+
+struct Outcome {
+    head: u32,
+    used_len: u32,
+}
+
+/// Runs `chains` (each a list of descriptors) through an engine on a
+/// malloc bdev `bdev` and returns the used entries and the memory.
+fn run(
+    bdev: &'static str,
+    readonly: bool,
+    setup: impl FnOnce(&Mem) -> Vec<Chain> + Send + 'static,
+    check: impl FnOnce(&Mem, &[Outcome]) + Send + 'static,
+) {
+    let rt = wc_bdev::testing::test_runtime(1);
+    wc_bdev_malloc::create(wc_bdev_malloc::MallocOpts::new(bdev, 1024, 512)).unwrap();
+    wc_bdev::testing::run_on(&rt.handles()[0], move || async move {
+        let mem = Arc::new(Mem::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap());
+        let chains = setup(&mem);
+        let mock = MockSplitQueue::new(&*mem, 256);
+        let mut raw = Vec::new();
+        for c in &chains {
+            let base = raw.len() as u16;
+            for (i, &(addr, len, w)) in c.iter().enumerate() {
+                let last = i + 1 == c.len();
+                let flags = if w { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
+                let next = if last { 0 } else { base + i as u16 + 1 };
+                raw.push(RawDescriptor::from(SplitDesc::new(addr, len, flags, next)));
+            }
+        }
+        mock.add_desc_chains(&raw, 0).unwrap();
+        let q: Queue = mock.create_queue().unwrap();
+        let desc = wc_bdev::open(bdev, !readonly, None).unwrap();
+        let chan = desc.channel().unwrap();
+        let geom = Geometry {
+            block_size: 512,
+            num_blocks: 1024,
+            readonly,
+            id: bdev.as_bytes().to_vec(),
+        };
+        let eng = QueueEngine::new(MockQ(RefCell::new(q)), chan, geom);
+        let mut taken = 0;
+        while taken < chains.len() {
+            let n = eng.poll(&mem);
+            assert!(n > 0, "queue ran dry after {taken} of {}", chains.len());
+            taken += n;
+        }
+        let e2 = eng.clone();
+        until(move || e2.inflight() == 0).await;
+        assert_eq!(eng.completed.get(), chains.len() as u64);
+        let used = mock.used();
+        let n = used.idx().load();
+        assert_eq!(n as usize, chains.len());
+        let out: Vec<Outcome> = (0..n as usize)
+            .map(|i| {
+                let e = used.ring().ref_at(i).unwrap().load();
+                Outcome {
+                    head: e.id(),
+                    used_len: e.len(),
+                }
+            })
+            .collect();
+        check(&mem, &out);
+        drop(eng);
+        drop(desc);
+    });
+    wc_bdev_malloc::delete(bdev).unwrap();
+    rt.shutdown();
+}
+
+const HDR: u64 = 0x10_0000;
+const DATA: u64 = 0x11_0000;
+const DATA2: u64 = 0x12_0000;
+const STATUS: u64 = 0x13_0000;
+
+fn hdr(mem: &Mem, at: u64, t: u32, sector: u64) {
+    mem.write_obj(t.to_le(), GuestAddress(at)).unwrap();
+    mem.write_obj(0u32, GuestAddress(at + 4)).unwrap();
+    mem.write_obj(sector.to_le(), GuestAddress(at + 8)).unwrap();
+}
+
+fn status(mem: &Mem, i: u64) -> u8 {
+    mem.read_obj(GuestAddress(STATUS + i)).unwrap()
+}
+
+fn init_status(mem: &Mem, n: u64) {
+    for i in 0..n {
+        mem.write_obj(0xffu8, GuestAddress(STATUS + i)).unwrap();
+    }
+}
+
+#[test]
+fn write_read_flush_get_id() {
+    run(
+        "VhT0",
+        false,
+        |mem| {
+            init_status(mem, 4);
+            let pat: Vec<u8> = (0..4096u32).map(|i| (i * 7 + 3) as u8).collect();
+            mem.write_slice(&pat, GuestAddress(DATA)).unwrap();
+            hdr(mem, HDR, T_OUT, 8);
+            hdr(mem, HDR + 16, T_IN, 8);
+            hdr(mem, HDR + 32, T_FLUSH, 0);
+            hdr(mem, HDR + 48, T_GET_ID, 0);
+            vec![
+                // write 4 KiB in two segments
+                vec![
+                    (HDR, 16, false),
+                    (DATA, 1024, false),
+                    (DATA + 1024, 3072, false),
+                    (STATUS, 1, true),
+                ],
+                vec![
+                    (HDR + 16, 16, false),
+                    (DATA2, 4096, true),
+                    (STATUS + 1, 1, true),
+                ],
+                vec![(HDR + 32, 16, false), (STATUS + 2, 1, true)],
+                vec![
+                    (HDR + 48, 16, false),
+                    (DATA2 + 8192, 20, true),
+                    (STATUS + 3, 1, true),
+                ],
+            ]
+        },
+        |mem, out| {
+            // Written before read: the engine submits in order, malloc
+            // completes in order.
+            assert_eq!(status(mem, 0), S_OK);
+            assert_eq!(status(mem, 1), S_OK);
+            assert_eq!(status(mem, 2), S_OK);
+            assert_eq!(status(mem, 3), S_OK);
+            let mut a = vec![0u8; 4096];
+            let mut b = vec![0u8; 4096];
+            mem.read_slice(&mut a, GuestAddress(DATA)).unwrap();
+            mem.read_slice(&mut b, GuestAddress(DATA2)).unwrap();
+            assert_eq!(a, b);
+            let mut id = [0u8; 20];
+            mem.read_slice(&mut id, GuestAddress(DATA2 + 8192)).unwrap();
+            assert_eq!(&id[..4], b"VhT0");
+            assert!(id[4..].iter().all(|&x| x == 0));
+            let lens: Vec<(u32, u32)> = out.iter().map(|o| (o.head, o.used_len)).collect();
+            assert!(lens.contains(&(0, 1)));
+            assert!(lens.contains(&(4, 4097)));
+            assert!(lens.contains(&(7, 1)));
+            assert!(lens.contains(&(9, 21)));
+        },
+    );
+}
+
+fn dwz(mem: &Mem, at: u64, sector: u64, n: u32) {
+    mem.write_obj(sector.to_le(), GuestAddress(at)).unwrap();
+    mem.write_obj(n.to_le(), GuestAddress(at + 8)).unwrap();
+    mem.write_obj(0u32, GuestAddress(at + 12)).unwrap();
+}
+
+#[test]
+fn discard_and_write_zeroes() {
+    run(
+        "VhT1",
+        false,
+        |mem| {
+            init_status(mem, 4);
+            mem.write_slice(&[0xabu8; 2048], GuestAddress(DATA))
+                .unwrap();
+            hdr(mem, HDR, T_OUT, 16);
+            hdr(mem, HDR + 16, T_WRITE_ZEROES, 0);
+            dwz(mem, DATA + 4096, 16, 4);
+            hdr(mem, HDR + 32, T_IN, 16);
+            mem.write_slice(&[0x55u8; 2048], GuestAddress(DATA2))
+                .unwrap();
+            hdr(mem, HDR + 48, T_DISCARD, 0);
+            dwz(mem, DATA + 8192, 100, 8);
+            vec![
+                vec![(HDR, 16, false), (DATA, 2048, false), (STATUS, 1, true)],
+                vec![
+                    (HDR + 16, 16, false),
+                    (DATA + 4096, 16, false),
+                    (STATUS + 1, 1, true),
+                ],
+                vec![
+                    (HDR + 32, 16, false),
+                    (DATA2, 2048, true),
+                    (STATUS + 2, 1, true),
+                ],
+                vec![
+                    (HDR + 48, 16, false),
+                    (DATA + 8192, 16, false),
+                    (STATUS + 3, 1, true),
+                ],
+            ]
+        },
+        |mem, _| {
+            for i in 0..4 {
+                assert_eq!(status(mem, i), S_OK, "request {i}");
+            }
+            let mut b = vec![0xffu8; 2048];
+            mem.read_slice(&mut b, GuestAddress(DATA2)).unwrap();
+            assert!(b.iter().all(|&x| x == 0), "write_zeroes read back zeros");
+        },
+    );
+}
+
+#[test]
+fn malformed_chains_get_errors_without_panic() {
+    run(
+        "VhT2",
+        false,
+        |mem| {
+            init_status(mem, 16);
+            hdr(mem, HDR, T_IN, 0);
+            hdr(mem, HDR + 16, 77, 0);
+            hdr(mem, HDR + 32, T_IN, 1020); // 8 blocks from 1020: past the end
+            hdr(mem, HDR + 48, T_OUT, 0);
+            let mut long: Chain = vec![(HDR, 16, false)];
+            for i in 0..(SEG_MAX as u64 + 5) {
+                long.push((DATA + i * 512, 512, true));
+            }
+            long.push((STATUS + 9, 1, true));
+            vec![
+                // 0: data outside guest memory
+                vec![
+                    (HDR, 16, false),
+                    (0x4000_0000, 512, true),
+                    (STATUS, 1, true),
+                ],
+                // 1: header too short
+                vec![(HDR, 8, false), (DATA, 512, true), (STATUS + 1, 1, true)],
+                // 2: no status descriptor (last one is device-readable)
+                vec![(HDR, 16, false), (DATA, 512, false)],
+                // 3: unknown request type
+                vec![(HDR + 16, 16, false), (STATUS + 3, 1, true)],
+                // 4: past the end of the bdev
+                vec![
+                    (HDR + 32, 16, false),
+                    (DATA, 4096, true),
+                    (STATUS + 4, 1, true),
+                ],
+                // 5: length not a multiple of the block size
+                vec![(HDR, 16, false), (DATA, 100, true), (STATUS + 5, 1, true)],
+                // 6: write with a device-writable data buffer
+                vec![
+                    (HDR + 48, 16, false),
+                    (DATA, 512, true),
+                    (STATUS + 6, 1, true),
+                ],
+                // 7: data straddling the end of guest memory
+                vec![
+                    (HDR, 16, false),
+                    (MEM_SIZE as u64 - 256, 512, true),
+                    (STATUS + 7, 1, true),
+                ],
+                // 8: status outside guest memory
+                vec![(HDR, 16, false), (DATA, 512, true), (0x4000_0000, 1, true)],
+                // 9: too many segments
+                long,
+                // 10: header only
+                vec![(HDR, 16, false)],
+            ]
+        },
+        |mem, out| {
+            assert_eq!(status(mem, 0), S_IOERR);
+            assert_eq!(status(mem, 1), S_IOERR);
+            assert_eq!(status(mem, 3), S_UNSUPP);
+            assert_eq!(status(mem, 4), S_IOERR);
+            assert_eq!(status(mem, 5), S_IOERR);
+            assert_eq!(status(mem, 6), S_IOERR);
+            assert_eq!(status(mem, 7), S_IOERR);
+            assert_eq!(status(mem, 9), S_IOERR);
+            assert_eq!(out.len(), 11);
+            // Nothing was read into guest memory; each got at most a status.
+            assert!(out.iter().all(|o| o.used_len <= 1));
+        },
+    );
+}
+
+#[test]
+fn readonly_refuses_writes() {
+    run(
+        "VhT3",
+        true,
+        |mem| {
+            init_status(mem, 3);
+            hdr(mem, HDR, T_OUT, 0);
+            hdr(mem, HDR + 16, T_IN, 0);
+            hdr(mem, HDR + 32, T_DISCARD, 0);
+            dwz(mem, DATA + 4096, 0, 1);
+            vec![
+                vec![(HDR, 16, false), (DATA, 512, false), (STATUS, 1, true)],
+                vec![
+                    (HDR + 16, 16, false),
+                    (DATA, 512, true),
+                    (STATUS + 1, 1, true),
+                ],
+                vec![
+                    (HDR + 32, 16, false),
+                    (DATA + 4096, 16, false),
+                    (STATUS + 2, 1, true),
+                ],
+            ]
+        },
+        |mem, _| {
+            assert_eq!(status(mem, 0), S_IOERR);
+            assert_eq!(status(mem, 1), S_OK);
+            assert_eq!(status(mem, 2), S_IOERR);
+        },
+    );
+}
+
+#[test]
+fn config_space_layout() {
+    let g = Geometry {
+        block_size: 4096,
+        num_blocks: 100,
+        readonly: false,
+        id: vec![],
+    };
+    let c = config_space(&g, 3);
+    assert_eq!(c.len(), 60);
+    assert_eq!(u64::from_le_bytes(c[0..8].try_into().unwrap()), 800);
+    assert_eq!(u32::from_le_bytes(c[12..16].try_into().unwrap()), SEG_MAX);
+    assert_eq!(u32::from_le_bytes(c[20..24].try_into().unwrap()), 4096);
+    assert_eq!(u16::from_le_bytes(c[34..36].try_into().unwrap()), 3);
+}
+
+#[test]
+fn rpc_create_get_delete_controller() {
+    let dir = std::env::temp_dir().join(format!("wc-vhost-test-{}", std::process::id()));
+    std::fs::create_dir_all(&dir).unwrap();
+    crate::set_socket_dir(&dir);
+    let rt = wc_bdev::testing::test_runtime(1);
+    wc_bdev_malloc::create(wc_bdev_malloc::MallocOpts::new("VhT4", 1024, 512)).unwrap();
+    let r = wc_bdev::testing::run_on(&rt.handles()[0], || async {
+        crate::create_controller(crate::CreateOpts {
+            ctrlr: "vhost.0".into(),
+            dev_name: "VhT4".into(),
+            ..Default::default()
+        })
+        .map_err(|e| e.to_string())
+    });
+    assert_eq!(r.unwrap(), "vhost.0");
+    let sock = dir.join("vhost.0");
+    use std::os::unix::fs::PermissionsExt;
+    let md = std::fs::metadata(&sock).unwrap();
+    assert_eq!(md.permissions().mode() & 0o777, 0o600);
+    let all = crate::controllers();
+    assert_eq!(all.len(), 1);
+    assert_eq!(all[0].backend_specific["block"]["bdev"], "VhT4");
+    let cfg = crate::config_entries();
+    assert_eq!(cfg[0]["method"], "vhost_create_blk_controller");
+    let dup = wc_bdev::testing::run_on(&rt.handles()[0], || async {
+        crate::create_controller(crate::CreateOpts {
+            ctrlr: "vhost.0".into(),
+            dev_name: "VhT4".into(),
+            ..Default::default()
+        })
+        .is_err()
+    });
+    assert!(dup);
+    crate::delete_controller("vhost.0").unwrap();
+    assert!(!sock.exists());
+    assert!(crate::delete_controller("vhost.0").is_err());
+    wc_bdev::testing::run_on(&rt.handles()[0], || async {});
+    wc_bdev_malloc::delete("VhT4").unwrap();
+    rt.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
