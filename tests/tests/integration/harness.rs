@@ -498,3 +498,24 @@ pub fn bdev_names(v: &Value) -> Vec<String> {
         .map(|b| b["name"].as_str().expect("name is a string").to_string())
         .collect()
 }
+
+/// Whether the client `exe` is installed; prints why a test is skipped, or
+/// fails when `WC_REQUIRE_SPDK_RPC=1` (scripts/test.sh installs every client).
+pub fn have(exe: &str) -> bool {
+    if find_in_path(exe).is_some() {
+        return true;
+    }
+    if std::env::var("WC_REQUIRE_SPDK_RPC").as_deref() == Ok("1") {
+        panic!("{exe} is not on PATH but WC_REQUIRE_SPDK_RPC=1 (scripts/deps.sh installs it)");
+    }
+    println!("SKIP: {exe} not installed (scripts/deps.sh installs it)");
+    false
+}
+
+/// Skips the calling test (returns from it) when a client binary is missing.
+#[macro_export]
+macro_rules! require_clients {
+    ($($exe:expr),*) => {
+        $(if !$crate::harness::have($exe) { return; })*
+    };
+}

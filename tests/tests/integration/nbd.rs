@@ -18,35 +18,11 @@ use std::time::Duration;
 use serde_json::{json, Value};
 
 use crate::harness::{
-    run_bounded, scripts_dir, signal, spdk_rpc_cmd, Out, Target, EXIT_TIMEOUT, RPC_TIMEOUT,
+    have, run_bounded, scripts_dir, signal, spdk_rpc_cmd, Out, Target, EXIT_TIMEOUT, RPC_TIMEOUT,
 };
 
 /// How long one client run may take.
 const CLIENT_TIMEOUT: Duration = Duration::from_secs(120);
-
-fn find_in_path(exe: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(exe).is_file()))
-}
-
-/// Whether the client `exe` is installed; prints why a test is skipped,
-/// or fails when `WC_REQUIRE_SPDK_RPC=1`.
-fn have(exe: &str) -> bool {
-    if find_in_path(exe) {
-        return true;
-    }
-    if std::env::var("WC_REQUIRE_SPDK_RPC").as_deref() == Ok("1") {
-        panic!("{exe} is not on PATH but WC_REQUIRE_SPDK_RPC=1 (scripts/deps.sh installs it)");
-    }
-    println!("SKIP: {exe} not installed (scripts/deps.sh installs it)");
-    false
-}
-
-macro_rules! require_clients {
-    ($($exe:expr),*) => {
-        $(if !have($exe) { return; })*
-    };
-}
 
 /// `spdk-rpc --plugin writecache_rpc ...` against `t` (the project's one
 /// plugin has the `nbd_*` commands too).

@@ -64,30 +64,6 @@ const STAT_FIELDS: [&str; 22] = [
 
 // ------------------------------------------------------------------ helpers
 
-fn find_in_path(exe: &str) -> bool {
-    std::env::var_os("PATH")
-        .is_some_and(|p| std::env::split_paths(&p).any(|d| d.join(exe).is_file()))
-}
-
-/// Whether the client `exe` is installed; prints why a test is skipped, or
-/// fails when `WC_REQUIRE_SPDK_RPC=1`.
-fn have(exe: &str) -> bool {
-    if find_in_path(exe) {
-        return true;
-    }
-    if std::env::var("WC_REQUIRE_SPDK_RPC").as_deref() == Ok("1") {
-        panic!("{exe} is not on PATH but WC_REQUIRE_SPDK_RPC=1 (scripts/deps.sh installs it)");
-    }
-    println!("SKIP: {exe} not installed (scripts/deps.sh installs it)");
-    false
-}
-
-macro_rules! require_clients {
-    ($($exe:expr),*) => {
-        $(if !have($exe) { return; })*
-    };
-}
-
 /// A directory for the device files, independent of any one target (it
 /// outlives restarts). Removed on drop unless the test failed.
 struct DataDir(PathBuf);
