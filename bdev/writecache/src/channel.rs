@@ -51,6 +51,8 @@ struct Parent {
 pub(crate) struct Local {
     wc: Arc<Writecache>,
     core: usize,
+    /// Reactors in the runtime (fixed for its life).
+    cores: u64,
     origin: Rc<BdevChannel>,
     free: RefCell<Vec<u32>>,
     write_log: RefCell<Vec<LogEntry>>,
@@ -98,6 +100,7 @@ pub(crate) fn create_channel(wc: &Arc<Writecache>) -> Result<WcChannel, wc_bdev:
     let local = Rc::new_cyclic(|weak: &Weak<Local>| Local {
         wc: wc.clone(),
         core: r.index(),
+        cores: r.count().max(1) as u64,
         origin,
         free: RefCell::new(Vec::with_capacity(REFILL_MAX)),
         write_log: RefCell::new(Vec::new()),
@@ -451,7 +454,7 @@ impl Local {
         let mut free = self.free.borrow_mut();
         if free.is_empty() {
             // Small caches must not end up parked in one core's batch.
-            let cores = wc_reactor::current().count().max(1) as u64;
+            let cores = self.cores;
             let refill = (self.wc.media.geo.n_blocks() / (8 * cores)).clamp(1, REFILL_MAX as u64);
             for _ in 0..refill {
                 match self.wc.pool.pop() {
@@ -469,7 +472,7 @@ impl Local {
 
     fn maybe_autocommit(&self) {
         let wc = &self.wc;
-        let cores = wc_reactor::current().count().max(1) as u64;
+        let cores = self.cores;
         let limit = (wc.tunables.autocommit_blocks.load(Ordering::Relaxed) / cores).max(1);
         if self.write_log.borrow().len() as u64 >= limit
             && !wc.commit_requested.swap(true, Ordering::AcqRel)
