@@ -234,6 +234,18 @@ pub fn start(spec: JobSpec, done: Sender<JobResult>) {
     if spec.range_len < io_blocks {
         return fail(&spec, &done, "bdev range smaller than one I/O".into());
     }
+    // Buffers are allocated per slot up front: refuse absurd totals rather
+    // than abort on allocation.
+    if (spec.queue_depth as u64).saturating_mul(spec.io_size) > 8 << 30 {
+        return fail(
+            &spec,
+            &done,
+            format!(
+                "queue depth {} x IO size {} needs more than 8 GiB of buffers",
+                spec.queue_depth, spec.io_size
+            ),
+        );
+    }
     let now = ticks();
     let rate = tick_rate();
     let slots = (0..spec.queue_depth)
