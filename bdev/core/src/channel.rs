@@ -483,6 +483,27 @@ impl BdevChannel {
         Ok(())
     }
 
+    /// Submits a child I/O with the same type, range, FUA flag and segments
+    /// as `parent` (a vbdev forwarding to its base).
+    ///
+    /// # Safety
+    /// `parent` must not complete (nor be dropped) before this child's
+    /// completion has run: the child reads or writes the parent's segments.
+    pub unsafe fn submit_like(self: &Rc<Self>, parent: &Io, cb: &Rc<dyn IoCompletion>, ctx: u64) {
+        let (off, n) = (parent.offset_blocks(), parent.num_blocks());
+        match parent.io_type() {
+            // SAFETY: the caller keeps the parent, whose segments these are,
+            // alive until the child completes.
+            IoType::Read => unsafe { self.readv(off, n, parent.iovs(), cb, ctx) },
+            // SAFETY: as above.
+            IoType::Write => unsafe { self.writev(off, n, parent.iovs(), parent.fua(), cb, ctx) },
+            IoType::Flush => self.flush(off, n, cb, ctx),
+            IoType::Unmap => self.unmap(off, n, cb, ctx),
+            IoType::WriteZeroes => self.write_zeroes(off, n, cb, ctx),
+            IoType::Reset => self.reset(cb, ctx),
+        }
+    }
+
     /// Read that resolves with the buffer, for control paths and tests.
     pub async fn read_async(
         self: &Rc<Self>,

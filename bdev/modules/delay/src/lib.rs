@@ -26,11 +26,10 @@ use std::time::Duration;
 
 use serde::Deserialize;
 use serde_json::{json, Value};
-use smallvec::SmallVec;
 use uuid::Uuid;
 use wc_bdev::{
     Bdev, BdevChannel, BdevConfig, BdevError, BdevEvent, BdevOps, ClaimGuard, Desc, Io, IoChannel,
-    IoCompletion, IoStatus, IoType, IoVec,
+    IoCompletion, IoStatus, IoType,
 };
 use wc_reactor::tick::{duration_to_ticks, ticks};
 use wc_reactor::{PollStatus, PollerHandle, ReactorHandle};
@@ -551,21 +550,13 @@ impl ChanState {
             return io.complete(IoStatus::Failed(libc::ENODEV));
         };
         let cb: Rc<dyn IoCompletion> = me;
-        let (t, off, n, fua) = (io.io_type(), io.offset_blocks(), io.num_blocks(), io.fua());
-        let iovs: SmallVec<[IoVec; 4]> = io.iovs().iter().copied().collect();
-        let slot = self.slab.borrow_mut().insert(Inflight { io, class }) as u64;
-        match t {
-            // SAFETY: the segments belong to the parent I/O, valid until it
-            // completes (submission contract). The parent stays in the slab,
-            // then in a delay queue, until after this child completes.
-            IoType::Read => unsafe { self.base.readv(off, n, &iovs, &cb, slot) },
-            // SAFETY: as for the read above.
-            IoType::Write => unsafe { self.base.writev(off, n, &iovs, fua, &cb, slot) },
-            IoType::Flush => self.base.flush(off, n, &cb, slot),
-            IoType::Unmap => self.base.unmap(off, n, &cb, slot),
-            IoType::WriteZeroes => self.base.write_zeroes(off, n, &cb, slot),
-            IoType::Reset => self.base.reset(&cb, slot),
-        }
+        let slot = self.slab.borrow_mut().insert(Inflight { io, class });
+        let slab = self.slab.borrow();
+        let parent = &slab[slot].io;
+        // SAFETY: the parent stays in the slab, then in a delay queue, until
+        // after this child completes (completions are deferred, so the
+        // borrow of the slab ends before the child's callback runs).
+        unsafe { self.base.submit_like(parent, &cb, slot as u64) };
     }
 
     /// RESET: every channel aborts its held I/O, then the reset goes to the

@@ -33,11 +33,10 @@ use std::sync::{Arc, Mutex, MutexGuard, Once, OnceLock};
 
 use serde::Deserialize;
 use serde_json::{json, Value};
-use smallvec::SmallVec;
 use uuid::Uuid;
 use wc_bdev::{
     Bdev, BdevChannel, BdevConfig, BdevError, BdevEvent, BdevOps, ClaimGuard, Desc, DmaBuf, Io,
-    IoChannel, IoCompletion, IoStatus, IoType, IoVec,
+    IoChannel, IoCompletion, IoStatus, IoType,
 };
 use wc_reactor::{PollStatus, PollerHandle, ReactorHandle};
 
@@ -694,22 +693,13 @@ impl ChanState {
         let Some(cb) = self.completion() else {
             return io.complete(IoStatus::Failed(libc::ENODEV));
         };
-        let (t, off, n, fua) = (io.io_type(), io.offset_blocks(), io.num_blocks(), io.fua());
-        let iovs: SmallVec<[IoVec; 4]> = io.iovs().iter().copied().collect();
-        let slot = self.slab.borrow_mut().insert(Inflight { io, corrupt_read }) as u64;
+        let slot = self.slab.borrow_mut().insert(Inflight { io, corrupt_read });
         self.inflight.set(self.inflight.get() + 1);
-        match t {
-            // SAFETY: the segments belong to the parent I/O, valid until it
-            // completes (submission contract). The parent stays in the slab
-            // until this child completes, so they outlive the child.
-            IoType::Read => unsafe { self.base.readv(off, n, &iovs, &cb, slot) },
-            // SAFETY: as for the read above.
-            IoType::Write => unsafe { self.base.writev(off, n, &iovs, fua, &cb, slot) },
-            IoType::Flush => self.base.flush(off, n, &cb, slot),
-            IoType::Unmap => self.base.unmap(off, n, &cb, slot),
-            IoType::WriteZeroes => self.base.write_zeroes(off, n, &cb, slot),
-            IoType::Reset => self.base.reset(&cb, slot),
-        }
+        let slab = self.slab.borrow();
+        let parent = &slab[slot].io;
+        // SAFETY: the parent stays in the slab until this child completes
+        // (completions are deferred, so this borrow ends before then).
+        unsafe { self.base.submit_like(parent, &cb, slot as u64) };
     }
 
     /// Injected corruption of a WRITE: the base gets a corrupted copy, the
