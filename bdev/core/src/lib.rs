@@ -25,6 +25,7 @@
 mod bdev;
 mod buf;
 mod channel;
+pub mod channels;
 mod error;
 mod io;
 mod pmem;

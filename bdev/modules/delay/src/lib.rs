@@ -20,7 +20,7 @@ use slab::Slab;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::{Rc, Weak};
-use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Once, OnceLock};
 use std::time::Duration;
 
@@ -161,8 +161,8 @@ struct Shared {
     /// Latencies in µs and in ticks, indexed by `LatencyType::index`.
     latency_us: [AtomicU64; 4],
     latency_ticks: [AtomicU64; 4],
-    /// Reactors of the live channels, by channel id.
-    reactors: Mutex<Vec<(u64, ReactorHandle)>>,
+    /// Reactors of the live channels.
+    reactors: wc_bdev::channels::ChannelReactors,
     base_desc: Mutex<Option<Desc>>,
     claim: Mutex<Option<ClaimGuard>>,
 }
@@ -187,9 +187,7 @@ impl Shared {
     }
 
     fn for_each_channel_reactor(&self, f: impl Fn(&ReactorHandle)) {
-        for (_, h) in lock(&self.reactors).iter() {
-            f(h);
-        }
+        self.reactors.for_each(f);
     }
 }
 
@@ -281,7 +279,7 @@ fn construct(opts: &DelayOpts) -> Result<Arc<Bdev>, BdevError> {
         uuid,
         latency_us: Default::default(),
         latency_ticks: Default::default(),
-        reactors: Mutex::new(Vec::new()),
+        reactors: Default::default(),
         base_desc: Mutex::new(Some(desc)),
         claim: Mutex::new(Some(claim)),
     });
@@ -392,13 +390,8 @@ impl BdevOps for DelayBdev {
             next_token: Cell::new(0),
             spin_ticks: duration_to_ticks(SPIN_WINDOW),
         });
-        {
-            let reg = r.local(LocalChannels::default);
-            let mut v = reg.0.borrow_mut();
-            v.retain(|(_, w)| w.strong_count() > 0);
-            v.push((self.shared.id, Rc::downgrade(&st)));
-        }
-        lock(&self.shared.reactors).push((st.chan_id, r.handle()));
+        wc_bdev::channels::register_local(self.shared.id, &st);
+        self.shared.reactors.add(st.chan_id);
         let weak = Rc::downgrade(&st);
         let poller = r.register_poller("bdev_delay_io", None, move || match weak.upgrade() {
             Some(st) => st.finish_due(),
@@ -439,19 +432,8 @@ fn seed_for(salt: usize) -> u64 {
 }
 
 /// The delay channels living on the current reactor.
-#[derive(Default)]
-struct LocalChannels(RefCell<Vec<(u64, Weak<ChanState>)>>);
-
 fn local_channels(id: u64) -> Vec<Rc<ChanState>> {
-    let Some(r) = wc_reactor::try_current() else {
-        return Vec::new();
-    };
-    let reg = r.local(LocalChannels::default);
-    let v = reg.0.borrow();
-    v.iter()
-        .filter(|(i, _)| *i == id)
-        .filter_map(|(_, w)| w.upgrade())
-        .collect()
+    wc_bdev::channels::local(id)
 }
 
 /// Completes every held I/O of bdev `id` on this reactor: with `status`
@@ -565,35 +547,23 @@ impl ChanState {
         let token = self.next_token.get();
         self.next_token.set(token + 1);
         self.resets.borrow_mut().push((token, io));
-        let origin = wc_reactor::current().handle();
         let id = self.shared.id;
-        let handles: Vec<ReactorHandle> = lock(&self.shared.reactors)
-            .iter()
-            .map(|(_, h)| h.clone())
-            .collect();
-        let left = Arc::new(AtomicUsize::new(handles.len()));
-        for h in handles {
-            let left = left.clone();
-            let origin = origin.clone();
-            h.send(move || {
-                release_all(id, Some(IoStatus::Aborted));
-                if left.fetch_sub(1, Ordering::AcqRel) == 1 {
-                    origin.send(move || {
-                        for ch in local_channels(id) {
-                            let io = {
-                                let mut rs = ch.resets.borrow_mut();
-                                rs.iter()
-                                    .position(|(t, _)| *t == token)
-                                    .map(|i| rs.swap_remove(i).1)
-                            };
-                            if let Some(io) = io {
-                                ch.forward(io, None);
-                            }
-                        }
-                    });
+        self.shared.reactors.for_each_then(
+            move || release_all(id, Some(IoStatus::Aborted)),
+            move || {
+                for ch in local_channels(id) {
+                    let io = {
+                        let mut rs = ch.resets.borrow_mut();
+                        rs.iter()
+                            .position(|(t, _)| *t == token)
+                            .map(|i| rs.swap_remove(i).1)
+                    };
+                    if let Some(io) = io {
+                        ch.forward(io, None);
+                    }
                 }
-            });
-        }
+            },
+        );
     }
 
     /// The poller: completes held I/O whose time has come.
@@ -625,7 +595,7 @@ impl ChanState {
 
 impl Drop for ChanState {
     fn drop(&mut self) {
-        lock(&self.shared.reactors).retain(|(id, _)| *id != self.chan_id);
+        self.shared.reactors.remove(self.chan_id);
     }
 }
 

@@ -28,7 +28,7 @@ use slab::Slab;
 use std::cell::{Cell, RefCell};
 use std::collections::VecDeque;
 use std::rc::{Rc, Weak};
-use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{AtomicU32, AtomicU64, AtomicU8, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard, Once, OnceLock};
 
 use serde::Deserialize;
@@ -208,8 +208,8 @@ struct Shared {
     config_uuid: Option<Uuid>,
     /// READ, WRITE, UNMAP, FLUSH.
     vector: [InjectInfo; 4],
-    /// Reactors of the live channels, by channel id.
-    reactors: Mutex<Vec<(u64, ReactorHandle)>>,
+    /// Reactors of the live channels.
+    reactors: wc_bdev::channels::ChannelReactors,
     base_desc: Mutex<Option<Desc>>,
     claim: Mutex<Option<ClaimGuard>>,
 }
@@ -258,9 +258,7 @@ impl Shared {
 
     /// Runs `f` on every reactor that has a channel of this bdev.
     fn for_each_channel_reactor(&self, f: impl Fn(&ReactorHandle)) {
-        for (_, h) in lock(&self.reactors).iter() {
-            f(h);
-        }
+        self.reactors.for_each(f);
     }
 }
 
@@ -359,7 +357,7 @@ fn construct(cfg: &CreateParams) -> Result<(), BdevError> {
         base_name: base.name().to_string(),
         config_uuid: cfg.uuid,
         vector: Default::default(),
-        reactors: Mutex::new(Vec::new()),
+        reactors: Default::default(),
         base_desc: Mutex::new(Some(desc)),
         claim: Mutex::new(Some(claim)),
     });
@@ -527,13 +525,8 @@ impl BdevOps for ErrorBdev {
             resets: RefCell::new(Vec::new()),
             next_token: Cell::new(0),
         });
-        {
-            let reg = r.local(LocalChannels::default);
-            let mut v = reg.0.borrow_mut();
-            v.retain(|(_, w)| w.strong_count() > 0);
-            v.push((self.shared.id, Rc::downgrade(&st)));
-        }
-        lock(&self.shared.reactors).push((st.chan_id, r.handle()));
+        wc_bdev::channels::register_local(self.shared.id, &st);
+        self.shared.reactors.add(st.chan_id);
         let weak = Rc::downgrade(&st);
         let poller = r.register_poller("bdev_error_retry", None, move || match weak.upgrade() {
             Some(st) => st.retry_parked(),
@@ -571,19 +564,8 @@ impl BdevOps for ErrorBdev {
 }
 
 /// The error channels living on the current reactor.
-#[derive(Default)]
-struct LocalChannels(RefCell<Vec<(u64, Weak<ChanState>)>>);
-
 fn local_channels(id: u64) -> Vec<Rc<ChanState>> {
-    let Some(r) = wc_reactor::try_current() else {
-        return Vec::new();
-    };
-    let reg = r.local(LocalChannels::default);
-    let v = reg.0.borrow();
-    v.iter()
-        .filter(|(i, _)| *i == id)
-        .filter_map(|(_, w)| w.upgrade())
-        .collect()
+    wc_bdev::channels::local(id)
 }
 
 /// Completes every held (pending) and parked (nomem) I/O of bdev `id` on
@@ -728,38 +710,25 @@ impl ChanState {
         let token = self.next_token.get();
         self.next_token.set(token + 1);
         self.resets.borrow_mut().push((token, io));
-        let r = wc_reactor::current();
-        let origin = r.handle();
         let id = self.shared.id;
-        let handles: Vec<ReactorHandle> = lock(&self.shared.reactors)
-            .iter()
-            .map(|(_, h)| h.clone())
-            .collect();
-        let left = Arc::new(AtomicUsize::new(handles.len()));
-        for h in handles {
-            let left = left.clone();
-            let origin = origin.clone();
-            h.send(move || {
-                abort_held(id);
-                if left.fetch_sub(1, Ordering::AcqRel) == 1 {
-                    origin.send(move || {
-                        for ch in local_channels(id) {
-                            let mut rs = ch.resets.borrow_mut();
-                            if let Some(i) = rs.iter().position(|(t, _)| *t == token) {
-                                let (_, io) = rs.swap_remove(i);
-                                io.complete(IoStatus::Success);
-                            }
-                        }
-                    });
+        self.shared.reactors.for_each_then(
+            move || abort_held(id),
+            move || {
+                for ch in local_channels(id) {
+                    let mut rs = ch.resets.borrow_mut();
+                    if let Some(i) = rs.iter().position(|(t, _)| *t == token) {
+                        let (_, io) = rs.swap_remove(i);
+                        io.complete(IoStatus::Success);
+                    }
                 }
-            });
-        }
+            },
+        );
     }
 }
 
 impl Drop for ChanState {
     fn drop(&mut self) {
-        lock(&self.shared.reactors).retain(|(id, _)| *id != self.chan_id);
+        self.shared.reactors.remove(self.chan_id);
     }
 }
 
