@@ -6,14 +6,14 @@
 //! takes used entries, so the unit tests drive it with virtio-queue's mock
 //! queue, and the vhost backend with the vrings of a connection.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::rc::Rc;
 use std::sync::Arc;
 
 use slab::Slab;
 use virtio_queue::desc::split::Descriptor;
 use vm_memory::{Address, Bytes, GuestAddress, GuestMemoryBackend, GuestMemoryMmap};
-use wc_bdev::{BdevChannel, Io, IoCompletion, IoVec};
+use wc_bdev::{BdevChannel, Io, IoCompletion, IoType, IoVec};
 
 /// Guest memory as the engine sees it.
 pub type Mem = GuestMemoryMmap<()>;
@@ -90,6 +90,8 @@ struct Req {
     /// Keeps the guest mapping alive until the request completes.
     mem: Arc<Mem>,
     generation: u64,
+    /// The queue's epoch when the chain was popped.
+    epoch: u64,
 }
 
 /// A chain the engine could not accept: its head and, where the status
@@ -258,35 +260,78 @@ fn status_addr(mem: &Mem, d: &Descriptor) -> Option<GuestAddress> {
 
 /// Access to a virtqueue: popping chains and adding used entries.
 pub trait QueueOps {
-    /// Pops up to `max` available chains as (head, descriptors); a chain
-    /// whose descriptors could not be read comes back truncated (and is
-    /// rejected by the parser). `None` when the queue is not usable.
-    fn pop(&self, mem: &Mem, max: usize) -> Option<Vec<(u16, Vec<Descriptor>)>>;
-    /// Adds a used entry and notifies the driver if it wants it.
-    fn push_used(&self, mem: &Mem, head: u16, len: u32);
+    /// Pops up to `max` available chains as (head, descriptors), with the
+    /// queue's epoch read at the same time (under the queue's lock); a
+    /// chain whose descriptors could not be read comes back truncated (and
+    /// is rejected by the parser). `None` when the queue is not usable.
+    fn pop(&self, mem: &Mem, max: usize) -> Option<(u64, Vec<(u16, Vec<Descriptor>)>)>;
+    /// Completes a chain popped in `epoch`: adds its used entry, unless the
+    /// ring was stopped since (the epoch moved on), and notifies the driver
+    /// if it wants it.
+    fn push_used(&self, mem: &Mem, head: u16, len: u32, epoch: u64);
+    /// Forgets a popped chain without a used entry (its connection ended).
+    fn discard(&self) {}
+    /// True once after the driver kicked the queue.
+    fn take_kick(&self) -> bool {
+        false
+    }
+    /// Runs `f` holding the queue's lock (serialised with `pop` and
+    /// `push_used`).
+    fn with_lock(&self, f: &mut dyn FnMut()) {
+        f()
+    }
 }
 
-/// One virtqueue served on one reactor, with its bdev channel.
+impl<T: QueueOps + ?Sized> QueueOps for Arc<T> {
+    fn pop(&self, mem: &Mem, max: usize) -> Option<(u64, Vec<(u16, Vec<Descriptor>)>)> {
+        (**self).pop(mem, max)
+    }
+    fn push_used(&self, mem: &Mem, head: u16, len: u32, epoch: u64) {
+        (**self).push_used(mem, head, len, epoch)
+    }
+    fn discard(&self) {
+        (**self).discard()
+    }
+    fn take_kick(&self) -> bool {
+        (**self).take_kick()
+    }
+    fn with_lock(&self, f: &mut dyn FnMut()) {
+        (**self).with_lock(f)
+    }
+}
+
+/// Chains taken from a queue per poll.
+const BATCH: usize = 32;
+/// Polls skipped after finding a queue unusable (not set up by the
+/// driver), unless it is kicked meanwhile.
+const IDLE_SKIP: u32 = 256;
+
+/// One virtqueue served on one reactor, with that reactor's bdev channel.
 pub struct QueueEngine<Q: QueueOps> {
     q: Q,
-    chan: Rc<BdevChannel>,
+    /// The calling reactor's channel; `None` once the bdev is gone (every
+    /// request then fails with `VIRTIO_BLK_S_IOERR`).
+    chan: RefCell<Option<Rc<BdevChannel>>>,
     geom: Geometry,
     inflight: RefCell<Slab<Req>>,
-    generation: std::cell::Cell<u64>,
+    generation: Cell<u64>,
+    skip: Cell<u32>,
     /// Requests seen, for tests and stats.
-    pub completed: std::cell::Cell<u64>,
+    pub completed: Cell<u64>,
 }
 
 impl<Q: QueueOps + 'static> QueueEngine<Q> {
-    /// An engine for `q` on the calling reactor's channel `chan`.
-    pub fn new(q: Q, chan: Rc<BdevChannel>, geom: Geometry) -> Rc<Self> {
+    /// An engine for `q` on the calling reactor's channel `chan` (`None`:
+    /// the bdev is gone).
+    pub fn new(q: Q, chan: Option<Rc<BdevChannel>>, geom: Geometry) -> Rc<Self> {
         Rc::new(QueueEngine {
             q,
-            chan,
+            chan: RefCell::new(chan),
             geom,
             inflight: RefCell::new(Slab::new()),
-            generation: std::cell::Cell::new(0),
-            completed: std::cell::Cell::new(0),
+            generation: Cell::new(0),
+            skip: Cell::new(0),
+            completed: Cell::new(0),
         })
     }
 
@@ -306,16 +351,30 @@ impl<Q: QueueOps + 'static> QueueEngine<Q> {
         self.generation.set(self.generation.get() + 1);
     }
 
+    /// Drops the bdev channel (the bdev was removed): requests in flight
+    /// complete as the bdev completes them, new ones fail with
+    /// `VIRTIO_BLK_S_IOERR` without reaching the bdev.
+    pub fn detach(&self) {
+        self.chan.borrow_mut().take();
+    }
+
     /// Processes what the driver made available. Returns the number of
     /// chains taken.
     pub fn poll(self: &Rc<Self>, mem: &Arc<Mem>) -> usize {
-        let Some(chains) = self.q.pop(mem, 32) else {
+        let skip = self.skip.get();
+        if skip > 0 && !self.q.take_kick() {
+            self.skip.set(skip - 1);
+            return 0;
+        }
+        let Some((epoch, chains)) = self.q.pop(mem, BATCH) else {
+            self.skip.set(IDLE_SKIP);
             return 0;
         };
+        self.skip.set(0);
         let n = chains.len();
         for (head, descs) in chains {
             match parse(head, &descs, mem, &self.geom) {
-                Err(r) => self.finish_rejected(mem, r),
+                Err(r) => self.finish_rejected(mem, r, epoch),
                 Ok((kind, segs, status, used_len)) => {
                     let req = Req {
                         head,
@@ -325,6 +384,7 @@ impl<Q: QueueOps + 'static> QueueEngine<Q> {
                         kind,
                         mem: mem.clone(),
                         generation: self.generation.get(),
+                        epoch,
                     };
                     self.submit(req);
                 }
@@ -333,68 +393,77 @@ impl<Q: QueueOps + 'static> QueueEngine<Q> {
         n
     }
 
-    fn finish_rejected(&self, mem: &Mem, r: Rejected) {
+    fn finish_rejected(&self, mem: &Mem, r: Rejected, epoch: u64) {
         if let Some(st) = r.status {
             let _ = mem.write_obj(r.code, st);
         }
         self.completed.set(self.completed.get() + 1);
-        self.q.push_used(mem, r.head, u32::from(r.status.is_some()));
+        self.q
+            .push_used(mem, r.head, u32::from(r.status.is_some()), epoch);
     }
 
     fn submit(self: &Rc<Self>, req: Req) {
-        if let Kind::GetId = req.kind {
-            let mut id = [0u8; ID_BYTES];
-            let n = self.geom.id.len().min(ID_BYTES);
-            id[..n].copy_from_slice(&self.geom.id[..n]);
-            let mut off = 0;
-            for s in &req.segs {
-                let take = s.len.min(ID_BYTES - off);
-                // SAFETY: the segment was resolved from a write-only guest
-                // descriptor inside a mapped region of `req.mem`, which is
-                // alive here; `take <= s.len`.
-                unsafe { std::ptr::copy_nonoverlapping(id[off..].as_ptr(), s.base, take) };
-                off += take;
-                if off == ID_BYTES {
-                    break;
-                }
-            }
-            return self.complete(req, S_OK);
-        }
+        let Some(chan) = self.chan.borrow().clone() else {
+            return self.complete(req, S_IOERR);
+        };
         let cb: Rc<dyn IoCompletion> = self.clone();
-        let kind = match &req.kind {
-            Kind::Read { lba, blocks } => (0, *lba, *blocks),
-            Kind::Write { lba, blocks } => (1, *lba, *blocks),
-            Kind::Flush => (2, 0, self.geom.num_blocks),
-            Kind::Unmap { lba, blocks } => (3, *lba, *blocks),
-            Kind::Zeroes { lba, blocks } => (4, *lba, *blocks),
-            Kind::GetId => unreachable!("handled above"),
+        let (t, lba, n) = match req.kind {
+            Kind::Read { lba, blocks } => (IoType::Read, lba, blocks),
+            Kind::Write { lba, blocks } => (IoType::Write, lba, blocks),
+            Kind::Flush => (IoType::Flush, 0, self.geom.num_blocks),
+            Kind::Unmap { lba, blocks } => (IoType::Unmap, lba, blocks),
+            Kind::Zeroes { lba, blocks } => (IoType::WriteZeroes, lba, blocks),
+            Kind::GetId => {
+                self.write_id(&req);
+                return self.complete(req, S_OK);
+            }
         };
         // Segments live in guest memory kept mapped by `req.mem`; the slab
         // keeps them in place until the completion.
         let segs = req.segs.clone();
         let key = self.inflight.borrow_mut().insert(req) as u64;
-        match kind {
+        match t {
             // SAFETY: each segment is a write-only guest buffer inside a
             // mapped region held alive by the request's `mem` until io_done;
             // the guest gave it to the device for this request only.
-            (0, lba, n) => unsafe { self.chan.readv(lba, n, &segs, &cb, key) },
+            IoType::Read => unsafe { chan.readv(lba, n, &segs, &cb, key) },
             // SAFETY: readable guest buffers inside a mapped region held
             // alive by the request until io_done.
-            (1, lba, n) => unsafe { self.chan.writev(lba, n, &segs, false, &cb, key) },
-            (2, lba, n) => self.chan.flush(lba, n, &cb, key),
-            (3, lba, n) => self.chan.unmap(lba, n, &cb, key),
-            (_, lba, n) => self.chan.write_zeroes(lba, n, &cb, key),
+            IoType::Write => unsafe { chan.writev(lba, n, &segs, false, &cb, key) },
+            IoType::Flush => chan.flush(lba, n, &cb, key),
+            IoType::Unmap => chan.unmap(lba, n, &cb, key),
+            _ => chan.write_zeroes(lba, n, &cb, key),
+        }
+    }
+
+    /// Answers `VIRTIO_BLK_T_GET_ID` into the request's segments.
+    fn write_id(&self, req: &Req) {
+        let mut id = [0u8; ID_BYTES];
+        let n = self.geom.id.len().min(ID_BYTES);
+        id[..n].copy_from_slice(&self.geom.id[..n]);
+        let mut off = 0;
+        for s in &req.segs {
+            let take = s.len.min(ID_BYTES - off);
+            // SAFETY: the segment was resolved from a write-only guest
+            // descriptor inside a mapped region of `req.mem`, which is
+            // alive here; `take <= s.len`.
+            unsafe { std::ptr::copy_nonoverlapping(id[off..].as_ptr(), s.base, take) };
+            off += take;
+            if off == ID_BYTES {
+                break;
+            }
         }
     }
 
     fn complete(&self, req: Req, status: u8) {
         self.completed.set(self.completed.get() + 1);
         if req.generation != self.generation.get() {
+            self.q.discard();
             return;
         }
         let _ = req.mem.write_obj(status, req.status);
         let len = if status == S_OK { req.used_len } else { 1 };
-        self.q.push_used(&req.mem, req.head, len);
+        self.q.push_used(&req.mem, req.head, len, req.epoch);
     }
 }
 

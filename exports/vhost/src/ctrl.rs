@@ -6,8 +6,9 @@ use std::collections::BTreeMap;
 use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicBool, AtomicU64, Ordering};
+use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
+use std::time::{Duration, Instant};
 
 use serde::Serialize;
 use serde_json::{json, Value};
@@ -23,7 +24,7 @@ use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
-use wc_reactor::PollStatus;
+use wc_reactor::{PollStatus, ReactorHandle};
 
 use crate::blk::{config_space, Geometry, Mem, QueueEngine, QueueOps};
 
@@ -112,16 +113,139 @@ pub fn socket_dir() -> PathBuf {
 }
 
 const MAX_QUEUE_SIZE: usize = 256;
+/// Queues offered to the driver (`GET_QUEUE_NUM`); QEMU's `num-queues`
+/// picks how many it uses.
+pub(crate) const MAX_QUEUES: usize = 16;
+/// How long `GET_VRING_BASE` (the frontend stopping a ring) waits for the
+/// ring's requests in flight.
+const STOP_DRAIN: Duration = Duration::from_secs(5);
 
-struct Shared {
-    geom: Geometry,
+/// A queue as the reactors see it.
+pub(crate) type DynQueue = Arc<dyn QueueOps + Send + Sync>;
+
+/// Per-queue state shared by the vhost-user thread and the queue's reactor,
+/// kept for the controller's life.
+#[derive(Default)]
+pub(crate) struct QueueCtl {
+    /// Bumped when the frontend stops the ring: completions of requests
+    /// popped before are dropped instead of reaching the restarted ring.
+    epoch: AtomicU64,
+    /// Chains popped and not yet completed (or dropped).
+    inflight: AtomicUsize,
+    /// Set by a kick, taken by the poller.
+    kicked: AtomicBool,
+}
+
+/// What the vhost-user thread and the reactors serving a controller share.
+pub(crate) struct Shared {
+    pub(crate) geom: Geometry,
     num_queues: usize,
+    /// Reactors polling the queues: queue `i` on `reactors[i % len]`.
+    reactors: Vec<ReactorHandle>,
+    qctl: Vec<Arc<QueueCtl>>,
+    /// The open bdev.
+    desc: Mutex<Option<wc_bdev::Desc>>,
+    /// Guest memory of the current connection; `mem_gen` bumps on change.
     mem: Mutex<Option<GuestMemoryAtomic<Mem>>>,
-    vrings: Mutex<Option<Vec<VringRwLock>>>,
+    mem_gen: AtomicU64,
+    /// Queues of the current connection (known after its first kick).
+    queues: Mutex<Option<Vec<DynQueue>>>,
+    has_queues: AtomicBool,
     /// Bumped when a connection ends.
     session: AtomicU64,
-    stop: AtomicBool,
+    pub(crate) stop: AtomicBool,
     shutdown: Mutex<Option<ShutdownHandle>>,
+}
+
+impl Shared {
+    pub(crate) fn new(
+        geom: Geometry,
+        num_queues: usize,
+        reactors: Vec<ReactorHandle>,
+        desc: wc_bdev::Desc,
+    ) -> Arc<Shared> {
+        Arc::new(Shared {
+            geom,
+            num_queues,
+            reactors,
+            qctl: (0..num_queues).map(|_| Arc::default()).collect(),
+            desc: Mutex::new(Some(desc)),
+            mem: Mutex::new(None),
+            mem_gen: AtomicU64::new(0),
+            queues: Mutex::new(None),
+            has_queues: AtomicBool::new(false),
+            session: AtomicU64::new(0),
+            stop: AtomicBool::new(false),
+            shutdown: Mutex::new(None),
+        })
+    }
+
+    /// Installs the guest memory of the connection.
+    pub(crate) fn set_memory(&self, mem: GuestMemoryAtomic<Mem>) {
+        *lock(&self.mem) = Some(mem);
+        self.mem_gen.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Installs the queues of the connection (first call wins).
+    pub(crate) fn set_queues(&self, queues: Vec<DynQueue>) {
+        let mut q = lock(&self.queues);
+        if q.is_none() {
+            *q = Some(queues);
+            self.has_queues.store(true, Ordering::Release);
+        }
+    }
+
+    /// The connection ended: its queues and memory are forgotten, and the
+    /// completions of its requests dropped.
+    fn end_session(&self) {
+        self.has_queues.store(false, Ordering::Release);
+        *lock(&self.queues) = None;
+        *lock(&self.mem) = None;
+        self.mem_gen.fetch_add(1, Ordering::AcqRel);
+        for c in &self.qctl {
+            c.epoch.fetch_add(1, Ordering::AcqRel);
+        }
+        self.session.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// Kick on queue `i`: the poller looks at it, and a sleeping reactor
+    /// wakes up.
+    fn kicked(&self, i: usize) {
+        if let Some(c) = self.qctl.get(i) {
+            c.kicked.store(true, Ordering::Release);
+        }
+        if !self.reactors.is_empty() {
+            let h = &self.reactors[i % self.reactors.len()];
+            if h.in_interrupt() {
+                h.send(|| {});
+            }
+        }
+    }
+
+    /// The frontend stops ring `i` (`GET_VRING_BASE`): waits (bounded) for
+    /// its requests in flight, then moves its epoch on under the ring's
+    /// lock so nothing popped before lands in the restarted ring.
+    fn stop_ring(&self, i: usize) {
+        let Some(ctl) = self.qctl.get(i) else {
+            return;
+        };
+        let deadline = Instant::now() + STOP_DRAIN;
+        while ctl.inflight.load(Ordering::Acquire) > 0
+            && Instant::now() < deadline
+            && !self.stop.load(Ordering::Acquire)
+        {
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let q = lock(&self.queues).as_ref().and_then(|v| v.get(i).cloned());
+        match q {
+            Some(q) => q.with_lock(&mut || {
+                ctl.epoch.fetch_add(1, Ordering::AcqRel);
+            }),
+            None => {
+                ctl.epoch.fetch_add(1, Ordering::AcqRel);
+            }
+        }
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -182,22 +306,38 @@ impl VhostUserBackend for Backend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<Mem>) -> std::io::Result<()> {
-        *lock(&self.0.mem) = Some(mem);
+        self.0.set_memory(mem);
+        Ok(())
+    }
+
+    fn stop_vring(&self, queue_index: u32) -> std::io::Result<()> {
+        self.0.stop_ring(queue_index as usize);
         Ok(())
     }
 
     fn handle_event(
         &self,
-        _device_event: u16,
+        device_event: u16,
         _evset: EventSet,
         vrings: &[VringRwLock],
         _thread_id: usize,
     ) -> std::io::Result<()> {
-        // Queues are polled by a reactor; a kick only tells us the vrings.
-        let mut v = lock(&self.0.vrings);
-        if v.is_none() {
-            *v = Some(vrings.to_vec());
+        // Queues are polled by reactors; a kick tells us the vrings (the
+        // first time) and wakes the queue's reactor if it sleeps.
+        if !self.0.has_queues.load(Ordering::Acquire) {
+            let queues = vrings
+                .iter()
+                .zip(&self.0.qctl)
+                .map(|(v, c)| {
+                    Arc::new(VringQ {
+                        vring: v.clone(),
+                        ctl: c.clone(),
+                    }) as DynQueue
+                })
+                .collect();
+            self.0.set_queues(queues);
         }
+        self.0.kicked(usize::from(device_event));
         Ok(())
     }
 }
@@ -226,22 +366,47 @@ pub(crate) fn add_used(q: &mut Queue, mem: &Mem, head: u16, len: u32) -> bool {
     q.needs_notification(mem).unwrap_or(true)
 }
 
-struct VringQ(VringRwLock);
+/// A vring of the vhost-user backend.
+struct VringQ {
+    vring: VringRwLock,
+    ctl: Arc<QueueCtl>,
+}
 
 impl QueueOps for VringQ {
-    fn pop(&self, mem: &Mem, max: usize) -> Option<Vec<(u16, Vec<Descriptor>)>> {
-        let mut st = self.0.get_mut();
+    fn pop(&self, mem: &Mem, max: usize) -> Option<(u64, Vec<(u16, Vec<Descriptor>)>)> {
+        let mut st = self.vring.get_mut();
         if !st.is_enabled() || !st.get_queue().ready() {
             return None;
         }
-        Some(pop_chains(st.get_queue_mut(), mem, max))
+        let chains = pop_chains(st.get_queue_mut(), mem, max);
+        // Counted under the ring's lock: a concurrent GET_VRING_BASE sees
+        // them in flight.
+        self.ctl.inflight.fetch_add(chains.len(), Ordering::AcqRel);
+        Some((self.ctl.epoch.load(Ordering::Acquire), chains))
     }
 
-    fn push_used(&self, mem: &Mem, head: u16, len: u32) {
-        let mut st = self.0.get_mut();
-        if add_used(st.get_queue_mut(), mem, head, len) {
+    fn push_used(&self, mem: &Mem, head: u16, len: u32, epoch: u64) {
+        let mut st = self.vring.get_mut();
+        if epoch == self.ctl.epoch.load(Ordering::Acquire)
+            && add_used(st.get_queue_mut(), mem, head, len)
+        {
             let _ = st.signal_used_queue();
         }
+        drop(st);
+        self.ctl.inflight.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    fn discard(&self) {
+        self.ctl.inflight.fetch_sub(1, Ordering::AcqRel);
+    }
+
+    fn take_kick(&self) -> bool {
+        self.ctl.kicked.swap(false, Ordering::AcqRel)
+    }
+
+    fn with_lock(&self, f: &mut dyn FnMut()) {
+        let _st = self.vring.get_mut();
+        f();
     }
 }
 
@@ -254,6 +419,34 @@ struct Controller {
 }
 
 static CONTROLLERS: Mutex<BTreeMap<String, Controller>> = Mutex::new(BTreeMap::new());
+
+/// The reactors that poll a controller's queues: those of the runtime whose
+/// core is in `mask` (all of them without a mask), in index order.
+pub(crate) fn serving_reactors(
+    mask: Option<&wc_reactor::CoreMask>,
+) -> Result<Vec<ReactorHandle>, VhostError> {
+    let Some(r) = wc_reactor::try_current() else {
+        return Ok(Vec::new());
+    };
+    let all = r.siblings();
+    let Some(m) = mask else {
+        return Ok(all);
+    };
+    let picked: Vec<ReactorHandle> = all
+        .iter()
+        .filter(|h| m.contains(h.core()))
+        .cloned()
+        .collect();
+    if picked.is_empty() {
+        let cores = wc_reactor::CoreMask::from_cores(all.iter().map(|h| h.core()));
+        return Err(VhostError::Invalid(format!(
+            "cpumask 0x{} selects no reactor (reactors run on 0x{})",
+            m.to_hex(),
+            cores.to_hex()
+        )));
+    }
+    Ok(picked)
+}
 
 /// Creates a controller; returns its name.
 pub fn create_controller(o: CreateOpts) -> Result<String, VhostError> {
@@ -279,6 +472,7 @@ pub fn create_controller(o: CreateOpts) -> Result<String, VhostError> {
         ),
         None => None,
     };
+    let reactors = serving_reactors(mask.as_ref())?;
     let desc = wc_bdev::open(&o.dev_name, !o.readonly, None)
         .map_err(|e| VhostError::NotFound(format!("bdev '{}': {e}", o.dev_name)))?;
     let b = desc.bdev().clone();
@@ -290,37 +484,19 @@ pub fn create_controller(o: CreateOpts) -> Result<String, VhostError> {
         readonly: o.readonly,
         id,
     };
-    // Reactor: first core of the mask running one, else main/current.
-    let reactor = wc_reactor::try_current().map(|r| {
-        let sib = r.siblings();
-        mask.as_ref()
-            .and_then(|m| sib.iter().find(|h| m.contains(h.core())).cloned())
-            .unwrap_or_else(|| r.main_handle())
-    });
-    let cpumask = match &reactor {
-        Some(h) => format!(
+    let cpumask = if reactors.is_empty() {
+        o.cpumask.clone().unwrap_or_else(|| "0x1".into())
+    } else {
+        format!(
             "0x{}",
-            wc_reactor::CoreMask::from_cores([h.core()]).to_hex()
-        ),
-        None => o.cpumask.clone().unwrap_or_else(|| "0x1".into()),
+            wc_reactor::CoreMask::from_cores(reactors.iter().map(|h| h.core())).to_hex()
+        )
     };
     let socket = socket_dir().join(&o.ctrlr);
     let mut listener = Listener::new(&socket, true)
         .map_err(|e| VhostError::Io(format!("socket {}: {e}", socket.display())))?;
     let _ = std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600));
-    let num_queues = wc_reactor::try_current()
-        .map(|r| r.count())
-        .unwrap_or(1)
-        .clamp(1, 16);
-    let shared = Arc::new(Shared {
-        geom: geom.clone(),
-        num_queues,
-        mem: Mutex::new(None),
-        vrings: Mutex::new(None),
-        session: AtomicU64::new(0),
-        stop: AtomicBool::new(false),
-        shutdown: Mutex::new(None),
-    });
+    let shared = Shared::new(geom, MAX_QUEUES, reactors, desc);
     let backend = Backend(shared.clone());
     let name = format!("vhost-{}", o.ctrlr);
     // A fresh daemon per connection: the vhost-user handler keeps owner
@@ -353,7 +529,7 @@ pub fn create_controller(o: CreateOpts) -> Result<String, VhostError> {
                 if sh.stop.load(Ordering::Acquire) {
                     break;
                 }
-                std::thread::sleep(std::time::Duration::from_millis(100));
+                std::thread::sleep(Duration::from_millis(100));
                 continue;
             }
             *lock(&sh.shutdown) = d.shutdown_handle();
@@ -364,20 +540,15 @@ pub fn create_controller(o: CreateOpts) -> Result<String, VhostError> {
                 tracing::info!("vhost connection ended: {e}");
             }
             *lock(&sh.shutdown) = None;
-            *lock(&sh.vrings) = None;
-            *lock(&sh.mem) = None;
-            sh.session.fetch_add(1, Ordering::AcqRel);
+            sh.end_session();
             // Dropping the daemon stops its vring worker.
             drop(d);
         })
         .map_err(|e| VhostError::Io(format!("thread: {e}")))?;
-    let desc = Arc::new(desc);
-    let sh = shared.clone();
-    let start = move || start_poller(sh, desc);
-    match reactor {
-        Some(h) => h.send(start),
-        None => tracing::warn!("no reactor: vhost queues are not polled"),
+    if shared.reactors.is_empty() {
+        tracing::warn!("no reactor: vhost queues are not polled");
     }
+    start_pollers(&shared);
     let name = o.ctrlr.clone();
     lock(&CONTROLLERS).insert(
         name.clone(),
@@ -392,52 +563,87 @@ pub fn create_controller(o: CreateOpts) -> Result<String, VhostError> {
     Ok(name)
 }
 
-type Engines = Vec<Rc<QueueEngine<VringQ>>>;
+/// Starts the queue pollers: one on each reactor of the controller, the
+/// `k`-th serving queues `k`, `k + n`, `k + 2n`... with its own bdev
+/// channel.
+pub(crate) fn start_pollers(sh: &Arc<Shared>) {
+    let n = sh.reactors.len();
+    for (k, h) in sh.reactors.iter().enumerate() {
+        let sh = sh.clone();
+        h.send(move || run_poller(sh, k, n));
+    }
+}
 
-fn start_poller(sh: Arc<Shared>, desc: Arc<wc_bdev::Desc>) {
+/// What one reactor's poller holds for the current connection.
+struct PollState {
+    session: u64,
+    mem_gen: u64,
+    mem: Option<Arc<Mem>>,
+    engines: Vec<Rc<QueueEngine<DynQueue>>>,
+}
+
+fn run_poller(sh: Arc<Shared>, k: usize, n: usize) {
     let r = wc_reactor::current();
-    let chan = match desc.channel() {
-        Ok(c) => c,
-        Err(e) => {
-            tracing::error!("vhost: no channel: {e}");
-            return;
-        }
-    };
-    let state: RefCell<Option<(u64, Engines)>> = RefCell::new(None);
+    let mut st: Option<PollState> = None;
     let me: Rc<RefCell<Option<wc_reactor::PollerHandle>>> = Rc::new(RefCell::new(None));
     let me2 = me.clone();
     let h = r.register_poller("vhost_blk", None, move || {
-        let _keep = &desc;
         if sh.stop.load(Ordering::Acquire) {
+            if let Some(s) = st.take() {
+                s.engines.iter().for_each(|e| e.reset());
+            }
             if let Some(h) = me2.borrow().as_ref() {
                 h.unregister();
             }
             return PollStatus::Idle;
         }
         let session = sh.session.load(Ordering::Acquire);
-        let mut st = state.borrow_mut();
-        if st.as_ref().is_some_and(|(s, _)| *s != session) {
-            if let Some((_, engines)) = st.take() {
-                engines.iter().for_each(|e| e.reset());
+        if st.as_ref().is_some_and(|s| s.session != session) {
+            if let Some(s) = st.take() {
+                s.engines.iter().for_each(|e| e.reset());
             }
         }
         if st.is_none() {
-            let Some(vr) = lock(&sh.vrings).clone() else {
+            if !sh.has_queues.load(Ordering::Acquire) {
+                return PollStatus::Idle;
+            }
+            let Some(queues) = lock(&sh.queues).clone() else {
                 return PollStatus::Idle;
             };
-            let engines = vr
+            // This reactor's own channel (Desc::channel is per reactor).
+            let chan = lock(&sh.desc).as_ref().and_then(|d| match d.channel() {
+                Ok(c) => Some(c),
+                Err(e) => {
+                    tracing::error!("vhost: no channel: {e}");
+                    None
+                }
+            });
+            let engines = queues
                 .into_iter()
-                .map(|v| QueueEngine::new(VringQ(v), chan.clone(), sh.geom.clone()))
+                .enumerate()
+                .filter(|(i, _)| i % n == k)
+                .map(|(_, q)| QueueEngine::new(q, chan.clone(), sh.geom.clone()))
                 .collect();
-            *st = Some((session, engines));
+            st = Some(PollState {
+                session,
+                mem_gen: u64::MAX,
+                mem: None,
+                engines,
+            });
         }
-        let Some(mem) = lock(&sh.mem).as_ref().map(|m| m.memory().into_inner()) else {
+        let Some(s) = st.as_mut() else {
             return PollStatus::Idle;
         };
-        let engines = st.as_ref().map(|(_, e)| e.clone()).unwrap_or_default();
-        drop(st);
-        let n: usize = engines.iter().map(|e| e.poll(&mem)).sum();
-        PollStatus::from(n > 0)
+        let gen = sh.mem_gen.load(Ordering::Acquire);
+        if s.mem_gen != gen {
+            s.mem = lock(&sh.mem).as_ref().map(|m| m.memory().into_inner());
+            s.mem_gen = gen;
+        }
+        let Some(mem) = &s.mem else {
+            return PollStatus::Idle;
+        };
+        let taken: usize = s.engines.iter().map(|e| e.poll(mem)).sum();
+        PollStatus::from(taken > 0)
     });
     *me.borrow_mut() = Some(h);
 }
@@ -453,6 +659,9 @@ pub fn delete_controller(name: &str) -> Result<(), VhostError> {
 
 fn stop(mut c: Controller) {
     c.shared.stop.store(true, Ordering::Release);
+    // The bdev is free as soon as the controller is gone; requests still
+    // in flight hold their channel until they complete.
+    drop(lock(&c.shared.desc).take());
     if let Some(h) = lock(&c.shared.shutdown).clone() {
         h.shutdown();
     } else {

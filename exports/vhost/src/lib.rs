@@ -4,14 +4,16 @@
 //! `<socket dir>/<ctrlr>` (mode 0600) for a bdev. The vhost-user protocol
 //! (memory tables, vring setup, config space) is served by a
 //! `vhost-user-backend` daemon thread per controller; the virtqueues are
-//! *polled* by a poller on one reactor (the first core of the controller's
-//! cpumask that runs a reactor, else the main reactor): all queues of a
-//! controller run on that reactor. Requests are parsed and validated by
-//! [`blk`], and the bdev reads and writes guest memory directly (zero copy;
-//! a segment that crosses a guest memory region boundary is an I/O error).
-//! When the VM disconnects, the daemon accepts the next connection (a VM
-//! restart reconnects); completions of requests of the old connection are
-//! dropped.
+//! *polled* by the reactors of the controller's cpumask (all reactors
+//! without one): queue `i` by the `i % n`-th of its `n` reactors, each
+//! submitting through its own bdev channel. A kick only wakes a sleeping
+//! reactor. Requests are parsed and validated by [`blk`], and the bdev
+//! reads and writes guest memory directly (zero copy; a segment that
+//! crosses a guest memory region boundary is an I/O error).
+//! When the frontend stops a ring (`GET_VRING_BASE`) its requests in flight
+//! are waited for; when the VM disconnects, the daemon accepts the next
+//! connection (a VM restart reconnects) and completions of requests of the
+//! old connection are dropped.
 
 #![warn(missing_docs)]
 

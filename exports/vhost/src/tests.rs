@@ -24,10 +24,10 @@ const MEM_SIZE: usize = 0x20_0000;
 struct MockQ(RefCell<Queue>);
 
 impl QueueOps for MockQ {
-    fn pop(&self, mem: &Mem, max: usize) -> Option<Vec<(u16, Vec<SplitDesc>)>> {
-        Some(pop_chains(&mut self.0.borrow_mut(), mem, max))
+    fn pop(&self, mem: &Mem, max: usize) -> Option<(u64, Vec<(u16, Vec<SplitDesc>)>)> {
+        Some((0, pop_chains(&mut self.0.borrow_mut(), mem, max)))
     }
-    fn push_used(&self, mem: &Mem, head: u16, len: u32) {
+    fn push_used(&self, mem: &Mem, head: u16, len: u32, _epoch: u64) {
         add_used(&mut self.0.borrow_mut(), mem, head, len);
     }
 }
@@ -98,7 +98,7 @@ fn run(
             readonly,
             id: bdev.as_bytes().to_vec(),
         };
-        let eng = QueueEngine::new(MockQ(RefCell::new(q)), chan, geom);
+        let eng = QueueEngine::new(MockQ(RefCell::new(q)), Some(chan), geom);
         let mut taken = 0;
         while taken < chains.len() {
             let n = eng.poll(&mem);
@@ -424,4 +424,219 @@ fn rpc_create_get_delete_controller() {
     wc_bdev_malloc::delete("VhT4").unwrap();
     rt.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// A bdev that logs on which reactor each channel is created and each I/O
+/// submitted, and through which channel.
+#[derive(Default)]
+struct Spy {
+    next_chan: std::sync::atomic::AtomicUsize,
+    log: Arc<std::sync::Mutex<Vec<SpyEvent>>>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+enum SpyEvent {
+    Channel {
+        id: usize,
+        reactor: usize,
+    },
+    Submit {
+        chan: usize,
+        reactor: usize,
+        lba: u64,
+    },
+}
+
+struct SpyChan {
+    id: usize,
+    log: Arc<std::sync::Mutex<Vec<SpyEvent>>>,
+}
+
+impl wc_bdev::BdevOps for Spy {
+    fn module_name(&self) -> &'static str {
+        "spy"
+    }
+    fn product_name(&self) -> &'static str {
+        "Spy disk"
+    }
+    fn io_type_supported(&self, t: wc_bdev::IoType) -> bool {
+        matches!(
+            t,
+            wc_bdev::IoType::Read | wc_bdev::IoType::Write | wc_bdev::IoType::Flush
+        )
+    }
+    fn create_channel(&self) -> Result<Box<dyn wc_bdev::IoChannel>, wc_bdev::BdevError> {
+        let id = self
+            .next_chan
+            .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
+        let reactor = wc_reactor::current().index();
+        self.log
+            .lock()
+            .unwrap()
+            .push(SpyEvent::Channel { id, reactor });
+        Ok(Box::new(SpyChan {
+            id,
+            log: self.log.clone(),
+        }))
+    }
+}
+
+impl wc_bdev::IoChannel for SpyChan {
+    fn submit(&self, io: wc_bdev::Io) {
+        self.log.lock().unwrap().push(SpyEvent::Submit {
+            chan: self.id,
+            reactor: wc_reactor::current().index(),
+            lba: io.offset_blocks(),
+        });
+        io.complete(wc_bdev::IoStatus::Success);
+    }
+}
+
+/// A mock queue usable from any reactor; each used entry is reported as
+/// (queue, head, reactor that completed it).
+struct SharedMockQ {
+    index: usize,
+    q: std::sync::Mutex<Queue>,
+    tx: std::sync::Mutex<std::sync::mpsc::Sender<(usize, u16, usize)>>,
+}
+
+impl QueueOps for SharedMockQ {
+    fn pop(&self, mem: &Mem, max: usize) -> Option<(u64, Vec<(u16, Vec<SplitDesc>)>)> {
+        Some((0, pop_chains(&mut self.q.lock().unwrap(), mem, max)))
+    }
+    fn push_used(&self, mem: &Mem, head: u16, len: u32, _epoch: u64) {
+        add_used(&mut self.q.lock().unwrap(), mem, head, len);
+        let reactor = wc_reactor::current().index();
+        let _ = self.tx.lock().unwrap().send((self.index, head, reactor));
+    }
+}
+
+/// Puts one chain on a fresh mock queue at `ring` and returns the queue.
+fn mock_queue_with(mem: &Mem, ring: u64, chain: &Chain) -> Queue {
+    let mock = MockSplitQueue::create(mem, GuestAddress(ring), 16);
+    let raw: Vec<RawDescriptor> = chain
+        .iter()
+        .enumerate()
+        .map(|(i, &(addr, len, w))| {
+            let last = i + 1 == chain.len();
+            let flags = if w { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
+            let next = if last { 0 } else { i as u16 + 1 };
+            RawDescriptor::from(SplitDesc::new(addr, len, flags, next))
+        })
+        .collect();
+    mock.add_desc_chains(&raw, 0).unwrap();
+    mock.create_queue().unwrap()
+}
+
+#[test]
+fn queues_are_served_by_the_reactors_of_the_mask() {
+    use crate::ctrl::{start_pollers, DynQueue, Shared};
+    use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+
+    let rt = wc_bdev::testing::test_runtime(2);
+    let spy = Arc::new(Spy::default());
+    let log = spy.log.clone();
+    wc_bdev::register(wc_bdev::BdevConfig::new("VhSpy", 512, 1024), spy).unwrap();
+
+    // The mask's reactors, in order, as create_controller picks them.
+    let masked = wc_bdev::testing::run_on(&rt.handles()[0], || async {
+        let one = crate::ctrl::serving_reactors(Some(&wc_reactor::CoreMask::parse("0x2").unwrap()))
+            .map(|v| v.iter().map(|h| h.index()).collect::<Vec<_>>())
+            .map_err(|e| e.to_string());
+        let none =
+            crate::ctrl::serving_reactors(Some(&wc_reactor::CoreMask::parse("0x4").unwrap()))
+                .is_err();
+        let all = crate::ctrl::serving_reactors(None)
+            .map(|v| v.iter().map(|h| h.index()).collect::<Vec<_>>())
+            .map_err(|e| e.to_string());
+        (one, none, all)
+    });
+    assert_eq!(masked.0.unwrap(), vec![1]);
+    assert!(masked.1, "a mask without reactors is refused");
+    assert_eq!(masked.2.unwrap(), vec![0, 1]);
+
+    // Three queues on two reactors: queue i on reactor i % 2. Each queue
+    // carries one write (queue i writes block 8 * i).
+    const QUEUES: usize = 3;
+    let atomic = GuestMemoryAtomic::new(Mem::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap());
+    let mem = atomic.memory().into_inner();
+    init_status(&mem, QUEUES as u64);
+    let (tx, rx) = std::sync::mpsc::channel();
+    let mut queues: Vec<DynQueue> = Vec::new();
+    for i in 0..QUEUES as u64 {
+        hdr(&mem, HDR + 16 * i, T_OUT, 8 * i);
+        let chain = vec![
+            (HDR + 16 * i, 16, false),
+            (DATA + 4096 * i, 512, false),
+            (STATUS + i, 1, true),
+        ];
+        let q = mock_queue_with(&mem, 0x4000 * i, &chain);
+        queues.push(Arc::new(SharedMockQ {
+            index: i as usize,
+            q: std::sync::Mutex::new(q),
+            tx: std::sync::Mutex::new(tx.clone()),
+        }));
+    }
+    let desc = wc_bdev::open("VhSpy", true, None).unwrap();
+    let geom = Geometry {
+        block_size: 512,
+        num_blocks: 1024,
+        readonly: false,
+        id: b"VhSpy".to_vec(),
+    };
+    let sh = Shared::new(geom, QUEUES, rt.handles().to_vec(), desc);
+    sh.set_memory(atomic.clone());
+    sh.set_queues(queues);
+    start_pollers(&sh);
+
+    let mut served = [usize::MAX; QUEUES];
+    for _ in 0..QUEUES {
+        // Generous bound: only a hang fails here.
+        let (q, head, reactor) = rx
+            .recv_timeout(std::time::Duration::from_secs(60))
+            .expect("every queue completes its request");
+        assert_eq!(head, 0);
+        served[q] = reactor;
+    }
+    assert_eq!(served, [0, 1, 0], "queue i is completed on reactor i % 2");
+    for i in 0..QUEUES as u64 {
+        assert_eq!(status(&mem, i), S_OK);
+    }
+
+    // Each write went to the bdev from the reactor serving its queue,
+    // through a channel created on that reactor; the two reactors used
+    // different channels.
+    let log = log.lock().unwrap().clone();
+    let created_on = |chan: usize| {
+        log.iter().find_map(|e| match *e {
+            SpyEvent::Channel { id, reactor } if id == chan => Some(reactor),
+            _ => None,
+        })
+    };
+    let mut chan_of_reactor = [None; 2];
+    for i in 0..QUEUES {
+        let (chan, reactor) = log
+            .iter()
+            .find_map(|e| match *e {
+                SpyEvent::Submit { chan, reactor, lba } if lba == 8 * i as u64 => {
+                    Some((chan, reactor))
+                }
+                _ => None,
+            })
+            .expect("the write reached the bdev");
+        assert_eq!(reactor, i % 2, "queue {i} submitted on reactor {reactor}");
+        assert_eq!(
+            created_on(chan),
+            Some(reactor),
+            "channel of another reactor"
+        );
+        assert!(chan_of_reactor[reactor].is_none_or(|c| c == chan));
+        chan_of_reactor[reactor] = Some(chan);
+    }
+    assert_ne!(chan_of_reactor[0], chan_of_reactor[1]);
+
+    sh.stop.store(true, std::sync::atomic::Ordering::Release);
+    drop(sh);
+    rt.shutdown();
+    wc_bdev::unregister("VhSpy").unwrap();
 }
