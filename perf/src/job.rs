@@ -2,7 +2,7 @@
 //! queue depth, resubmitting from its completion callback.
 
 use std::cell::RefCell;
-use std::rc::Rc;
+use std::rc::{Rc, Weak};
 use std::sync::mpsc::Sender;
 
 use wc_bdev::{BdevChannel, DmaBuf, Io, IoCompletion, IoStatus};
@@ -78,7 +78,8 @@ impl Workload {
         )
     }
 
-    fn verifies(self) -> bool {
+    /// True for verify and reset (write, read back, compare).
+    pub fn verifies(self) -> bool {
         matches!(self, Workload::Verify | Workload::Reset)
     }
 
@@ -91,6 +92,8 @@ impl Workload {
 /// What one job does.
 #[derive(Debug, Clone)]
 pub struct JobSpec {
+    /// Index of the job in its run (the report's order: bdev, then core).
+    pub id: usize,
     /// Target bdev.
     pub bdev: String,
     /// Reactor index that runs it.
@@ -206,6 +209,78 @@ pub struct Job {
     _desc: wc_bdev::Desc,
 }
 
+/// Counters of a running job, sampled for the periodic output (`-S`).
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Progress {
+    /// The job's index in its run.
+    pub id: usize,
+    /// Completed I/Os so far.
+    pub ios: u64,
+    /// Failed I/Os so far.
+    pub failed: u64,
+    /// Sum of latencies so far, ns.
+    pub lat_sum_ns: u128,
+    /// Minimum latency so far, ns (0 before the first completion).
+    pub lat_min_ns: u64,
+    /// Maximum latency so far, ns.
+    pub lat_max_ns: u64,
+    /// Seconds since the job started.
+    pub elapsed: f64,
+}
+
+impl JobResult {
+    /// The final counters, as a progress sample.
+    pub fn progress(&self) -> Progress {
+        Progress {
+            id: self.spec.id,
+            ios: self.ios,
+            failed: self.failed,
+            lat_sum_ns: self.lat_sum_ns,
+            lat_min_ns: self.lat_min_ns,
+            lat_max_ns: self.lat_max_ns,
+            elapsed: self.runtime,
+        }
+    }
+}
+
+thread_local! {
+    /// Jobs running on this reactor (registered at start, removed when
+    /// they finish), for [`progress_here`].
+    static LIVE: RefCell<Vec<Weak<Job>>> = const { RefCell::new(Vec::new()) };
+}
+
+/// Samples every job running on the current reactor. Called from a reactor
+/// message, like SPDK's per-thread performance dump: the I/O path pays
+/// nothing for it.
+pub fn progress_here() -> Vec<Progress> {
+    let now = ticks();
+    let rate = tick_rate() as f64;
+    LIVE.with(|live| {
+        let Ok(live) = live.try_borrow() else {
+            return Vec::new();
+        };
+        live.iter()
+            .filter_map(Weak::upgrade)
+            .filter_map(|job| {
+                let st = job.state.try_borrow().ok()?;
+                Some(Progress {
+                    id: job.spec.id,
+                    ios: st.ios,
+                    failed: st.failed,
+                    lat_sum_ns: st.lat_sum,
+                    lat_min_ns: if st.lat_min == u64::MAX {
+                        0
+                    } else {
+                        st.lat_min
+                    },
+                    lat_max_ns: st.lat_max,
+                    elapsed: now.saturating_sub(st.start) as f64 / rate,
+                })
+            })
+            .collect()
+    })
+}
+
 /// Starts `spec` on the current reactor; the result goes to `done`.
 pub fn start(spec: JobSpec, done: Sender<JobResult>) {
     let fail = |spec: &JobSpec, done: &Sender<JobResult>, msg: String| {
@@ -289,6 +364,12 @@ pub fn start(spec: JobSpec, done: Sender<JobResult>) {
     });
     let cb: Rc<dyn IoCompletion> = job.clone();
     *job.me.borrow_mut() = Some(cb);
+    LIVE.with(|live| {
+        if let Ok(mut live) = live.try_borrow_mut() {
+            live.retain(|w| w.strong_count() > 0);
+            live.push(Rc::downgrade(&job));
+        }
+    });
     for slot in 0..job.spec.queue_depth as usize {
         job.submit(slot);
     }
@@ -443,6 +524,14 @@ impl Job {
             error: None,
         };
         drop(st);
+        // Off the live list before the result goes out: a sample never
+        // sees a job of a run that is over.
+        let me: *const Job = self;
+        LIVE.with(|live| {
+            if let Ok(mut live) = live.try_borrow_mut() {
+                live.retain(|w| w.strong_count() > 0 && !std::ptr::eq(w.as_ptr(), me));
+            }
+        });
         if let Some(tx) = self.done.borrow_mut().take() {
             let _ = tx.send(r);
         }

@@ -2,142 +2,63 @@
 //! same application framework as `writecache_tgt` (reactors, `--json`
 //! config, RPC with `-z`), runs jobs in-process and prints SPDK's table.
 
+mod args;
 mod job;
 mod report;
+mod rpc;
 
-use std::sync::atomic::{AtomicBool, Ordering};
-use std::sync::{mpsc, Arc};
+use std::io::Write;
+use std::sync::mpsc::{self, RecvTimeoutError};
+use std::sync::Arc;
+use std::time::{Duration, Instant};
 
-use clap::Parser;
-use serde::Deserialize;
-use serde_json::{json, Value};
 use wc_reactor::ReactorHandle;
-use wc_rpc::{Responder, RpcError, StateMask};
 
-use job::{JobResult, JobSpec, Workload};
+use args::{RunParams, StatsMode};
+use job::{JobResult, JobSpec, Progress, Workload};
 
-/// SPDK-compatible bdev benchmark.
-#[derive(Parser, Debug, Clone)]
-#[command(name = "bdevperf", version, about)]
-struct Cli {
-    #[command(flatten)]
-    app: wc_tgt::AppArgs,
-    /// Queue depth per job.
-    #[arg(short = 'q')]
-    queue_depth: Option<u32>,
-    /// I/O size in bytes (suffixes k, m accepted).
-    #[arg(short = 'o')]
-    io_size: Option<String>,
-    /// Workload: read write randread randwrite rw randrw verify reset flush unmap write_zeroes.
-    #[arg(short = 'w')]
-    workload: Option<String>,
-    /// Run time in seconds.
-    #[arg(short = 't')]
-    time: Option<f64>,
-    /// Read percentage for rw/randrw.
-    #[arg(short = 'M')]
-    rwmixread: Option<u32>,
-    /// Only this bdev (default: every unclaimed bdev).
-    #[arg(short = 'T')]
-    target: Option<String>,
-    /// Every core drives every bdev.
-    #[arg(short = 'C')]
-    every_core: bool,
-    /// Start idle and wait for perform_tests over RPC.
-    #[arg(short = 'z')]
-    wait_for_tests: bool,
-    /// Continue after I/O failures.
-    #[arg(short = 'f')]
-    continue_on_error: bool,
-    /// Print a latency summary (percentiles) per job.
-    #[arg(short = 'l', action = clap::ArgAction::Count)]
-    latency: u8,
-    /// I/O timeout in seconds (accepted; timeouts are not enforced).
-    #[arg(short = 'k')]
-    timeout: Option<u64>,
-    /// Write results as JSON to this file.
-    #[arg(long = "output-json")]
-    output_json: Option<std::path::PathBuf>,
+/// Why a run did not happen.
+#[derive(Debug)]
+pub enum RunError {
+    /// Nothing to run with these settings (no such bdev, IO size that does
+    /// not fit the block size...).
+    Setup(String),
+    /// The framework failed under the run.
+    Internal(String),
 }
 
-/// Parameters of one run.
-#[derive(Debug, Clone)]
-struct RunParams {
-    queue_depth: u32,
-    io_size: u64,
-    workload: Workload,
-    read_pct: u32,
-    seconds: f64,
-    target: Option<String>,
-    every_core: bool,
-    continue_on_error: bool,
-}
-
-/// Parses `4096`, `4k`, `4K`, `128k`, `1m`.
-fn parse_size(s: &str) -> Result<u64, String> {
-    let t = s.trim();
-    let (num, mult) = match t.chars().last() {
-        Some('k') | Some('K') => (&t[..t.len() - 1], 1024),
-        Some('m') | Some('M') => (&t[..t.len() - 1], 1024 * 1024),
-        Some('g') | Some('G') => (&t[..t.len() - 1], 1024 * 1024 * 1024),
-        _ => (t, 1),
-    };
-    num.parse::<u64>()
-        .ok()
-        .and_then(|n| n.checked_mul(mult))
-        .filter(|n| *n > 0)
-        .ok_or_else(|| format!("invalid IO size '{s}'"))
-}
-
-fn params_from_cli(cli: &Cli) -> Result<RunParams, String> {
-    let missing = |f: &str| {
-        format!("missing required option {f} (-q, -o, -w and -t are required without -z)")
-    };
-    let workload_name = cli.workload.clone().ok_or_else(|| missing("-w"))?;
-    let workload = Workload::parse(&workload_name)
-        .ok_or_else(|| format!("unsupported workload type '{workload_name}'"))?;
-    let read_pct = resolve_mix(workload, cli.rwmixread)?;
-    Ok(RunParams {
-        queue_depth: cli.queue_depth.ok_or_else(|| missing("-q"))?,
-        io_size: parse_size(cli.io_size.as_deref().ok_or_else(|| missing("-o"))?)?,
-        workload,
-        read_pct,
-        seconds: cli.time.ok_or_else(|| missing("-t"))?,
-        target: cli.target.clone(),
-        every_core: cli.every_core,
-        continue_on_error: cli.continue_on_error,
-    })
-}
-
-fn resolve_mix(workload: Workload, m: Option<u32>) -> Result<u32, String> {
-    match (workload.mixed(), m) {
-        (true, Some(m)) if m <= 100 => Ok(m),
-        (true, Some(m)) => Err(format!("-M {m} is out of range 0..100")),
-        (true, None) => Err("-M (rwmixread) is required for rw/randrw".into()),
-        (false, Some(_)) => {
-            eprintln!("Ignoring -M option: it only applies to rw and randrw");
-            Ok(match workload {
-                Workload::Read | Workload::RandRead => 100,
-                _ => 0,
-            })
+impl std::fmt::Display for RunError {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        match self {
+            RunError::Setup(e) | RunError::Internal(e) => f.write_str(e),
         }
-        (false, None) => Ok(match workload {
-            Workload::Read | Workload::RandRead => 100,
-            _ => 0,
-        }),
     }
 }
 
-/// Builds jobs: without -C, bdevs round-robin over reactors; with -C every
-/// reactor runs a job on every bdev, each on its own slice of the LBAs.
+/// Builds jobs (on the main reactor), SPDK's way: without -C one job per
+/// bdev, bdevs round-robin over reactors; with -C one job per reactor per
+/// bdev, each on its own slice of the blocks. Jobs are numbered in report
+/// order (bdev, then core).
 fn plan(p: &RunParams, reactors: &[ReactorHandle]) -> Result<Vec<JobSpec>, String> {
-    let bdevs: Vec<Arc<wc_bdev::Bdev>> = match &p.target {
+    if reactors.is_empty() {
+        return Err("no reactors".into());
+    }
+    let mut bdevs: Vec<Arc<wc_bdev::Bdev>> = match &p.target {
         Some(t) => vec![wc_bdev::lookup(t).ok_or_else(|| format!("bdev '{t}' not found"))?],
         None => wc_bdev::list()
             .into_iter()
             .filter(|b| b.claim_info().is_none())
             .collect(),
     };
+    if p.workload == Workload::Unmap {
+        bdevs.retain(|b| {
+            let ok = b.io_type_supported(wc_bdev::IoType::Unmap);
+            if !ok {
+                println!("Skipping {} because it does not support unmap", b.name());
+            }
+            ok
+        });
+    }
     if bdevs.is_empty() {
         return Err("no bdevs to test (create some with --json or over RPC)".into());
     }
@@ -147,6 +68,14 @@ fn plan(p: &RunParams, reactors: &[ReactorHandle]) -> Result<Vec<JobSpec>, Strin
     let mut jobs = Vec::new();
     let mut seed = 0x5EED_u64;
     for (bi, b) in bdevs.iter().enumerate() {
+        let bs = u64::from(b.block_size());
+        if bs == 0 || p.io_size % bs != 0 {
+            return Err(format!(
+                "IO size {} is not a multiple of the block size {bs} of bdev {}",
+                p.io_size,
+                b.name()
+            ));
+        }
         let cores: Vec<&ReactorHandle> = if p.every_core {
             reactors.iter().collect()
         } else {
@@ -154,11 +83,20 @@ fn plan(p: &RunParams, reactors: &[ReactorHandle]) -> Result<Vec<JobSpec>, Strin
         };
         let n = cores.len() as u64;
         let slice = b.num_blocks() / n;
+        if slice < p.io_size / bs {
+            return Err(format!(
+                "bdev {} ({} blocks) is too small for {n} job(s) of IO size {}",
+                b.name(),
+                b.num_blocks(),
+                p.io_size
+            ));
+        }
         for (ci, h) in cores.into_iter().enumerate() {
             seed = seed
                 .wrapping_mul(6364136223846793005)
                 .wrapping_add(1442695040888963407);
             jobs.push(JobSpec {
+                id: jobs.len(),
                 bdev: b.name().to_string(),
                 reactor: h.index(),
                 core: h.core(),
@@ -177,186 +115,208 @@ fn plan(p: &RunParams, reactors: &[ReactorHandle]) -> Result<Vec<JobSpec>, Strin
     Ok(jobs)
 }
 
-/// Runs the jobs to completion (blocking; call off-reactor).
-fn run(p: &RunParams, reactors: &[ReactorHandle]) -> Result<Vec<JobResult>, String> {
-    let main = reactors.first().ok_or("no reactors")?.clone();
+/// The periodic output: every period, a sample of every job's counters,
+/// shown as the running total line or (with -S) the per-job table.
+struct Sampler {
+    stats: StatsMode,
+    /// Per job: (I/Os, elapsed) at the previous sample, and the moving average.
+    prev: Vec<(u64, f64, f64)>,
+}
+
+impl Sampler {
+    fn new(stats: StatsMode, jobs: usize) -> Sampler {
+        Sampler {
+            stats,
+            prev: vec![(0, 0.0, 0.0); jobs],
+        }
+    }
+
+    fn show(&mut self, out: &mut dyn Write, jobs: &[JobSpec], samples: &[Option<Progress>]) {
+        let mut total = report::Total::default();
+        for (spec, p) in jobs.iter().zip(samples) {
+            let Some(p) = p else { continue };
+            let iops = if self.stats.ema > 0 {
+                // SPDK's EMA: M = 2 / (n + 1), EMA += (IO/s - EMA) * M.
+                let (ios0, t0, ema) = &mut self.prev[spec.id];
+                let dt = p.elapsed - *t0;
+                if dt > 0.0 {
+                    let rate = p.ios.saturating_sub(*ios0) as f64 / dt;
+                    *ema += (rate - *ema) * 2.0 / (self.stats.ema as f64 + 1.0);
+                    *ios0 = p.ios;
+                    *t0 = p.elapsed;
+                }
+                Some(*ema)
+            } else {
+                None
+            };
+            let row = report::Row::from_progress(p, spec.io_size, iops);
+            if self.stats.table {
+                report::job_line(out, spec);
+                report::row_line(out, &spec.bdev, &row);
+            }
+            total.add(&row, p);
+        }
+        if self.stats.table {
+            report::total_lines(out, &total);
+            let _ = writeln!(out);
+            let _ = out.flush();
+        } else {
+            report::running_total(out, &total);
+        }
+    }
+}
+
+/// Runs the jobs to completion (blocking; call off-reactor), showing
+/// progress every period, then prints the final table (`latency`: `-l`).
+fn run(
+    p: &RunParams,
+    reactors: &[ReactorHandle],
+    latency: u8,
+    out: &mut dyn Write,
+) -> Result<Vec<JobResult>, RunError> {
+    let main = reactors
+        .first()
+        .ok_or_else(|| RunError::Internal("no reactors".into()))?
+        .clone();
     let (ptx, prx) = mpsc::channel();
     let p2 = p.clone();
     let handles = reactors.to_vec();
     main.send(move || {
         let _ = ptx.send(plan(&p2, &handles));
     });
-    let jobs = prx.recv().map_err(|_| "reactor stopped")??;
-    println!("Running I/O for {} seconds...", p.seconds);
-    let (tx, rx) = mpsc::channel();
+    let jobs = prx
+        .recv()
+        .map_err(|_| RunError::Internal("reactor stopped".into()))?
+        .map_err(RunError::Setup)?;
+    let _ = writeln!(out, "Running I/O for {} seconds...", p.seconds);
+    if p.stats.table {
+        report::header(out);
+    }
+    let _ = out.flush();
+    let (tx, rx) = mpsc::channel::<JobResult>();
     for spec in jobs.iter().cloned() {
         let tx = tx.clone();
         reactors[spec.reactor].send(move || job::start(spec, tx));
     }
     drop(tx);
-    let mut results: Vec<JobResult> = rx.iter().take(jobs.len()).collect();
-    results.sort_by_key(|r| (r.spec.reactor, r.spec.bdev.clone()));
+
+    let n = jobs.len();
+    let mut results: Vec<Option<JobResult>> = vec![None; n];
+    let mut got = 0;
+    let mut take = |r: JobResult, results: &mut Vec<Option<JobResult>>| {
+        let id = r.spec.id;
+        if id < n && results[id].is_none() {
+            results[id] = Some(r);
+            got += 1;
+        }
+        got
+    };
+    let period = Duration::try_from_secs_f64(p.stats.period).unwrap_or(Duration::from_secs(1));
+    let t0 = Instant::now();
+    let mut next = t0 + period;
+    let mut sampler = Sampler::new(p.stats, n);
+    let mut done = 0;
+    while done < n {
+        let now = Instant::now();
+        if now < next {
+            match rx.recv_timeout(next - now) {
+                Ok(r) => done = take(r, &mut results),
+                Err(RecvTimeoutError::Timeout) => {}
+                Err(RecvTimeoutError::Disconnected) => break,
+            }
+            continue;
+        }
+        // A sample: ask each reactor with running jobs for their counters.
+        next += period;
+        let (stx, srx) = mpsc::channel::<Vec<Progress>>();
+        let mut asked = Vec::new();
+        for spec in jobs.iter().filter(|s| results[s.id].is_none()) {
+            if !asked.contains(&spec.reactor) {
+                asked.push(spec.reactor);
+                let stx = stx.clone();
+                reactors[spec.reactor].send(move || {
+                    let _ = stx.send(job::progress_here());
+                });
+            }
+        }
+        drop(stx);
+        let mut samples: Vec<Option<Progress>> = vec![None; n];
+        for _ in 0..asked.len() {
+            let Ok(list) = srx.recv_timeout(Duration::from_secs(1)) else {
+                break;
+            };
+            for s in list.into_iter().filter(|s| s.id < n) {
+                samples[s.id] = Some(s);
+            }
+        }
+        // Jobs that finished meanwhile show their final counters.
+        while let Ok(r) = rx.try_recv() {
+            done = take(r, &mut results);
+        }
+        for (s, r) in samples.iter_mut().zip(&results) {
+            if let Some(r) = r {
+                *s = Some(r.progress());
+            }
+        }
+        if done < n {
+            sampler.show(out, &jobs, &samples);
+        }
+    }
+    if done < n {
+        return Err(RunError::Internal(format!(
+            "{} of {n} jobs did not report (reactor stopped)",
+            n - done
+        )));
+    }
+    let results: Vec<JobResult> = results.into_iter().flatten().collect();
+    report::print_table(out, &results, latency);
     Ok(results)
 }
 
-static RUNNING: AtomicBool = AtomicBool::new(false);
-
-#[derive(Deserialize)]
-struct PerformTests {
-    queue_depth: Option<u32>,
-    io_size: Option<String>,
-    time_in_sec: Option<f64>,
-    workload_type: Option<String>,
-    rw_percentage: Option<u32>,
-}
-
-fn register_perform_tests(
-    reg: &wc_rpc::Registry,
-    base: Option<RunParams>,
-    cli: Cli,
-) -> Result<(), String> {
-    reg.register_fn(
-        "perform_tests",
-        StateMask::RUNTIME,
-        move |params, r: Responder| {
-            // Relaxed decode (unknown keys ignored), -32700 on bad params, as SPDK's bdevperf.
-            let p: PerformTests = match serde_json::from_value(params.unwrap_or(json!({}))) {
-                Ok(p) => p,
-                Err(e) => {
-                    return r.err(RpcError::new(
-                        wc_rpc::PARSE_ERROR,
-                        format!("Invalid parameters: {e}"),
-                    ))
-                }
-            };
-            let mut run_params = match build_rpc_params(&p, base.clone(), &cli) {
-                Ok(rp) => rp,
-                Err(e) => return r.err(RpcError::new(wc_rpc::PARSE_ERROR, e)),
-            };
-            if RUNNING.swap(true, Ordering::AcqRel) {
-                return r.err(RpcError::internal("Operation now in progress"));
-            }
-            run_params.continue_on_error = cli.continue_on_error;
-            let Some(me) = wc_reactor::try_current() else {
-                RUNNING.store(false, Ordering::Release);
-                return r.err(RpcError::internal("not on a reactor"));
-            };
-            let reactors = me.siblings();
-            let latency = cli.latency;
-            std::thread::spawn(move || {
-                let res = run(&run_params, &reactors);
-                RUNNING.store(false, Ordering::Release);
-                match res {
-                    Ok(results) => {
-                        report::print_table(&results, latency);
-                        r.ok(report::results_json(&results, reactors.len()));
-                    }
-                    Err(e) => r.err(RpcError::internal(format!(
-                        "bdevperf failed with error {e}"
-                    ))),
-                }
-            });
-        },
-    )
-    .map_err(|e| e.to_string())
-}
-
-fn build_rpc_params(
-    p: &PerformTests,
-    base: Option<RunParams>,
-    cli: &Cli,
-) -> Result<RunParams, String> {
-    let workload = match &p.workload_type {
-        Some(w) => Workload::parse(w).ok_or_else(|| format!("unsupported workload type '{w}'"))?,
-        None => base
-            .as_ref()
-            .map(|b| b.workload)
-            .ok_or("workload_type is required")?,
-    };
-    let read_pct = match p.rw_percentage {
-        Some(m) => resolve_mix(workload, Some(m))?,
-        None => match &base {
-            Some(b) if b.workload == workload => b.read_pct,
-            _ => resolve_mix(workload, cli.rwmixread)?,
-        },
-    };
-    Ok(RunParams {
-        queue_depth: p
-            .queue_depth
-            .or(base.as_ref().map(|b| b.queue_depth))
-            .ok_or("queue_depth is required")?,
-        io_size: match &p.io_size {
-            Some(s) => parse_size(s)?,
-            None => base
-                .as_ref()
-                .map(|b| b.io_size)
-                .ok_or("io_size is required")?,
-        },
-        workload,
-        read_pct,
-        seconds: p
-            .time_in_sec
-            .or(base.as_ref().map(|b| b.seconds))
-            .ok_or("time_in_sec is required")?,
-        target: cli.target.clone(),
-        every_core: cli.every_core,
-        continue_on_error: cli.continue_on_error,
-    })
+fn write_json(path: &std::path::Path, results: &[JobResult]) {
+    let v = report::results_json(results);
+    if let Err(e) = std::fs::write(path, serde_json::to_string_pretty(&v).unwrap_or_default()) {
+        eprintln!("bdevperf: cannot write {}: {e}", path.display());
+    }
 }
 
 fn main() {
-    let mut cli = Cli::parse();
+    let parsed = match args::parse_from(std::env::args_os()) {
+        Ok(p) => p,
+        Err(e) => e.exit(),
+    };
+    let mut cli = parsed.cli;
     // bdevperf does not start an RPC server unless -z (or -r) asks for it.
     let rpc_given = std::env::args().any(|a| a == "-r" || a.starts_with("--rpc-socket"));
     if !cli.wait_for_tests && !rpc_given {
         cli.app.no_rpc_server = true;
     }
     wc_tgt::init_logging(&cli.app);
-    let base = if cli.wait_for_tests {
-        params_from_cli(&cli).ok()
-    } else {
-        match params_from_cli(&cli) {
-            Ok(p) => Some(p),
-            Err(e) => {
-                eprintln!("bdevperf: {e}");
-                std::process::exit(1);
-            }
-        }
-    };
-    let cli2 = cli.clone();
-    let base2 = base.clone();
-    let mut app = match wc_tgt::App::start(cli.app.clone(), move |reg| {
-        register_perform_tests(reg, base2, cli2)
-    }) {
+    let state = rpc::State::new(
+        parsed.settings.clone(),
+        parsed.fixed.clone(),
+        cli.latency,
+        cli.output_json.clone(),
+    );
+    let mut app = match wc_tgt::App::start(cli.app.clone(), move |reg| rpc::register(reg, state)) {
         Ok(a) => a,
         Err(e) => {
             eprintln!("bdevperf: {e}");
             std::process::exit(1);
         }
     };
-    if cli.wait_for_tests {
+    let Some(params) = parsed.run else {
         app.wait_for_signal();
         app.shutdown();
         return;
-    }
-    let Some(params) = base else { return };
-    let code = match run(&params, &app.reactors()) {
+    };
+    let mut stdout = std::io::stdout();
+    let code = match run(&params, &app.reactors(), cli.latency, &mut stdout) {
         Ok(results) => {
-            report::print_table(&results, cli.latency);
             if let Some(path) = &cli.output_json {
-                let v: Value = report::results_json(&results, app.reactors().len());
-                if let Err(e) =
-                    std::fs::write(path, serde_json::to_string_pretty(&v).unwrap_or_default())
-                {
-                    eprintln!("bdevperf: cannot write {}: {e}", path.display());
-                }
+                write_json(path, &results);
             }
-            let bad = results.iter().any(|r| {
-                r.error.is_some()
-                    || r.miscompares > 0
-                    || (r.failed > 0 && !params.continue_on_error)
-            });
-            i32::from(bad)
+            i32::from(results.iter().any(report::failed))
         }
         Err(e) => {
             eprintln!("bdevperf: {e}");
