@@ -6,7 +6,7 @@
 //! to home by messages. Everything home-only sits behind mutexes that only
 //! home takes, so they never contend.
 
-use std::collections::{HashSet, VecDeque};
+use std::collections::HashSet;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -17,8 +17,9 @@ use wc_bdev::{BdevChannel, Desc, Io, IoCompletion, IoVec};
 use wc_reactor::tick::{duration_to_ticks, ticks};
 use wc_reactor::ReactorHandle;
 
+use crate::fifo::WbQueue;
 use crate::media::Media;
-use crate::meta::{FreePool, Index, Meta, VALID};
+use crate::meta::{seq32, seq_at_or_after, FreePool, Index, Meta, SEQ_REBASE_PERIOD, VALID};
 use crate::options::{Mode, Tunables, UNLIMITED};
 use crate::stats::{CoreStats, Stats};
 
@@ -33,21 +34,10 @@ pub(crate) struct LogEntry {
     pub(crate) seq: u64,
 }
 
-/// A committed block in the writeback queue: 12 bytes, as it is kept for
-/// every dirty block of the cache.
-#[derive(Debug, Clone, Copy)]
-pub(crate) struct FifoEntry {
-    pub(crate) block: u32,
-    pub(crate) gen: u32,
-    /// Commit time, ms since the instance started (for max_age).
-    pub(crate) at_ms: u32,
-}
-
 /// Somebody waiting for a commit or a drain (runs on home; usually sends a
 /// message back to the waiter's reactor).
 pub(crate) type Waiter = Box<dyn FnOnce(Result<(), i32>) + Send>;
 
-#[derive(Default)]
 pub(crate) struct Coordinator {
     in_progress: bool,
     /// A commit was requested (without a waiter) while one was running.
@@ -55,10 +45,23 @@ pub(crate) struct Coordinator {
     /// Waiters for the next commit.
     next: Vec<Waiter>,
     /// Committed blocks, oldest first: the writeback order.
-    pub(crate) fifo: VecDeque<FifoEntry>,
+    pub(crate) fifo: WbQueue,
     /// Superseded blocks waiting for their successor's commit.
     superseded: Vec<LogEntry>,
     pub(crate) commits: u64,
+}
+
+impl Coordinator {
+    pub(crate) fn new(blocks: usize) -> Coordinator {
+        Coordinator {
+            in_progress: false,
+            again: false,
+            next: Vec::new(),
+            fifo: WbQueue::new(blocks),
+            superseded: Vec::new(),
+            commits: 0,
+        }
+    }
 }
 
 #[derive(Default)]
@@ -213,7 +216,14 @@ impl Writecache {
             s.writeback_completed_blocks = wb.blocks;
             s.writeback_retries = wb.retries;
         }
-        s.commits = lock(&self.coord).commits;
+        {
+            let c = lock(&self.coord);
+            s.commits = c.commits;
+            s.metadata_ram_bytes = (self.meta.ram_bytes()
+                + self.index.ram_bytes()
+                + self.pool.ram_bytes()
+                + c.fifo.ram_bytes()) as u64;
+        }
         s.dirty = self.index.len() as u64;
         s
     }
@@ -312,6 +322,9 @@ impl Writecache {
             self.media.write_sb_seq(s + 1);
             self.media.pmem.fence();
             self.sb_seq.store(s + 1, Ordering::Release);
+            if (s + 1) % SEQ_REBASE_PERIOD == 0 {
+                self.meta.rebase_seqs(s + 1);
+            }
         }
         let now = self.now_ms();
         written.sort_unstable_by_key(|e| e.seq);
@@ -320,11 +333,8 @@ impl Writecache {
             c.commits += 1;
         }
         for e in written {
-            c.fifo.push_back(FifoEntry {
-                block: e.block,
-                gen: e.gen,
-                at_ms: now,
-            });
+            // Stale entries (freed since) are dropped when popped.
+            c.fifo.push_back(e.block, now);
         }
         c.superseded.extend(superseded);
         // Free superseded versions whose successor is now committed.
@@ -460,7 +470,7 @@ impl Writecache {
                 .now_ms()
                 .checked_sub(max_age.min(u32::MAX as u64) as u32)
             {
-                if c.fifo.front().is_some_and(|e| e.at_ms <= cutoff) {
+                if c.fifo.front_at_ms().is_some_and(|t| t <= cutoff) {
                     return WbReason::OlderThan(cutoff);
                 }
             }
@@ -509,33 +519,36 @@ impl Writecache {
             }
             let mut batch: Vec<(u64, u32)> = Vec::new();
             let mut deferred = Vec::new();
+            let committed_below = seq32(self.sb_seq.load(Ordering::Acquire));
             while (batch.len() as u64) < room {
-                let Some(e) = c.fifo.pop_front() else {
-                    break;
-                };
                 if let WbReason::OlderThan(cutoff) = want {
-                    if e.at_ms > cutoff {
-                        // Younger than max_age: stays for now.
-                        c.fifo.push_front(e);
-                        break;
+                    if c.fifo.front_at_ms().is_some_and(|t| t > cutoff) {
+                        break; // younger than max_age: stays for now
                     }
                 }
-                let m = self.meta.get(e.block);
-                if m.gen() != e.gen || m.state() & VALID == 0 {
-                    continue; // freed or reused since it was logged
+                let Some(b) = c.fifo.pop_front() else {
+                    break;
+                };
+                let m = self.meta.get(b);
+                let (gen, state) = m.gen_state();
+                // Freed, being reallocated, or already going out: nothing
+                // to do. Rewritten but not committed yet: its own commit
+                // queues it again (it is not queued now).
+                if state != VALID || seq_at_or_after(m.seq(), committed_below) {
+                    continue;
                 }
                 let lba = m.lba.load(Ordering::Acquire);
                 if wb.lbas.contains(&lba) {
                     // An older version of this LBA is still going out: the
                     // newer one must reach the origin after it.
-                    deferred.push(e);
+                    deferred.push(b);
                     continue;
                 }
-                if !self.meta.begin_writeback(e.block, e.gen) {
+                if !self.meta.begin_writeback(b, gen) {
                     continue;
                 }
                 wb.lbas.insert(lba);
-                batch.push((lba, e.block));
+                batch.push((lba, b));
             }
             for d in deferred.into_iter().rev() {
                 c.fifo.push_front(d);
@@ -643,13 +656,7 @@ impl Writecache {
             for &(lba, b) in &run.run {
                 self.meta.end_writeback(b);
                 wb.lbas.remove(&lba);
-                let gen = self.meta.get(b).gen();
-                let at_ms = self.now_ms();
-                c.fifo.push_front(FifoEntry {
-                    block: b,
-                    gen,
-                    at_ms,
-                });
+                c.fifo.push_front(b);
             }
             wb.in_flight -= run.run.len() as u64;
             let waiters = std::mem::take(&mut wb.drain_waiters);
@@ -696,7 +703,7 @@ impl Writecache {
         for &(lba, b) in run {
             // Still current: reads now go to the origin. Superseded: its
             // successor is in the index; either way this copy is redundant.
-            self.index.remove_if(lba, b);
+            self.index.remove_if(&self.meta, lba, b);
             self.meta.end_writeback(b);
             let gen = self.meta.get(b).gen();
             if self.meta.begin_free(b, gen) {

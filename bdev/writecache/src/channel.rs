@@ -87,9 +87,10 @@ impl Drop for WcChannel {
             p.unregister();
         }
         // Give cached free blocks back so they are not lost with the core.
-        for b in self.0.free.borrow_mut().drain(..) {
-            self.0.wc.pool.push(b);
-        }
+        let mut free = self.0.free.borrow_mut();
+        self.0.wc.pool.push_all(&free);
+        free.clear();
+        drop(free);
         self.0.stats().free_cached.store(0, Ordering::Relaxed);
     }
 }
@@ -276,7 +277,7 @@ impl Local {
             // Blocks found in the index cannot be reused until we unpin.
             let _guard = crossbeam::epoch::pin();
             for i in 0..n {
-                match self.wc.index.get(first + i) {
+                match self.wc.index.get(&self.wc.meta, first + i) {
                     Some(b) => {
                         let src = self.wc.media.data_ptr(b);
                         // SAFETY: src points at one cache block (bs bytes)
@@ -340,8 +341,8 @@ impl Local {
         if wc.tunables.cleaner.load(Ordering::Relaxed) && io.driver_ctx()[PROGRESS] == 0 {
             // Around only when no version of these LBAs is cached or still
             // on its way to the origin (which would land after ours).
-            let cached =
-                (0..n).any(|i| wc.index.get(first + i).is_some()) || wc.writeback_busy_on(first, n);
+            let cached = (0..n).any(|i| wc.index.get(&wc.meta, first + i).is_some())
+                || wc.writeback_busy_on(first, n);
             if !cached {
                 return self.write_around(io);
             }
@@ -376,7 +377,7 @@ impl Local {
             let m = wc.meta.get(b);
             // A new allocation: bump the generation (state stays 0 until
             // the block is published).
-            let gen = m.gen().wrapping_add(1);
+            let gen = crate::meta::BlockMeta::next_gen(m.gen());
             m.set(gen, 0);
             // The stamp: a commit that bumps the sequence after this load
             // runs its fence on this core only after this write is done.
@@ -396,9 +397,9 @@ impl Local {
             }
             wc.media.write_entry_deferred(b, wc.sector_of(lba), seq);
             m.lba.store(lba, Ordering::Relaxed);
-            m.seq.store(seq, Ordering::Relaxed);
+            m.set_seq(seq);
             m.set(gen, VALID);
-            let displaced = wc.index.insert(lba, b);
+            let displaced = wc.index.insert(&wc.meta, lba, b);
             self.write_log
                 .borrow_mut()
                 .push(LogEntry { block: b, gen, seq });
@@ -428,10 +429,10 @@ impl Local {
     fn displace(&self, old: u32, my_seq: u64) {
         let wc = &self.wc;
         let m = wc.meta.get(old);
-        let oseq = m.seq.load(Ordering::Acquire);
+        let oseq = m.seq();
         let ogen = m.gen();
         let st = self.stats();
-        if oseq >= my_seq {
+        if crate::meta::seq_at_or_after(oseq, crate::meta::seq32(my_seq)) {
             // Not committed, and will not be before our version is: drop
             // it now. (Its commit needs this core's fence, which cannot
             // happen while we run.)
@@ -456,12 +457,7 @@ impl Local {
             // Small caches must not end up parked in one core's batch.
             let cores = self.cores;
             let refill = (self.wc.media.geo.n_blocks() / (8 * cores)).clamp(1, REFILL_MAX as u64);
-            for _ in 0..refill {
-                match self.wc.pool.pop() {
-                    Some(b) => free.push(b),
-                    None => break,
-                }
-            }
+            self.wc.pool.pop_batch(refill as usize, &mut free);
         }
         let b = free.pop();
         self.stats()
@@ -517,9 +513,10 @@ impl Local {
         if !self.waiting.borrow().is_empty() {
             return;
         }
-        for b in self.free.borrow_mut().drain(..) {
-            self.wc.pool.push(b);
-        }
+        let mut free = self.free.borrow_mut();
+        self.wc.pool.push_all(&free);
+        free.clear();
+        drop(free);
         self.stats().free_cached.store(0, Ordering::Relaxed);
     }
 
@@ -666,7 +663,7 @@ impl Writecache {
     pub(crate) fn invalidate_range(&self, lba: u64, n: u64) {
         let mut to_free = Vec::new();
         let mut consider = |l: u64, b: u32| {
-            if self.index.remove_if(l, b) {
+            if self.index.remove_if(&self.meta, l, b) {
                 let gen = self.meta.get(b).gen();
                 if self.meta.begin_free(b, gen) {
                     to_free.push(b);
@@ -675,7 +672,7 @@ impl Writecache {
         };
         if n <= self.media.geo.n_blocks() {
             for l in lba..lba.saturating_add(n) {
-                if let Some(b) = self.index.get(l) {
+                if let Some(b) = self.index.get(&self.meta, l) {
                     consider(l, b);
                 }
             }

@@ -31,6 +31,7 @@
 
 mod cache;
 mod channel;
+mod fifo;
 mod media;
 mod meta;
 mod options;
@@ -300,7 +301,7 @@ pub fn create(opts: CreateOpts) -> Result<Arc<Bdev>, WcError> {
         tunables,
         error: AtomicI32::new(0),
         home: wc_reactor::current().handle(),
-        coord: Default::default(),
+        coord: std::sync::Mutex::new(cache::Coordinator::new(n)),
         wb: Default::default(),
         commit_requested: AtomicBool::new(false),
         last_write_around: AtomicU64::new(0),
@@ -313,23 +314,23 @@ pub fn create(opts: CreateOpts) -> Result<Arc<Bdev>, WcError> {
         cache_desc,
         media: attached.media,
     });
-    for b in attached.free {
-        wc.pool.push(b);
-    }
+    // The pool is a stack: push high blocks first so the lowest go out
+    // first, as dm-writecache allocates a fresh cache.
+    let mut free = attached.free;
+    free.reverse();
+    wc.pool.push_all(&free);
     {
         let now = wc.now_ms();
         let mut c = wc.coord.lock().unwrap_or_else(|p| p.into_inner());
         for r in &attached.committed {
             let m = wc.meta.get(r.block);
             m.lba.store(r.lba, Ordering::Relaxed);
-            m.seq.store(r.seq, Ordering::Relaxed);
+            // In RAM only the lag behind the current sequence matters, and
+            // only up to the window (see `Meta::rebase_seqs`).
+            m.set_seq(r.seq.max(attached.sb_seq.saturating_sub(meta::SEQ_WINDOW)));
             m.set(1, VALID);
-            wc.index.insert(r.lba, r.block);
-            c.fifo.push_back(cache::FifoEntry {
-                block: r.block,
-                gen: 1,
-                at_ms: now,
-            });
+            wc.index.insert(&wc.meta, r.lba, r.block);
+            c.fifo.push_back(r.block, now);
         }
     }
     let home_origin = wc.origin_desc.channel()?;

@@ -3,6 +3,7 @@
 //! crash simulator sees every one of them.
 
 use std::collections::HashMap;
+use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use wc_bdev::PersistentMemory;
@@ -145,12 +146,25 @@ pub(crate) fn attach(
     }
 }
 
+/// Block ids are 32-bit, with `u32::MAX` reserved by the index.
+fn check_indexable(geo: &Geometry) -> Result<(), AttachError> {
+    if geo.n_blocks() >= u32::MAX as u64 {
+        return Err(AttachError::Corrupt(format!(
+            "{} cache blocks exceed what we index ({} at most); use larger blocks",
+            geo.n_blocks(),
+            u32::MAX - 1
+        )));
+    }
+    Ok(())
+}
+
 fn format(
     pmem: Arc<dyn PersistentMemory>,
     start_sector: u64,
     block_size: u32,
 ) -> Result<Attached, AttachError> {
     let geo = Geometry::compute(pmem.len() as u64, start_sector, block_size)?;
+    check_indexable(&geo)?;
     let media = Media { pmem, geo };
     let sb = media.geo.initial_superblock();
     // Everything but the magic first, durable; then the magic. A crash in
@@ -182,6 +196,25 @@ fn format(
     })
 }
 
+/// One multiply per key: LBAs come from entries already range-checked
+/// against the origin, and recovery needs speed, not DoS resistance.
+#[derive(Default)]
+struct LbaHasher(u64);
+
+impl Hasher for LbaHasher {
+    fn finish(&self) -> u64 {
+        self.0
+    }
+    fn write(&mut self, bytes: &[u8]) {
+        for &b in bytes {
+            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        }
+    }
+    fn write_u64(&mut self, i: u64) {
+        self.0 = (self.0 ^ i).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+    }
+}
+
 fn recover(
     pmem: Arc<dyn PersistentMemory>,
     sb: Superblock,
@@ -191,16 +224,14 @@ fn recover(
 ) -> Result<Attached, AttachError> {
     let geo =
         wc_writecache_format::validate(&sb, pmem.len() as u64, start_sector, Some(block_size))?;
-    if geo.n_blocks() > u32::MAX as u64 {
-        return Err(AttachError::Corrupt(format!(
-            "{} blocks exceed what we index",
-            geo.n_blocks()
-        )));
-    }
+    check_indexable(&geo)?;
     let media = Media { pmem, geo };
     let sectors_per_block = block_size as u64 / SECTOR_SIZE;
     // Pass 1: validate everything before changing anything.
-    let mut winners: HashMap<u64, (u32, u64)> = HashMap::new();
+    // Sized for a full cache up front: rehashing millions of entries would
+    // be a good part of the recovery time.
+    let mut winners: HashMap<u64, (u32, u64), BuildHasherDefault<LbaHasher>> =
+        HashMap::with_capacity_and_hasher(media.geo.n_blocks() as usize, Default::default());
     let mut losers: Vec<u32> = Vec::new();
     let mut uncommitted: Vec<u32> = Vec::new();
     let mut free: Vec<u32> = Vec::new();

@@ -7,51 +7,92 @@
 //!   back to the pool ([`FreePool::free_after_grace`]) so no reader that
 //!   found them in the index can see them reused;
 //! * `gen` increments at every allocation, so logs that remember a block
-//!   (write-order logs, supersede logs, the writeback queue) can tell a stale
-//!   reference from the block they meant.
+//!   (write-order logs, supersede logs) can tell a stale reference from the
+//!   block they meant.
+//!
+//! RAM is the budget here (design: ≤ 32 bytes per cache block, all
+//! structures together): a block's state is 16 bytes, the index keeps only
+//! 32-bit block ids (the key is read back from the block's state), the free
+//! pool and the writeback queue 4 bytes per block each.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::{Arc, Mutex};
+use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::{Arc, Mutex, MutexGuard};
 
-use crossbeam::queue::ArrayQueue;
 use crossbeam::utils::CachePadded;
 
 /// Block state bits.
 pub(crate) const VALID: u32 = 1;
 /// Under writeback: must not be freed by anyone but the writeback.
 pub(crate) const WB: u32 = 2;
+const STATE_BITS: u32 = 2;
+const STATE_MASK: u32 = (1 << STATE_BITS) - 1;
+/// Generations are 30 bits (they share a word with the state).
+pub(crate) const GEN_MASK: u32 = u32::MAX >> STATE_BITS;
 
-/// Per-block state.
+/// How far back (in commits) a block's in-RAM sequence may lag the current
+/// one before [`Meta::rebase_seqs`] pulls it forward; sequences are kept in
+/// 32 bits and compared by wrapping distance, which is exact within 2^31.
+pub(crate) const SEQ_WINDOW: u64 = 1 << 29;
+/// Every this many commits the lagging sequences are pulled forward, so no
+/// live block ever lags by more than `SEQ_WINDOW + SEQ_REBASE_PERIOD`.
+pub(crate) const SEQ_REBASE_PERIOD: u64 = 1 << 28;
+
+/// Low 32 bits of a sequence number, as kept in RAM.
+#[inline]
+pub(crate) fn seq32(seq: u64) -> u32 {
+    seq as u32
+}
+
+/// Whether in-RAM sequence `a` is `b` or newer (wrapping comparison; exact
+/// while the two are within 2^31 of each other).
+#[inline]
+pub(crate) fn seq_at_or_after(a: u32, b: u32) -> bool {
+    (a.wrapping_sub(b) as i32) >= 0
+}
+
+/// Per-block state: 16 bytes.
 #[derive(Default)]
 pub(crate) struct BlockMeta {
-    /// The vbdev LBA (in cache blocks) the block holds.
+    /// The vbdev LBA (in cache blocks) the block holds; stable while the
+    /// block is in the index (the index reads it as the block's key).
     pub(crate) lba: AtomicU64,
-    /// The sequence number stamped in its entry.
-    pub(crate) seq: AtomicU64,
-    /// Allocation generation (high 32 bits) and VALID | WB (low 32 bits),
+    /// Low 32 bits of the sequence number stamped in its entry.
+    seq: AtomicU32,
+    /// Allocation generation (high 30 bits) and VALID | WB (low 2 bits),
     /// in one word so that checking the generation and changing the state
     /// is a single compare-and-swap (no reuse can slip in between).
-    gs: AtomicU64,
+    gs: AtomicU32,
 }
 
 impl BlockMeta {
     #[inline]
-    fn pack(gen: u32, state: u32) -> u64 {
-        (gen as u64) << 32 | state as u64
+    fn pack(gen: u32, state: u32) -> u32 {
+        (gen << STATE_BITS) | state
+    }
+
+    /// The generation after `gen` (wraps within 30 bits).
+    #[inline]
+    pub(crate) fn next_gen(gen: u32) -> u32 {
+        gen.wrapping_add(1) & GEN_MASK
     }
 
     /// Allocation generation.
     #[inline]
     pub(crate) fn gen(&self) -> u32 {
-        (self.gs.load(Ordering::Acquire) >> 32) as u32
+        self.gs.load(Ordering::Acquire) >> STATE_BITS
     }
 
     /// VALID | WB bits.
     #[inline]
     pub(crate) fn state(&self) -> u32 {
-        self.gs.load(Ordering::Acquire) as u32
+        self.gs.load(Ordering::Acquire) & STATE_MASK
+    }
+
+    /// Generation and state read together.
+    #[inline]
+    pub(crate) fn gen_state(&self) -> (u32, u32) {
+        let v = self.gs.load(Ordering::Acquire);
+        (v >> STATE_BITS, v & STATE_MASK)
     }
 
     /// Sets generation and state together (the owner of the block only).
@@ -59,7 +100,21 @@ impl BlockMeta {
     pub(crate) fn set(&self, gen: u32, state: u32) {
         self.gs.store(Self::pack(gen, state), Ordering::Release);
     }
+
+    /// The in-RAM (32-bit) sequence of the block's entry.
+    #[inline]
+    pub(crate) fn seq(&self) -> u32 {
+        self.seq.load(Ordering::Acquire)
+    }
+
+    /// Records the sequence stamped in the block's entry (the owner only).
+    #[inline]
+    pub(crate) fn set_seq(&self, seq: u64) {
+        self.seq.store(seq32(seq), Ordering::Release);
+    }
 }
+
+const _: () = assert!(std::mem::size_of::<BlockMeta>() == 16);
 
 /// All blocks' state.
 pub(crate) struct Meta {
@@ -76,6 +131,11 @@ impl Meta {
     #[inline]
     pub(crate) fn get(&self, b: u32) -> &BlockMeta {
         &self.blocks[b as usize]
+    }
+
+    /// Bytes of RAM the block states take.
+    pub(crate) fn ram_bytes(&self) -> usize {
+        std::mem::size_of_val(&*self.blocks)
     }
 
     /// Takes the right to free `b` (allocation `gen`): true for exactly one
@@ -107,105 +167,279 @@ impl Meta {
 
     /// Ends writeback of `b`, leaving it VALID.
     pub(crate) fn end_writeback(&self, b: u32) {
-        self.get(b).gs.fetch_and(!(WB as u64), Ordering::AcqRel);
+        self.get(b).gs.fetch_and(!WB, Ordering::AcqRel);
     }
-}
 
-/// FxHash-style hasher: LBAs are well spread, we need speed, not DoS
-/// resistance (keys come from our own I/O path, bounded by the bdev size).
-#[derive(Default)]
-pub(crate) struct LbaHasher(u64);
-
-impl Hasher for LbaHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for b in bytes {
-            self.0 = (self.0.rotate_left(5) ^ *b as u64).wrapping_mul(0x517c_c1b7_2722_0a95);
+    /// Pulls the in-RAM sequence of every block lagging `current` by more
+    /// than `SEQ_WINDOW` forward to exactly that lag, so wrapping
+    /// comparisons with the current sequence stay exact. Such a block is
+    /// long committed and stays "older than current" either way. A writer
+    /// that restamps the block meanwhile wins (compare-and-swap).
+    pub(crate) fn rebase_seqs(&self, current: u64) {
+        let cur = seq32(current);
+        let floor = cur.wrapping_sub(SEQ_WINDOW as u32);
+        for m in self.blocks.iter() {
+            let s = m.seq.load(Ordering::Acquire);
+            if cur.wrapping_sub(s) as u64 > SEQ_WINDOW {
+                let _ = m
+                    .seq
+                    .compare_exchange(s, floor, Ordering::AcqRel, Ordering::Relaxed);
+            }
         }
     }
-    fn write_u64(&mut self, i: u64) {
-        self.0 = (self.0.rotate_left(5) ^ i).wrapping_mul(0x517c_c1b7_2722_0a95);
+}
+
+/// The slot marker of an empty index slot (block ids are below it).
+const EMPTY: u32 = u32::MAX;
+/// Largest distance of an entry from its home slot; an insert that would
+/// go further grows the shard instead.
+const MAX_DISP: usize = u8::MAX as usize;
+
+/// One shard of the index: Robin Hood linear probing over 32-bit block
+/// ids, with each entry's distance from its home slot in a parallel byte
+/// array. The key (the LBA) is not stored: it is the block's `lba`. The
+/// distance lets a probe skip entries of other home slots without reading
+/// their block's state, stop early on a miss (clusters are ordered by home
+/// slot), and lets a removal shift entries back without rehashing them.
+struct Table {
+    slots: Box<[u32]>,
+    disp: Box<[u8]>,
+    len: usize,
+}
+
+/// What a probe found: the slot holding the key, or the slot (and its
+/// distance from the key's home) where the key belongs.
+enum Probe {
+    Found(usize),
+    Vacant(usize, usize),
+}
+
+impl Table {
+    fn with_capacity(cap: usize) -> Table {
+        let cap = cap.max(8);
+        Table {
+            slots: vec![EMPTY; cap].into_boxed_slice(),
+            disp: vec![0; cap].into_boxed_slice(),
+            len: 0,
+        }
+    }
+
+    #[inline]
+    fn home(&self, h: u32) -> usize {
+        // Fast range reduction: the table size need not be a power of two,
+        // so the index can be sized close to the cache.
+        ((h as u64 * self.slots.len() as u64) >> 32) as usize
+    }
+
+    #[inline]
+    fn next(&self, i: usize) -> usize {
+        if i + 1 == self.slots.len() {
+            0
+        } else {
+            i + 1
+        }
+    }
+
+    #[inline]
+    fn probe(&self, meta: &Meta, lba: u64, h: u32) -> Probe {
+        let mut i = self.home(h);
+        let mut d = 0;
+        loop {
+            let b = self.slots[i];
+            // Entries closer to their home than we are to ours have homes
+            // after ours: the key would sit before them.
+            if b == EMPTY || (self.disp[i] as usize) < d {
+                return Probe::Vacant(i, d);
+            }
+            if self.disp[i] as usize == d && meta.get(b).lba.load(Ordering::Relaxed) == lba {
+                return Probe::Found(i);
+            }
+            i = self.next(i);
+            d += 1;
+            // Terminates: the table always has an empty slot (kept below
+            // full by the load limit).
+        }
+    }
+
+    /// Puts `b` at slot `i` (distance `d`), shifting the rest of the
+    /// cluster one slot on; false (nothing changed) if a distance would
+    /// overflow or no slot is empty.
+    fn insert_at(&mut self, i: usize, d: usize, b: u32) -> bool {
+        if d > MAX_DISP || self.len + 1 >= self.slots.len() {
+            return false;
+        }
+        let mut e = i;
+        while self.slots[e] != EMPTY {
+            if self.disp[e] as usize == MAX_DISP {
+                return false;
+            }
+            e = self.next(e);
+        }
+        // Shift [i, e) one slot on, back to front.
+        while e != i {
+            let p = if e == 0 { self.slots.len() - 1 } else { e - 1 };
+            self.slots[e] = self.slots[p];
+            self.disp[e] = self.disp[p] + 1;
+            e = p;
+        }
+        self.slots[i] = b;
+        self.disp[i] = d as u8;
+        self.len += 1;
+        true
+    }
+
+    fn remove_at(&mut self, mut hole: usize) {
+        let mut j = self.next(hole);
+        // Shift the rest of the cluster back: each entry away from its
+        // home moves one step closer (Robin Hood keeps homes in order, so
+        // the first entry at its home ends the cluster).
+        while self.slots[j] != EMPTY && self.disp[j] > 0 {
+            self.slots[hole] = self.slots[j];
+            self.disp[hole] = self.disp[j] - 1;
+            hole = j;
+            j = self.next(j);
+        }
+        self.slots[hole] = EMPTY;
+        self.disp[hole] = 0;
+        self.len -= 1;
+    }
+
+    /// Rebuilds with at least `cap` slots (rehashing every entry through
+    /// `meta`).
+    fn regrow(&mut self, meta: &Meta, mut cap: usize) {
+        loop {
+            let mut t = Table::with_capacity(cap);
+            let fits = self
+                .slots
+                .iter()
+                .filter(|&&b| b != EMPTY)
+                .all(|&b| t.place(meta, b));
+            if fits {
+                *self = t;
+                return;
+            }
+            // Only pathological hash clustering gets here: spread wider.
+            cap *= 2;
+        }
+    }
+
+    /// Places `b` (whose LBA is not in the table).
+    fn place(&mut self, meta: &Meta, b: u32) -> bool {
+        let lba = meta.get(b).lba.load(Ordering::Relaxed);
+        let (_, h) = Index::hash(lba);
+        match self.probe(meta, lba, h) {
+            Probe::Vacant(i, d) => self.insert_at(i, d, b),
+            Probe::Found(_) => false,
+        }
     }
 }
 
-type Shard = Mutex<HashMap<u64, u32, BuildHasherDefault<LbaHasher>>>;
-
-/// The concurrent sector index: LBA → cache block, sharded by LBA so that
-/// cores writing different sectors almost never meet on a lock. There is no
-/// global lock; each shard's critical section is one hash-map operation.
+/// The concurrent sector index: LBA → cache block, sharded by LBA hash so
+/// that cores writing different sectors almost never meet on a lock. There
+/// is no global lock; each shard's critical section is one short probe.
 pub(crate) struct Index {
-    shards: Box<[CachePadded<Shard>]>,
-    mask: u64,
+    shards: Box<[CachePadded<Mutex<Table>>]>,
 }
+
+/// Shards in the index (a power of two; the top hash bits pick one).
+const SHARDS: usize = 256;
+/// Slots per expected entry: a full cache keeps its shards at 80% load.
+const SLOTS_PER_ENTRY: f64 = 1.25;
+/// A shard that gets fuller than this (an unlucky LBA mix) grows.
+const MAX_LOAD_PCT: usize = 90;
 
 impl Index {
+    /// An index for up to `expected` entries (the cache's block count).
     pub(crate) fn new(expected: usize) -> Index {
-        let n = 256usize;
-        let per = expected / n + 1;
+        let per = (expected as f64 / SHARDS as f64 * SLOTS_PER_ENTRY) as usize + 8;
         Index {
-            shards: (0..n)
-                .map(|_| {
-                    CachePadded::new(Mutex::new(HashMap::with_capacity_and_hasher(
-                        per,
-                        Default::default(),
-                    )))
-                })
+            shards: (0..SHARDS)
+                .map(|_| CachePadded::new(Mutex::new(Table::with_capacity(per))))
                 .collect(),
-            mask: n as u64 - 1,
         }
     }
 
+    /// Shard (top 8 bits) and in-shard hash (the next 32) of an LBA.
+    /// Fibonacci hashing spreads neighbouring LBAs over all shards, so
+    /// sequential writers on several cores do not meet on one lock.
     #[inline]
-    fn shard(
-        &self,
-        lba: u64,
-    ) -> std::sync::MutexGuard<'_, HashMap<u64, u32, BuildHasherDefault<LbaHasher>>> {
-        // Neighbouring LBAs land in different shards (sequential writers on
-        // several cores spread out); a poisoned lock only means a panic
-        // elsewhere, the map itself is always consistent.
-        let i = (lba ^ (lba >> 8)) & self.mask;
-        self.shards[i as usize]
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
+    fn hash(lba: u64) -> (usize, u32) {
+        let x = (lba ^ (lba >> 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        ((x >> 56) as usize, (x >> 24) as u32)
     }
 
     #[inline]
-    pub(crate) fn get(&self, lba: u64) -> Option<u32> {
-        self.shard(lba).get(&lba).copied()
+    fn shard(&self, i: usize) -> MutexGuard<'_, Table> {
+        // A poisoned lock only means a panic elsewhere; the table itself is
+        // consistent after every operation.
+        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
     }
 
-    /// Maps `lba` to `b`, returning the block it displaced.
     #[inline]
-    pub(crate) fn insert(&self, lba: u64, b: u32) -> Option<u32> {
-        self.shard(lba).insert(lba, b)
+    pub(crate) fn get(&self, meta: &Meta, lba: u64) -> Option<u32> {
+        let (s, h) = Self::hash(lba);
+        let t = self.shard(s);
+        match t.probe(meta, lba, h) {
+            Probe::Found(i) => Some(t.slots[i]),
+            Probe::Vacant(..) => None,
+        }
+    }
+
+    /// Maps `lba` to `b` (whose `lba` field already says so), returning
+    /// the block it displaced.
+    #[inline]
+    pub(crate) fn insert(&self, meta: &Meta, lba: u64, b: u32) -> Option<u32> {
+        debug_assert_eq!(meta.get(b).lba.load(Ordering::Relaxed), lba);
+        let (s, h) = Self::hash(lba);
+        let mut t = self.shard(s);
+        loop {
+            match t.probe(meta, lba, h) {
+                Probe::Found(i) => return Some(std::mem::replace(&mut t.slots[i], b)),
+                Probe::Vacant(i, d) => {
+                    if (t.len + 1) * 100 <= t.slots.len() * MAX_LOAD_PCT && t.insert_at(i, d, b) {
+                        return None;
+                    }
+                    // Too full (an unlucky LBA mix) or too clustered.
+                    let cap = t.slots.len() + t.slots.len() / 2;
+                    t.regrow(meta, cap);
+                }
+            }
+        }
     }
 
     /// Removes `lba` only if it still maps to `b`.
-    pub(crate) fn remove_if(&self, lba: u64, b: u32) -> bool {
-        let mut s = self.shard(lba);
-        if s.get(&lba) == Some(&b) {
-            s.remove(&lba);
-            true
-        } else {
-            false
+    pub(crate) fn remove_if(&self, meta: &Meta, lba: u64, b: u32) -> bool {
+        let (s, h) = Self::hash(lba);
+        let mut t = self.shard(s);
+        match t.probe(meta, lba, h) {
+            Probe::Found(i) if t.slots[i] == b => {
+                t.remove_at(i);
+                true
+            }
+            _ => false,
         }
     }
 
     /// Number of mapped LBAs.
     pub(crate) fn len(&self) -> usize {
-        self.shards
-            .iter()
-            .map(|s| s.lock().map(|m| m.len()).unwrap_or(0))
-            .sum()
+        (0..SHARDS).map(|i| self.shard(i).len).sum()
+    }
+
+    /// Bytes of RAM the index holds.
+    pub(crate) fn ram_bytes(&self) -> usize {
+        (0..SHARDS).map(|i| self.shard(i).slots.len() * 5).sum()
     }
 }
 
-/// Free blocks: a global lock-free queue, refilled into per-core caches in
-/// batches by the writers.
+/// Free blocks: a global stack the writers refill their per-core caches
+/// from in batches (one lock round trip per batch, not per block), 4 bytes
+/// per block.
 pub(crate) struct FreePool {
-    queue: ArrayQueue<u32>,
+    stack: Mutex<Vec<u32>>,
+    cap: usize,
+    /// Mirrors the stack's length (updated under its lock) for lock-free
+    /// reads by the watermark and starvation checks.
+    len: AtomicU64,
     /// Freed blocks waiting for their grace period (counted as free for
     /// the watermarks: nobody can allocate them, but they are not in use).
     grace: AtomicU64,
@@ -214,21 +448,55 @@ pub(crate) struct FreePool {
 impl FreePool {
     pub(crate) fn new(n: usize) -> Arc<FreePool> {
         Arc::new(FreePool {
-            queue: ArrayQueue::new(n.max(1)),
+            stack: Mutex::new(Vec::with_capacity(n)),
+            cap: n,
+            len: AtomicU64::new(0),
             grace: AtomicU64::new(0),
         })
     }
 
-    pub(crate) fn push(&self, b: u32) {
-        // Capacity equals the block count, so a push cannot fail unless a
-        // block is freed twice — which the state CAS prevents.
-        if self.queue.push(b).is_err() {
-            tracing::error!("writecache: free pool overflow on block {b} (double free?)");
-        }
+    fn lock(&self) -> MutexGuard<'_, Vec<u32>> {
+        self.stack.lock().unwrap_or_else(|p| p.into_inner())
     }
 
+    #[cfg(test)]
+    pub(crate) fn push(&self, b: u32) {
+        self.push_all(&[b]);
+    }
+
+    /// Returns blocks to the pool.
+    pub(crate) fn push_all(&self, blocks: &[u32]) {
+        let mut s = self.lock();
+        // The pool never holds more than the cache's blocks unless a block
+        // is freed twice — which the state CAS prevents.
+        let room = self.cap - s.len();
+        if blocks.len() > room {
+            tracing::error!(
+                "writecache: free pool overflow ({} blocks, room for {room}; double free?)",
+                blocks.len()
+            );
+        }
+        s.extend_from_slice(&blocks[..blocks.len().min(room)]);
+        self.len.store(s.len() as u64, Ordering::Release);
+    }
+
+    #[cfg(test)]
     pub(crate) fn pop(&self) -> Option<u32> {
-        self.queue.pop()
+        let mut s = self.lock();
+        let b = s.pop();
+        self.len.store(s.len() as u64, Ordering::Release);
+        b
+    }
+
+    /// Moves up to `k` blocks into `out`; returns how many.
+    pub(crate) fn pop_batch(&self, k: usize, out: &mut Vec<u32>) -> usize {
+        let mut s = self.lock();
+        let take = k.min(s.len());
+        let at = s.len() - take;
+        out.extend_from_slice(&s[at..]);
+        s.truncate(at);
+        self.len.store(s.len() as u64, Ordering::Release);
+        take
     }
 
     /// Blocks freed but still in their grace period.
@@ -237,9 +505,12 @@ impl FreePool {
     }
 
     pub(crate) fn len(&self) -> u64 {
-        // The queue's own count: a separate counter updated after the push
-        // or pop could be observed mid-way and wrap below zero.
-        self.queue.len() as u64
+        self.len.load(Ordering::Acquire)
+    }
+
+    /// Bytes of RAM the pool holds.
+    pub(crate) fn ram_bytes(&self) -> usize {
+        self.cap * std::mem::size_of::<u32>()
     }
 
     /// Returns `blocks` to the pool once every reader pinned now has
@@ -253,9 +524,7 @@ impl FreePool {
         self.grace.fetch_add(n, Ordering::Relaxed);
         let guard = crossbeam::epoch::pin();
         guard.defer(move || {
-            for b in blocks {
-                me.push(b);
-            }
+            me.push_all(&blocks);
             me.grace.fetch_sub(n, Ordering::Relaxed);
         });
         // Push the deferred work out promptly so freed blocks return soon.
@@ -270,7 +539,7 @@ mod tests {
     //! queue. Seeded and deterministic.
 
     use super::*;
-    use std::collections::VecDeque;
+    use std::collections::HashMap;
 
     /// xorshift64: tiny, seeded, reproducible.
     struct Rng(u64);
@@ -300,69 +569,175 @@ mod tests {
         }
     }
 
+    /// Maps LBAs to blocks the way the cache does: each insert takes a free
+    /// block and records its LBA in `meta` first; displaced and removed
+    /// blocks go back to the free list.
+    struct IndexRig {
+        meta: Meta,
+        index: Index,
+        free: Vec<u32>,
+    }
+
+    impl IndexRig {
+        fn new(blocks: u32, expected: usize) -> IndexRig {
+            IndexRig {
+                meta: Meta::new(blocks as usize),
+                index: Index::new(expected),
+                free: (0..blocks).rev().collect(),
+            }
+        }
+
+        fn insert(&mut self, lba: u64) -> (u32, Option<u32>) {
+            let b = self.free.pop().expect("rig has free blocks");
+            self.meta.get(b).lba.store(lba, Ordering::Relaxed);
+            let old = self.index.insert(&self.meta, lba, b);
+            if let Some(o) = old {
+                self.free.push(o);
+            }
+            (b, old)
+        }
+    }
+
     #[test]
     fn index_matches_hashmap_model() {
         for seed in [1u64, 0xDEAD_BEEF, 0x1234_5678_9ABC_DEF1] {
             let mut rng = Rng(seed);
-            let index = Index::new(16);
+            // Sized for 16 entries, holding up to 300: shards must grow.
+            let mut rig = IndexRig::new(400, 16);
             let mut model: HashMap<u64, u32> = HashMap::new();
             for op in 0..20_000 {
                 let lba = pick_lba(&mut rng);
                 match rng.below(10) {
-                    0..=3 => {
-                        let b = rng.below(32) as u32;
+                    0..=3 if model.len() < 300 || model.contains_key(&lba) => {
+                        let (b, old) = rig.insert(lba);
                         assert_eq!(
-                            index.insert(lba, b),
+                            old,
                             model.insert(lba, b),
-                            "seed {seed} op {op}: insert({lba}, {b})"
+                            "seed {seed} op {op}: insert({lba})"
                         );
                     }
                     4..=5 => {
-                        // Half the time the current block, else any block.
+                        // Half the time the current block, else another.
                         let b = match model.get(&lba) {
                             Some(&b) if rng.below(2) == 0 => b,
-                            _ => rng.below(32) as u32,
+                            _ => rng.below(400) as u32,
                         };
                         let want = model.get(&lba) == Some(&b);
                         if want {
                             model.remove(&lba);
+                            rig.free.push(b);
                         }
                         assert_eq!(
-                            index.remove_if(lba, b),
+                            rig.index.remove_if(&rig.meta, lba, b),
                             want,
                             "seed {seed} op {op}: remove_if({lba}, {b})"
                         );
                     }
                     _ => assert_eq!(
-                        index.get(lba),
+                        rig.index.get(&rig.meta, lba),
                         model.get(&lba).copied(),
                         "seed {seed} op {op}: get({lba})"
                     ),
                 }
                 if op % 64 == 0 {
-                    assert_eq!(index.len(), model.len(), "seed {seed} op {op}: len");
+                    assert_eq!(rig.index.len(), model.len(), "seed {seed} op {op}: len");
                 }
             }
             for (&lba, &b) in &model {
-                assert_eq!(index.get(lba), Some(b));
+                assert_eq!(rig.index.get(&rig.meta, lba), Some(b));
             }
-            assert_eq!(index.len(), model.len());
+            assert_eq!(rig.index.len(), model.len());
         }
+    }
+
+    /// Dense and clustered keys fill shards far past their initial size;
+    /// removal in every order keeps every other key findable (the backward
+    /// shift of a linear-probing cluster).
+    #[test]
+    fn index_grows_and_shifts_back_correctly() {
+        let n = 20_000u32;
+        let mut rig = IndexRig::new(n, 64);
+        // LBAs sharing the low bits, which a weak hash would cluster.
+        let lbas: Vec<u64> = (0..n as u64).map(|i| i << 20).collect();
+        for &l in &lbas {
+            assert_eq!(rig.insert(l).1, None);
+        }
+        assert_eq!(rig.index.len(), n as usize);
+        let mut rng = Rng(77);
+        let mut order = lbas.clone();
+        for i in (1..order.len()).rev() {
+            order.swap(i, rng.below(i as u64 + 1) as usize);
+        }
+        for (k, &l) in order.iter().enumerate() {
+            let b = rig.index.get(&rig.meta, l).expect("present");
+            assert!(rig.index.remove_if(&rig.meta, l, b));
+            if k % 997 == 0 {
+                for &r in &order[k + 1..] {
+                    assert!(
+                        rig.index.get(&rig.meta, r).is_some(),
+                        "lost {r} after {k} removals"
+                    );
+                }
+            }
+        }
+        assert_eq!(rig.index.len(), 0);
     }
 
     #[test]
     fn index_remove_if_only_removes_the_named_block() {
-        let index = Index::new(0);
-        assert_eq!(index.len(), 0);
-        assert_eq!(index.insert(0, 1), None);
-        assert_eq!(index.insert(257, 2), None); // same shard as 0
-        assert_eq!(index.insert(0, 3), Some(1));
-        assert!(!index.remove_if(0, 1), "stale block must not unmap");
-        assert_eq!(index.get(0), Some(3));
-        assert!(index.remove_if(0, 3));
-        assert!(!index.remove_if(0, 3), "exactly once");
-        assert_eq!((index.get(0), index.get(257)), (None, Some(2)));
-        assert_eq!(index.len(), 1);
+        let mut rig = IndexRig::new(8, 0);
+        assert_eq!(rig.index.len(), 0);
+        let (b1, _) = rig.insert(0);
+        let (b2, _) = rig.insert(257);
+        let (b3, old) = rig.insert(0);
+        assert_eq!(old, Some(b1));
+        let (m, i) = (&rig.meta, &rig.index);
+        assert!(!i.remove_if(m, 0, b1), "stale block must not unmap");
+        assert!(!i.remove_if(m, 0, b2), "another LBA's block must not unmap");
+        assert_eq!(i.get(m, 0), Some(b3));
+        assert!(i.remove_if(m, 0, b3));
+        assert!(!i.remove_if(m, 0, b3), "exactly once");
+        assert_eq!((i.get(m, 0), i.get(m, 257)), (None, Some(b2)));
+        assert_eq!(i.len(), 1);
+    }
+
+    #[test]
+    fn index_ram_is_about_six_bytes_per_block() {
+        let i = Index::new(1 << 20);
+        let per = i.ram_bytes() as f64 / (1 << 20) as f64;
+        assert!((6.0..7.0).contains(&per), "{per} bytes per block");
+    }
+
+    #[test]
+    fn wrapping_sequence_comparison() {
+        assert!(seq_at_or_after(5, 5));
+        assert!(seq_at_or_after(6, 5));
+        assert!(!seq_at_or_after(4, 5));
+        // Across the 32-bit wrap.
+        assert!(seq_at_or_after(seq32(1 << 32), seq32((1 << 32) - 1)));
+        assert!(!seq_at_or_after(seq32((1 << 32) - 1), seq32(1 << 32)));
+    }
+
+    #[test]
+    fn rebase_keeps_old_blocks_older_than_current() {
+        let meta = Meta::new(3);
+        meta.get(0).set_seq(10); // ancient
+        meta.get(1).set_seq(5_000_000_000); // recent
+        meta.get(2).set_seq(5_000_000_001); // current
+        let cur = 5_000_000_001u64;
+        // Without the rebase the ancient block would look like the future.
+        let stale = 10 + (1u64 << 32) * 2 - cur;
+        assert!(stale > 0);
+        meta.rebase_seqs(cur);
+        let c = seq32(cur);
+        assert_eq!(meta.get(0).seq(), c.wrapping_sub(SEQ_WINDOW as u32));
+        assert!(!seq_at_or_after(meta.get(0).seq(), c));
+        assert_eq!(meta.get(1).seq(), seq32(5_000_000_000), "recent untouched");
+        assert!(seq_at_or_after(meta.get(2).seq(), c));
+        // A block that lags by the maximum between rebases still compares
+        // as older.
+        let lag = SEQ_WINDOW + SEQ_REBASE_PERIOD;
+        assert!(!seq_at_or_after(seq32(cur - lag), seq32(cur - 1)));
     }
 
     /// One block of the state-machine model.
@@ -376,7 +751,7 @@ mod tests {
     /// What the write path does to a block it takes from the free pool.
     fn allocate(meta: &Meta, b: u32) -> u32 {
         let m = meta.get(b);
-        let gen = m.gen().wrapping_add(1);
+        let gen = BlockMeta::next_gen(m.gen());
         m.set(gen, VALID);
         gen
     }
@@ -405,14 +780,14 @@ mod tests {
             let mb = &mut model[b as usize];
             // Mostly the current generation, sometimes a stale or future one.
             let gen = match rng.below(4) {
-                0 => mb.gen.wrapping_sub(1 + rng.below(3) as u32),
-                1 => mb.gen.wrapping_add(1),
+                0 => mb.gen.wrapping_sub(1 + rng.below(3) as u32) & GEN_MASK,
+                1 => BlockMeta::next_gen(mb.gen),
                 _ => mb.gen,
             };
             match rng.below(5) {
                 // Only free blocks are allocated (they come from the pool).
                 0 if !mb.valid && !mb.wb => {
-                    mb.gen = mb.gen.wrapping_add(1);
+                    mb.gen = BlockMeta::next_gen(mb.gen);
                     mb.valid = true;
                     allocs[b as usize] += 1;
                     assert_eq!(allocate(&meta, b), mb.gen);
@@ -512,10 +887,10 @@ mod tests {
             }
         );
         // Generations wrap without sticking.
-        meta.get(1).set(u32::MAX, 0);
+        meta.get(1).set(GEN_MASK, 0);
         let w = allocate(&meta, 1);
         assert_eq!(w, 0);
-        assert!(!meta.begin_free(1, u32::MAX));
+        assert!(!meta.begin_free(1, GEN_MASK));
         assert!(meta.begin_free(1, 0));
     }
 
@@ -565,22 +940,30 @@ mod tests {
     }
 
     #[test]
-    fn free_pool_matches_bounded_queue_model() {
+    fn free_pool_matches_bounded_stack_model() {
         const CAP: usize = 16;
         let pool = FreePool::new(CAP);
-        let mut model: VecDeque<u32> = VecDeque::new();
+        let mut model: Vec<u32> = Vec::new();
         let mut rng = Rng(0xF00D);
         for op in 0..20_000 {
-            if rng.below(2) == 0 {
-                let b = rng.below(1000) as u32;
-                pool.push(b);
-                // A push beyond capacity (a double free) is dropped and not
-                // counted.
-                if model.len() < CAP {
-                    model.push_back(b);
+            match rng.below(3) {
+                0 => {
+                    let b = rng.below(1000) as u32;
+                    pool.push(b);
+                    // A push beyond capacity (a double free) is dropped.
+                    if model.len() < CAP {
+                        model.push(b);
+                    }
                 }
-            } else {
-                assert_eq!(pool.pop(), model.pop_front(), "op {op}: pop");
+                1 => assert_eq!(pool.pop(), model.pop(), "op {op}: pop"),
+                _ => {
+                    let k = rng.below(5) as usize;
+                    let mut got = Vec::new();
+                    let n = pool.pop_batch(k, &mut got);
+                    let at = model.len() - k.min(model.len());
+                    let want = model.split_off(at);
+                    assert_eq!((n, got), (want.len(), want), "op {op}: pop_batch({k})");
+                }
             }
             assert_eq!(pool.len(), model.len() as u64, "op {op}: len");
         }
@@ -588,23 +971,20 @@ mod tests {
 
     #[test]
     fn free_pool_edges() {
-        // Zero blocks still makes a usable (capacity 1) pool.
         let p = FreePool::new(0);
         assert_eq!((p.len(), p.pop()), (0, None));
-        p.push(7);
-        p.push(8); // overflow: dropped
-        assert_eq!(p.len(), 1);
-        assert_eq!((p.pop(), p.pop(), p.len()), (Some(7), None, 0));
+        p.push(7); // overflow: dropped
+        assert_eq!(p.len(), 0);
 
         let p = FreePool::new(4);
-        for b in 0..4 {
-            p.push(b);
-        }
-        p.push(99);
+        p.push_all(&[0, 1, 2]);
+        p.push_all(&[3, 99]);
         assert_eq!(p.len(), 4);
-        let got: Vec<u32> = std::iter::from_fn(|| p.pop()).collect();
-        assert_eq!(got, vec![0, 1, 2, 3], "FIFO, overflow dropped");
+        let mut got: Vec<u32> = std::iter::from_fn(|| p.pop()).collect();
+        got.sort_unstable();
+        assert_eq!(got, vec![0, 1, 2, 3], "overflow dropped");
         assert_eq!(p.len(), 0);
+        assert_eq!(p.ram_bytes(), 16);
     }
 
     #[test]
@@ -642,17 +1022,11 @@ mod tests {
         assert_eq!(p.pop(), Some(2));
     }
 
-    /// `push` adds to `count` after the block is in the queue and `pop`
-    /// subtracts after taking it, so a pop that overtakes a push's
-    /// increment drives `count` below zero: `len()` wraps to u64::MAX.
-    /// `stats().free_blocks` then reports 2^64 - 1 and
-    /// `Writecache::used_blocks` computes `pool.len() + cached`, which
-    /// overflows (a panic with overflow checks, a wrong watermark decision
-    /// without). Pushes (grace-period frees, channel teardown,
+    /// Pushes (grace-period frees, channel teardown,
     /// `return_cached_blocks`) and pops (`alloc`) run on different reactor
-    /// threads, so this happens in a real runtime. Fails within
-    /// microseconds here; passes in 1 s once fixed (e.g. `len()` from
-    /// `queue.len()`, or count up before the queue push).
+    /// threads: `len()` must never be seen beyond the capacity (a counter
+    /// updated outside the push/pop could wrap below zero, and
+    /// `Writecache::used_blocks` would overflow).
     #[test]
     fn free_pool_len_never_exceeds_capacity_under_concurrency() {
         use std::sync::atomic::AtomicBool;

@@ -124,6 +124,9 @@ pub struct Stats {
     /// Of the free blocks, those still in their epoch grace period (not
     /// allocatable until every reader that may see them has moved on).
     pub free_blocks_in_grace: u64,
+    /// RAM the instance keeps for its blocks (state, index, free pool,
+    /// writeback queue), in bytes.
+    pub metadata_ram_bytes: u64,
     /// Blocks read.
     pub read_blocks: u64,
     /// Blocks read from the cache.
