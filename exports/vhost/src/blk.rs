@@ -258,17 +258,30 @@ fn status_addr(mem: &Mem, d: &Descriptor) -> Option<GuestAddress> {
     mem.address_in_range(a).then_some(a)
 }
 
+/// Chains popped from a queue: (head index, descriptors).
+pub type Chains = Vec<(u16, Vec<Descriptor>)>;
+
 /// Access to a virtqueue: popping chains and adding used entries.
 pub trait QueueOps {
     /// Pops up to `max` available chains as (head, descriptors), with the
     /// queue's epoch read at the same time (under the queue's lock); a
     /// chain whose descriptors could not be read comes back truncated (and
     /// is rejected by the parser). `None` when the queue is not usable.
-    fn pop(&self, mem: &Mem, max: usize) -> Option<(u64, Vec<(u16, Vec<Descriptor>)>)>;
+    fn pop(&self, mem: &Mem, max: usize) -> Option<(u64, Chains)>;
     /// Completes a chain popped in `epoch`: adds its used entry, unless the
-    /// ring was stopped since (the epoch moved on), and notifies the driver
-    /// if it wants it.
-    fn push_used(&self, mem: &Mem, head: u16, len: u32, epoch: u64);
+    /// ring was stopped since (the epoch moved on). Returns whether it was
+    /// added. The driver is not notified here: see [`signal`](Self::signal).
+    fn push_used(&self, mem: &Mem, head: u16, len: u32, epoch: u64) -> bool;
+    /// Notifies the driver of the used entries added since the last call,
+    /// if it asked for it: with `VIRTIO_RING_F_EVENT_IDX`, only when its
+    /// `used_event` lies in the entries just added; without, unless it set
+    /// `VRING_AVAIL_F_NO_INTERRUPT`. Returns whether it notified.
+    fn signal(&self, mem: &Mem) -> bool;
+    /// Asks the driver for kicks (`enable`) or not: with EVENT_IDX by
+    /// `avail_event` (the next chain kicks), without it by
+    /// `VRING_USED_F_NO_NOTIFY`. On enabling, returns true when chains are
+    /// already available (they would not kick).
+    fn set_notification(&self, mem: &Mem, enable: bool) -> bool;
     /// Forgets a popped chain without a used entry (its connection ended).
     fn discard(&self) {}
     /// True once after the driver kicked the queue.
@@ -283,11 +296,17 @@ pub trait QueueOps {
 }
 
 impl<T: QueueOps + ?Sized> QueueOps for Arc<T> {
-    fn pop(&self, mem: &Mem, max: usize) -> Option<(u64, Vec<(u16, Vec<Descriptor>)>)> {
+    fn pop(&self, mem: &Mem, max: usize) -> Option<(u64, Chains)> {
         (**self).pop(mem, max)
     }
-    fn push_used(&self, mem: &Mem, head: u16, len: u32, epoch: u64) {
+    fn push_used(&self, mem: &Mem, head: u16, len: u32, epoch: u64) -> bool {
         (**self).push_used(mem, head, len, epoch)
+    }
+    fn signal(&self, mem: &Mem) -> bool {
+        (**self).signal(mem)
+    }
+    fn set_notification(&self, mem: &Mem, enable: bool) -> bool {
+        (**self).set_notification(mem, enable)
     }
     fn discard(&self) {
         (**self).discard()
@@ -316,8 +335,23 @@ pub struct QueueEngine<Q: QueueOps> {
     inflight: RefCell<Slab<Req>>,
     generation: Cell<u64>,
     skip: Cell<u32>,
+    /// The queue's epoch at the last pop (a new one means a re-initialised
+    /// ring, whose notification state is unknown).
+    epoch: Cell<u64>,
+    /// What was last asked of the driver: kicks on (`Some(true)`), off, or
+    /// unknown.
+    notify: Cell<Option<bool>>,
+    /// Kicks wanted when the queue runs dry: `None` follows the reactor
+    /// (sleeping reactors want them, busy-polling ones do not).
+    kicks: Cell<Option<bool>>,
+    reactor: Option<wc_reactor::ReactorHandle>,
+    /// Used entries added since the driver was last considered for a
+    /// notification.
+    unsignalled: Cell<u32>,
     /// Requests seen, for tests and stats.
     pub completed: Cell<u64>,
+    /// Notifications sent to the driver, for tests and stats.
+    pub signals: Cell<u64>,
 }
 
 impl<Q: QueueOps + 'static> QueueEngine<Q> {
@@ -331,7 +365,13 @@ impl<Q: QueueOps + 'static> QueueEngine<Q> {
             inflight: RefCell::new(Slab::new()),
             generation: Cell::new(0),
             skip: Cell::new(0),
+            epoch: Cell::new(u64::MAX),
+            notify: Cell::new(None),
+            kicks: Cell::new(None),
+            reactor: wc_reactor::try_current().map(|r| r.handle()),
+            unsignalled: Cell::new(0),
             completed: Cell::new(0),
+            signals: Cell::new(0),
         })
     }
 
@@ -349,6 +389,18 @@ impl<Q: QueueOps + 'static> QueueEngine<Q> {
     /// their completions are dropped instead of touching the ring.
     pub fn reset(&self) {
         self.generation.set(self.generation.get() + 1);
+    }
+
+    /// Forces whether the driver is asked for kicks when the queue runs dry
+    /// (`None`: sleeping reactors ask, busy-polling ones do not).
+    pub fn set_kicks(&self, kicks: Option<bool>) {
+        self.kicks.set(kicks);
+    }
+
+    fn wants_kicks(&self) -> bool {
+        self.kicks
+            .get()
+            .unwrap_or_else(|| self.reactor.as_ref().is_some_and(|h| h.in_interrupt()))
     }
 
     /// Drops the bdev channel (the bdev was removed): requests in flight
@@ -371,6 +423,10 @@ impl<Q: QueueOps + 'static> QueueEngine<Q> {
             return 0;
         };
         self.skip.set(0);
+        if epoch != self.epoch.get() {
+            self.epoch.set(epoch);
+            self.notify.set(None);
+        }
         let n = chains.len();
         for (head, descs) in chains {
             match parse(head, &descs, mem, &self.geom) {
@@ -390,7 +446,38 @@ impl<Q: QueueOps + 'static> QueueEngine<Q> {
                 }
             }
         }
-        n
+        // Kicks: a busy-polling reactor never needs them (switched off once
+        // per ring); a sleeping one wants one for the next chain once the
+        // queue is drained (re-armed after every batch: with EVENT_IDX the
+        // armed position moves with the ring).
+        let mut more = false;
+        if self.wants_kicks() && n < BATCH {
+            if n > 0 || self.notify.get() != Some(true) {
+                self.notify.set(Some(true));
+                more = self.q.set_notification(mem, true);
+            }
+        } else if self.notify.get() != Some(false) {
+            self.notify.set(Some(false));
+            self.q.set_notification(mem, false);
+        }
+        self.flush_signal(mem);
+        if more {
+            n.max(1)
+        } else {
+            n
+        }
+    }
+
+    /// Considers notifying the driver of the used entries added since the
+    /// last time (once per poll: completions are batched).
+    fn flush_signal(&self, mem: &Mem) {
+        if self.unsignalled.get() == 0 {
+            return;
+        }
+        self.unsignalled.set(0);
+        if self.q.signal(mem) {
+            self.signals.set(self.signals.get() + 1);
+        }
     }
 
     fn finish_rejected(&self, mem: &Mem, r: Rejected, epoch: u64) {
@@ -398,8 +485,12 @@ impl<Q: QueueOps + 'static> QueueEngine<Q> {
             let _ = mem.write_obj(r.code, st);
         }
         self.completed.set(self.completed.get() + 1);
-        self.q
-            .push_used(mem, r.head, u32::from(r.status.is_some()), epoch);
+        if self
+            .q
+            .push_used(mem, r.head, u32::from(r.status.is_some()), epoch)
+        {
+            self.unsignalled.set(self.unsignalled.get() + 1);
+        }
     }
 
     fn submit(self: &Rc<Self>, req: Req) {
@@ -463,7 +554,9 @@ impl<Q: QueueOps + 'static> QueueEngine<Q> {
         }
         let _ = req.mem.write_obj(status, req.status);
         let len = if status == S_OK { req.used_len } else { 1 };
-        self.q.push_used(&req.mem, req.head, len, req.epoch);
+        if self.q.push_used(&req.mem, req.head, len, req.epoch) {
+            self.unsignalled.set(self.unsignalled.get() + 1);
+        }
     }
 }
 

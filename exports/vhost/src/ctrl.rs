@@ -17,16 +17,17 @@ use vhost::vhost_user::Listener;
 use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VRING_AVAIL_F_NO_INTERRUPT};
 use virtio_queue::desc::split::Descriptor;
 use virtio_queue::{Queue, QueueT};
-use vm_memory::{GuestAddressSpace, GuestMemoryAtomic};
+use vm_memory::{Bytes, GuestAddress, GuestAddressSpace, GuestMemoryAtomic};
 use vmm_sys_util::epoll::EventSet;
 use vmm_sys_util::event::{
     new_event_consumer_and_notifier, EventConsumer, EventFlag, EventNotifier,
 };
 use wc_reactor::{PollStatus, ReactorHandle};
 
-use crate::blk::{config_space, Geometry, Mem, QueueEngine, QueueOps};
+use crate::blk::{config_space, Chains, Geometry, Mem, QueueEngine, QueueOps};
 
 /// Errors of the controller RPCs.
 #[derive(Debug)]
@@ -275,6 +276,7 @@ impl VhostUserBackend for Backend {
             | (1 << VIRTIO_BLK_F_FLUSH)
             | (1 << VIRTIO_BLK_F_TOPOLOGY)
             | (1 << VIRTIO_BLK_F_MQ)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
             | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
         if self.0.geom.readonly {
             f |= 1 << VIRTIO_BLK_F_RO;
@@ -343,7 +345,7 @@ impl VhostUserBackend for Backend {
 }
 
 /// Pops up to `max` chains of `q`.
-pub(crate) fn pop_chains(q: &mut Queue, mem: &Mem, max: usize) -> Vec<(u16, Vec<Descriptor>)> {
+pub(crate) fn pop_chains(q: &mut Queue, mem: &Mem, max: usize) -> Chains {
     let mut out = Vec::new();
     while out.len() < max {
         let Some(chain) = q.pop_descriptor_chain(mem) else {
@@ -358,12 +360,35 @@ pub(crate) fn pop_chains(q: &mut Queue, mem: &Mem, max: usize) -> Vec<(u16, Vec<
     out
 }
 
-/// Adds a used entry to `q`; returns whether the driver wants a notification.
+/// Adds a used entry to `q`; false when it could not be written.
 pub(crate) fn add_used(q: &mut Queue, mem: &Mem, head: u16, len: u32) -> bool {
-    if q.add_used(mem, head, len).is_err() {
-        return false;
+    q.add_used(mem, head, len).is_ok()
+}
+
+/// Whether the driver wants an interrupt for the used entries added since
+/// the last call: with EVENT_IDX by its `used_event`, else unless it set
+/// `VRING_AVAIL_F_NO_INTERRUPT` (virtio-queue leaves that flag to us).
+pub(crate) fn needs_interrupt(q: &mut Queue, mem: &Mem) -> bool {
+    if q.event_idx_enabled() {
+        return q.needs_notification(mem).unwrap_or(true);
     }
-    q.needs_notification(mem).unwrap_or(true)
+    // Order the used ring writes before reading the driver's flags.
+    std::sync::atomic::fence(Ordering::SeqCst);
+    match mem.load::<u16>(GuestAddress(q.avail_ring()), Ordering::Acquire) {
+        Ok(flags) => u16::from_le(flags) & VRING_AVAIL_F_NO_INTERRUPT as u16 == 0,
+        Err(_) => true,
+    }
+}
+
+/// Enables or disables kicks from the driver; on enabling, true when
+/// chains are already available.
+pub(crate) fn set_notification(q: &mut Queue, mem: &Mem, enable: bool) -> bool {
+    if enable {
+        q.enable_notification(mem).unwrap_or(true)
+    } else {
+        let _ = q.disable_notification(mem);
+        false
+    }
 }
 
 /// A vring of the vhost-user backend.
@@ -373,7 +398,7 @@ struct VringQ {
 }
 
 impl QueueOps for VringQ {
-    fn pop(&self, mem: &Mem, max: usize) -> Option<(u64, Vec<(u16, Vec<Descriptor>)>)> {
+    fn pop(&self, mem: &Mem, max: usize) -> Option<(u64, Chains)> {
         let mut st = self.vring.get_mut();
         if !st.is_enabled() || !st.get_queue().ready() {
             return None;
@@ -385,15 +410,29 @@ impl QueueOps for VringQ {
         Some((self.ctl.epoch.load(Ordering::Acquire), chains))
     }
 
-    fn push_used(&self, mem: &Mem, head: u16, len: u32, epoch: u64) {
+    fn push_used(&self, mem: &Mem, head: u16, len: u32, epoch: u64) -> bool {
         let mut st = self.vring.get_mut();
-        if epoch == self.ctl.epoch.load(Ordering::Acquire)
-            && add_used(st.get_queue_mut(), mem, head, len)
-        {
-            let _ = st.signal_used_queue();
-        }
+        let added = epoch == self.ctl.epoch.load(Ordering::Acquire)
+            && add_used(st.get_queue_mut(), mem, head, len);
         drop(st);
         self.ctl.inflight.fetch_sub(1, Ordering::AcqRel);
+        added
+    }
+
+    fn signal(&self, mem: &Mem) -> bool {
+        let mut st = self.vring.get_mut();
+        if !st.get_queue().ready() || !needs_interrupt(st.get_queue_mut(), mem) {
+            return false;
+        }
+        st.signal_used_queue().is_ok()
+    }
+
+    fn set_notification(&self, mem: &Mem, enable: bool) -> bool {
+        let mut st = self.vring.get_mut();
+        if !st.get_queue().ready() {
+            return false;
+        }
+        set_notification(st.get_queue_mut(), mem, enable)
     }
 
     fn discard(&self) {

@@ -8,14 +8,16 @@ use std::pin::Pin;
 use std::sync::Arc;
 use std::task::{Context, Poll};
 
+use std::rc::Rc;
 use virtio_queue::desc::split::Descriptor as SplitDesc;
 use virtio_queue::desc::RawDescriptor;
 use virtio_queue::mock::MockSplitQueue;
-use virtio_queue::Queue;
-use vm_memory::{Bytes, GuestAddress};
+
+use virtio_queue::{Queue, QueueT};
+use vm_memory::{Address, Bytes, GuestAddress};
 
 use crate::blk::*;
-use crate::ctrl::{add_used, pop_chains};
+use crate::ctrl::{add_used, needs_interrupt, pop_chains, set_notification};
 
 const F_NEXT: u16 = 1;
 const F_WRITE: u16 = 2;
@@ -24,11 +26,17 @@ const MEM_SIZE: usize = 0x20_0000;
 struct MockQ(RefCell<Queue>);
 
 impl QueueOps for MockQ {
-    fn pop(&self, mem: &Mem, max: usize) -> Option<(u64, Vec<(u16, Vec<SplitDesc>)>)> {
+    fn pop(&self, mem: &Mem, max: usize) -> Option<(u64, Chains)> {
         Some((0, pop_chains(&mut self.0.borrow_mut(), mem, max)))
     }
-    fn push_used(&self, mem: &Mem, head: u16, len: u32, _epoch: u64) {
-        add_used(&mut self.0.borrow_mut(), mem, head, len);
+    fn push_used(&self, mem: &Mem, head: u16, len: u32, _epoch: u64) -> bool {
+        add_used(&mut self.0.borrow_mut(), mem, head, len)
+    }
+    fn signal(&self, mem: &Mem) -> bool {
+        needs_interrupt(&mut self.0.borrow_mut(), mem)
+    }
+    fn set_notification(&self, mem: &Mem, enable: bool) -> bool {
+        set_notification(&mut self.0.borrow_mut(), mem, enable)
     }
 }
 
@@ -501,13 +509,20 @@ struct SharedMockQ {
 }
 
 impl QueueOps for SharedMockQ {
-    fn pop(&self, mem: &Mem, max: usize) -> Option<(u64, Vec<(u16, Vec<SplitDesc>)>)> {
+    fn pop(&self, mem: &Mem, max: usize) -> Option<(u64, Chains)> {
         Some((0, pop_chains(&mut self.q.lock().unwrap(), mem, max)))
     }
-    fn push_used(&self, mem: &Mem, head: u16, len: u32, _epoch: u64) {
-        add_used(&mut self.q.lock().unwrap(), mem, head, len);
+    fn push_used(&self, mem: &Mem, head: u16, len: u32, _epoch: u64) -> bool {
+        let added = add_used(&mut self.q.lock().unwrap(), mem, head, len);
         let reactor = wc_reactor::current().index();
         let _ = self.tx.lock().unwrap().send((self.index, head, reactor));
+        added
+    }
+    fn signal(&self, mem: &Mem) -> bool {
+        needs_interrupt(&mut self.q.lock().unwrap(), mem)
+    }
+    fn set_notification(&self, mem: &Mem, enable: bool) -> bool {
+        set_notification(&mut self.q.lock().unwrap(), mem, enable)
     }
 }
 
@@ -639,4 +654,171 @@ fn queues_are_served_by_the_reactors_of_the_mask() {
     drop(sh);
     rt.shutdown();
     wc_bdev::unregister("VhSpy").unwrap();
+}
+
+/// Queue size of the notification tests.
+const QSIZE: u16 = 256;
+
+/// Makes FLUSH requests `from..from + n` available: request `j` uses
+/// descriptors `2j` (header) and `2j + 1` (status byte `STATUS + j`).
+fn add_flushes(mem: &Mem, mock: &MockSplitQueue<'_, Mem>, from: u16, n: u16) {
+    for j in from..from + n {
+        let h = HDR + 16 * u64::from(j);
+        hdr(mem, h, T_FLUSH, 0);
+        mem.write_obj(0xffu8, GuestAddress(STATUS + u64::from(j)))
+            .unwrap();
+        let chain = [
+            RawDescriptor::from(SplitDesc::new(h, 16, F_NEXT, 2 * j + 1)),
+            RawDescriptor::from(SplitDesc::new(STATUS + u64::from(j), 1, F_WRITE, 0)),
+        ];
+        mock.add_desc_chains(&chain, 2 * j).unwrap();
+    }
+}
+
+/// Polls until `n` chains were taken and completed, then once more (the
+/// poll that considers notifying the driver).
+async fn serve(eng: &Rc<QueueEngine<MockQ>>, mem: &Arc<Mem>, n: usize) {
+    let mut taken = 0;
+    while taken < n {
+        let got = eng.poll(mem);
+        assert!(got > 0, "queue ran dry after {taken} of {n}");
+        taken += got;
+    }
+    let e = eng.clone();
+    until(move || e.inflight() == 0).await;
+    eng.poll(mem);
+}
+
+fn load16(mem: &Mem, at: GuestAddress) -> u16 {
+    u16::from_le(mem.read_obj(at).unwrap())
+}
+
+/// Runs `body` on a 1-reactor runtime with a malloc bdev and an engine on
+/// a mock queue (EVENT_IDX as given).
+fn with_engine<F>(bdev: &'static str, event_idx: bool, body: F)
+where
+    F: FnOnce(
+            Arc<Mem>,
+            MockSplitQueue<'_, Mem>,
+            Rc<QueueEngine<MockQ>>,
+        ) -> Pin<Box<dyn Future<Output = ()> + '_>>
+        + Send
+        + 'static,
+{
+    let rt = wc_bdev::testing::test_runtime(1);
+    wc_bdev_malloc::create(wc_bdev_malloc::MallocOpts::new(bdev, 1024, 512)).unwrap();
+    wc_bdev::testing::run_on(&rt.handles()[0], move || async move {
+        let mem = Arc::new(Mem::from_ranges(&[(GuestAddress(0), MEM_SIZE)]).unwrap());
+        let mem2 = mem.clone();
+        let mock = MockSplitQueue::new(&*mem2, QSIZE);
+        let mut q: Queue = mock.create_queue().unwrap();
+        q.set_event_idx(event_idx);
+        let desc = wc_bdev::open(bdev, true, None).unwrap();
+        let geom = Geometry {
+            block_size: 512,
+            num_blocks: 1024,
+            readonly: false,
+            id: bdev.as_bytes().to_vec(),
+        };
+        let eng = QueueEngine::new(MockQ(RefCell::new(q)), Some(desc.channel().unwrap()), geom);
+        body(mem, mock, eng).await;
+        drop(desc);
+    });
+    wc_bdev_malloc::delete(bdev).unwrap();
+    rt.shutdown();
+}
+
+#[test]
+fn event_idx_suppresses_needless_interrupts_and_kicks() {
+    with_engine("VhT5", true, |mem, mock, eng| {
+        Box::pin(async move {
+            let size = u64::from(QSIZE);
+            let used_event = GuestAddress(mock.avail_addr().0 + 4 + 2 * size);
+            let avail_event = GuestAddress(mock.used_addr().0 + 4 + 8 * size);
+            let used_idx = |m: &Mem| load16(m, mock.used_addr().unchecked_add(2));
+            eng.set_kicks(Some(true)); // as on a sleeping reactor
+            assert!(eng.queue().0.borrow().event_idx_enabled());
+
+            // The driver wants an interrupt once entry 1 is used; four
+            // requests complete in one batch: one interrupt, not four.
+            mem.write_obj(1u16.to_le(), used_event).unwrap();
+            add_flushes(&mem, &mock, 0, 4);
+            serve(&eng, &mem, 4).await;
+            assert_eq!(used_idx(&mem), 4);
+            assert_eq!(eng.signals.get(), 1);
+            // Kicks re-armed at the next chain (avail_event = next avail).
+            assert_eq!(load16(&mem, avail_event), 4);
+
+            // used_event stays behind (the driver has not re-armed): three
+            // more completions, no interrupt.
+            add_flushes(&mem, &mock, 4, 3);
+            serve(&eng, &mem, 3).await;
+            assert_eq!(used_idx(&mem), 7);
+            assert_eq!(eng.signals.get(), 1);
+            assert_eq!(load16(&mem, avail_event), 7);
+
+            // Re-armed at entry 7: the next batch interrupts once.
+            mem.write_obj(7u16.to_le(), used_event).unwrap();
+            add_flushes(&mem, &mock, 7, 2);
+            serve(&eng, &mem, 2).await;
+            assert_eq!(used_idx(&mem), 9);
+            assert_eq!(eng.signals.get(), 2);
+
+            // A used_event ahead of everything: no interrupt at all.
+            mem.write_obj(100u16.to_le(), used_event).unwrap();
+            add_flushes(&mem, &mock, 9, 2);
+            serve(&eng, &mem, 2).await;
+            assert_eq!(eng.signals.get(), 2);
+
+            // Busy polling: kicks are not re-armed (avail_event stays put,
+            // so the driver stops kicking).
+            eng.set_kicks(Some(false));
+            let before = load16(&mem, avail_event);
+            add_flushes(&mem, &mock, 11, 3);
+            serve(&eng, &mem, 3).await;
+            assert_eq!(load16(&mem, avail_event), before);
+            assert_eq!(used_idx(&mem), 14);
+            for j in 0..14 {
+                assert_eq!(status(&mem, j), S_OK, "request {j}");
+            }
+        })
+    });
+}
+
+#[test]
+fn without_event_idx_flags_are_honoured() {
+    with_engine("VhT6", false, |mem, mock, eng| {
+        Box::pin(async move {
+            let used_flags = mock.used_addr();
+            let avail_flags = mock.avail_addr();
+            let used_idx = |m: &Mem| load16(m, mock.used_addr().unchecked_add(2));
+
+            // Busy polling: the driver is told not to kick.
+            eng.set_kicks(Some(false));
+            eng.poll(&mem);
+            assert_eq!(load16(&mem, used_flags), 1, "VRING_USED_F_NO_NOTIFY");
+
+            // The driver does not want interrupts (VRING_AVAIL_F_NO_INTERRUPT).
+            mem.write_obj(1u16.to_le(), avail_flags).unwrap();
+            add_flushes(&mem, &mock, 0, 2);
+            serve(&eng, &mem, 2).await;
+            assert_eq!(used_idx(&mem), 2);
+            assert_eq!(eng.signals.get(), 0);
+
+            // It wants them again: one per batch of completions.
+            mem.write_obj(0u16.to_le(), avail_flags).unwrap();
+            add_flushes(&mem, &mock, 2, 3);
+            serve(&eng, &mem, 3).await;
+            assert_eq!(used_idx(&mem), 5);
+            assert_eq!(eng.signals.get(), 1);
+
+            // A sleeping reactor asks for kicks again once drained.
+            eng.set_kicks(Some(true));
+            eng.poll(&mem);
+            assert_eq!(load16(&mem, used_flags), 0);
+            for j in 0..5 {
+                assert_eq!(status(&mem, j), S_OK, "request {j}");
+            }
+        })
+    });
 }
