@@ -293,6 +293,9 @@ pub fn fixed_from_cli(cli: &Cli) -> Result<Fixed, String> {
         .stats_period
         .map(|s| check_seconds("-S", s))
         .transpose()?;
+    if period.is_some_and(|p| p < 0.01) {
+        return Err("-S must be at least 0.01 s".into());
+    }
     if cli.ema_period.is_some() && period.is_none() {
         return Err("-P (moving average period) needs -S".into());
     }
@@ -440,6 +443,7 @@ mod tests {
             .contains("rwmixread (-M, rw_percentage) is required for randrw"));
         assert!(err("-q 1 -o 4k -w rw -M 101 -t 1").contains("out of range 0..100"));
         assert!(err("-q 1 -o 4k -w read -t 1 -S 0").contains("-S must be"));
+        assert!(err("-q 1 -o 4k -w read -t 1 -S 0.001").contains("-S must be at least 0.01 s"));
         assert!(err("-q 1 -o 4k -w read -t 1 -P 2").contains("-P (moving average period) needs -S"));
         assert!(err("-q 1024 -o 16m -w read -t 1").contains("more than 8 GiB"));
         assert!(err("-q abc").contains("invalid value 'abc'"));

@@ -1,7 +1,9 @@
 //! `perform_tests` (with `-z`): SPDK's params (`queue_depth`, `io_size`,
 //! `time_in_sec`, `workload_type`, `rw_percentage`), all optional. Given
 //! values override the command line's and stick for later runs, as in
-//! SPDK's bdevperf; a bad set is refused whole and changes nothing.
+//! SPDK's bdevperf; a set that is refused (bad or missing values: -32700;
+//! nothing to run them on, e.g. an IO size the bdev's block size does not
+//! divide: -32602) changes nothing.
 
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
@@ -106,16 +108,14 @@ pub fn register(reg: &wc_rpc::Registry, state: Arc<State>) -> Result<(), String>
                 Ok(o) => o,
                 Err(e) => return r.err(bad(e)),
             };
-            let run_params = {
-                let mut cur = state.settings.lock().unwrap_or_else(|e| e.into_inner());
-                let next = cur.overridden_by(&overrides);
-                match next.resolve(&state.fixed, &RPC_NAMES) {
-                    Ok(p) => {
-                        *cur = next;
-                        p
-                    }
-                    Err(e) => return r.err(bad(e)),
-                }
+            let next = state
+                .settings
+                .lock()
+                .unwrap_or_else(|e| e.into_inner())
+                .overridden_by(&overrides);
+            let run_params = match next.resolve(&state.fixed, &RPC_NAMES) {
+                Ok(p) => p,
+                Err(e) => return r.err(bad(e)),
             };
             if RUNNING.swap(true, Ordering::AcqRel) {
                 return r.err(RpcError::internal("Operation now in progress"));
@@ -131,6 +131,11 @@ pub fn register(reg: &wc_rpc::Registry, state: Arc<State>) -> Result<(), String>
                 .spawn(move || {
                     let mut stdout = std::io::stdout();
                     let res = run(&run_params, &reactors, state.latency, &mut stdout);
+                    // The overrides stick once they made a run (SPDK's
+                    // behaviour); a refused set changes nothing.
+                    if !matches!(res, Err(RunError::Setup(_))) {
+                        *state.settings.lock().unwrap_or_else(|e| e.into_inner()) = next;
+                    }
                     RUNNING.store(false, Ordering::Release);
                     match res {
                         Ok(results) => {

@@ -7,6 +7,7 @@
 mod harness;
 
 mod bdev;
+mod bdevperf;
 mod config;
 mod errors;
 mod fuzz;
