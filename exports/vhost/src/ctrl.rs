@@ -7,7 +7,7 @@ use std::os::unix::fs::PermissionsExt;
 use std::path::PathBuf;
 use std::rc::Rc;
 use std::sync::atomic::{AtomicBool, AtomicU64, AtomicUsize, Ordering};
-use std::sync::{Arc, Mutex, MutexGuard};
+use std::sync::{Arc, Mutex, MutexGuard, OnceLock, Weak};
 use std::time::{Duration, Instant};
 
 use serde::Serialize;
@@ -144,8 +144,11 @@ pub(crate) struct Shared {
     /// Reactors polling the queues: queue `i` on `reactors[i % len]`.
     reactors: Vec<ReactorHandle>,
     qctl: Vec<Arc<QueueCtl>>,
-    /// The open bdev.
+    /// The open bdev; `None` once it was removed (or the controller
+    /// deleted).
     desc: Mutex<Option<wc_bdev::Desc>>,
+    /// The bdev was removed: nothing more is submitted, requests fail.
+    removed: AtomicBool,
     /// Guest memory of the current connection; `mem_gen` bumps on change.
     mem: Mutex<Option<GuestMemoryAtomic<Mem>>>,
     mem_gen: AtomicU64,
@@ -171,6 +174,7 @@ impl Shared {
             reactors,
             qctl: (0..num_queues).map(|_| Arc::default()).collect(),
             desc: Mutex::new(Some(desc)),
+            removed: AtomicBool::new(false),
             mem: Mutex::new(None),
             mem_gen: AtomicU64::new(0),
             queues: Mutex::new(None),
@@ -207,6 +211,32 @@ impl Shared {
             c.epoch.fetch_add(1, Ordering::AcqRel);
         }
         self.session.fetch_add(1, Ordering::AcqRel);
+    }
+
+    /// The bdev is going away (hot-remove, or its delete RPC): the pollers
+    /// drop their channels and fail new requests with
+    /// `VIRTIO_BLK_S_IOERR`; the descriptor is closed now so the removal
+    /// is not held up. The controller stays until deleted.
+    pub(crate) fn bdev_removed(&self) {
+        if self.removed.swap(true, Ordering::AcqRel) {
+            return;
+        }
+        let desc = lock(&self.desc).take();
+        if let Some(d) = &desc {
+            tracing::warn!(
+                "vhost: bdev '{}' removed: its controller fails requests from now on",
+                d.bdev().name()
+            );
+        }
+        drop(desc);
+        for h in &self.reactors {
+            h.send(|| {});
+        }
+    }
+
+    /// True once the bdev was removed.
+    pub(crate) fn is_removed(&self) -> bool {
+        self.removed.load(Ordering::Acquire)
     }
 
     /// Kick on queue `i`: the poller looks at it, and a sleeping reactor
@@ -512,7 +542,18 @@ pub fn create_controller(o: CreateOpts) -> Result<String, VhostError> {
         None => None,
     };
     let reactors = serving_reactors(mask.as_ref())?;
-    let desc = wc_bdev::open(&o.dev_name, !o.readonly, None)
+    // The removal event reaches the controller through a weak link (the
+    // bdev's openers must not keep it alive).
+    let slot: Arc<OnceLock<Weak<Shared>>> = Arc::new(OnceLock::new());
+    let slot2 = slot.clone();
+    let on_event: wc_bdev::EventCallback = Arc::new(move |ev| {
+        if ev == wc_bdev::BdevEvent::Remove {
+            if let Some(sh) = slot2.get().and_then(Weak::upgrade) {
+                sh.bdev_removed();
+            }
+        }
+    });
+    let desc = wc_bdev::open(&o.dev_name, !o.readonly, Some(on_event))
         .map_err(|e| VhostError::NotFound(format!("bdev '{}': {e}", o.dev_name)))?;
     let b = desc.bdev().clone();
     let mut id = b.name().as_bytes().to_vec();
@@ -536,6 +577,7 @@ pub fn create_controller(o: CreateOpts) -> Result<String, VhostError> {
         .map_err(|e| VhostError::Io(format!("socket {}: {e}", socket.display())))?;
     let _ = std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600));
     let shared = Shared::new(geom, MAX_QUEUES, reactors, desc);
+    let _ = slot.set(Arc::downgrade(&shared));
     let backend = Backend(shared.clone());
     let name = format!("vhost-{}", o.ctrlr);
     // A fresh daemon per connection: the vhost-user handler keeps owner
@@ -616,6 +658,8 @@ pub(crate) fn start_pollers(sh: &Arc<Shared>) {
 /// What one reactor's poller holds for the current connection.
 struct PollState {
     session: u64,
+    /// The engines dropped their channels (the bdev was removed).
+    detached: bool,
     mem_gen: u64,
     mem: Option<Arc<Mem>>,
     engines: Vec<Rc<QueueEngine<DynQueue>>>,
@@ -649,7 +693,8 @@ fn run_poller(sh: Arc<Shared>, k: usize, n: usize) {
             let Some(queues) = lock(&sh.queues).clone() else {
                 return PollStatus::Idle;
             };
-            // This reactor's own channel (Desc::channel is per reactor).
+            // This reactor's own channel (Desc::channel is per reactor);
+            // none once the bdev is gone.
             let chan = lock(&sh.desc).as_ref().and_then(|d| match d.channel() {
                 Ok(c) => Some(c),
                 Err(e) => {
@@ -665,6 +710,7 @@ fn run_poller(sh: Arc<Shared>, k: usize, n: usize) {
                 .collect();
             st = Some(PollState {
                 session,
+                detached: chan.is_none(),
                 mem_gen: u64::MAX,
                 mem: None,
                 engines,
@@ -673,6 +719,10 @@ fn run_poller(sh: Arc<Shared>, k: usize, n: usize) {
         let Some(s) = st.as_mut() else {
             return PollStatus::Idle;
         };
+        if !s.detached && sh.is_removed() {
+            s.detached = true;
+            s.engines.iter().for_each(|e| e.detach());
+        }
         let gen = sh.mem_gen.load(Ordering::Acquire);
         if s.mem_gen != gen {
             s.mem = lock(&sh.mem).as_ref().map(|m| m.memory().into_inner());
@@ -726,7 +776,8 @@ pub fn controllers() -> Vec<ControllerSummary> {
             backend_specific: json!({
                 "block": {
                     "readonly": c.opts.readonly,
-                    "bdev": c.opts.dev_name,
+                    // As SPDK: null once the bdev was removed.
+                    "bdev": (!c.shared.is_removed()).then(|| c.opts.dev_name.clone()),
                     "transport": "vhost_user_blk",
                 }
             }),
@@ -734,10 +785,12 @@ pub fn controllers() -> Vec<ControllerSummary> {
         .collect()
 }
 
-/// `save_config` entries.
+/// `save_config` entries (as SPDK, none for a controller whose bdev was
+/// removed).
 pub fn config_entries() -> Vec<Value> {
     lock(&CONTROLLERS)
         .values()
+        .filter(|c| !c.shared.is_removed())
         .map(|c| {
             let mut p = json!({
                 "ctrlr": c.opts.ctrlr,

@@ -1,0 +1,367 @@
+//! A vhost-user frontend written with rust-vmm's `vhost` crate drives a
+//! controller through its socket, as QEMU would: memfd guest memory, two
+//! virtqueues on two reactors, real kicks. Then the bdev is deleted under
+//! the live controller: the controller lets go of it (the delete is not
+//! held up), fails requests with `VIRTIO_BLK_S_IOERR`, reports the bdev as
+//! gone, and is still deleted normally; the target keeps serving.
+
+use std::fs::File;
+use std::os::fd::{AsRawFd, FromRawFd};
+use std::path::{Path, PathBuf};
+use std::sync::atomic::Ordering;
+use std::time::{Duration, Instant};
+
+use vhost::vhost_user::message::{
+    VhostUserConfigFlags, VhostUserProtocolFeatures, VhostUserVirtioFeatures,
+};
+use vhost::vhost_user::{Frontend, VhostUserFrontend};
+use vhost::{VhostBackend, VhostUserMemoryRegionInfo, VringConfigData};
+use virtio_bindings::virtio_blk::{VIRTIO_BLK_F_FLUSH, VIRTIO_BLK_F_MQ};
+use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
+use virtio_bindings::virtio_ring::VIRTIO_RING_F_EVENT_IDX;
+use vm_memory::{
+    Address, Bytes, FileOffset, GuestAddress, GuestMemoryBackend, GuestMemoryMmap, GuestRegionMmap,
+    MmapRegion,
+};
+use vmm_sys_util::eventfd::EventFd;
+
+type GuestMem = GuestMemoryMmap<()>;
+
+const MEM_SIZE: usize = 16 << 20;
+/// Ring size of every queue.
+const N: u16 = 64;
+/// Where request headers, status bytes and data buffers live.
+const HDRS: u64 = 0x10_0000;
+const STATS: u64 = 0x18_0000;
+const DATA: u64 = 0x20_0000;
+/// Bounds a wait for the backend; only a hang reaches it.
+const WAIT: Duration = Duration::from_secs(60);
+
+const T_IN: u32 = 0;
+const T_OUT: u32 = 1;
+const S_OK: u8 = 0;
+const S_IOERR: u8 = 1;
+const F_NEXT: u16 = 1;
+const F_WRITE: u16 = 2;
+
+/// One virtqueue, driven from the driver's side.
+struct DriverQueue {
+    /// Guest address of the descriptor table (avail and used follow).
+    base: u64,
+    kick: EventFd,
+    _call: EventFd,
+    avail_idx: u16,
+    used_seen: u16,
+}
+
+impl DriverQueue {
+    fn desc(&self) -> u64 {
+        self.base
+    }
+    fn avail(&self) -> u64 {
+        self.base + 16 * u64::from(N)
+    }
+    fn used(&self) -> u64 {
+        (self.avail() + 6 + 2 * u64::from(N) + 3) & !3
+    }
+}
+
+/// A minimal virtio-blk driver over a vhost-user connection.
+struct Guest {
+    fe: Frontend,
+    mem: GuestMem,
+    _file: File,
+    queues: Vec<DriverQueue>,
+    next_req: u64,
+}
+
+fn memfd(size: usize) -> File {
+    // SAFETY: memfd_create with a NUL-terminated name; the returned fd is
+    // checked and then owned by the File only.
+    let fd = unsafe { libc::memfd_create(c"wc-vhost-guest".as_ptr(), libc::MFD_CLOEXEC) };
+    assert!(fd >= 0, "memfd_create: {}", std::io::Error::last_os_error());
+    // SAFETY: `fd` is a fresh descriptor nobody else owns.
+    let f = unsafe { File::from_raw_fd(fd) };
+    f.set_len(size as u64).expect("memfd size");
+    f
+}
+
+impl Guest {
+    /// Connects and sets up `queues` virtqueues, as QEMU does.
+    fn connect(sock: &Path, queues: usize) -> Guest {
+        let file = memfd(MEM_SIZE);
+        let region =
+            MmapRegion::from_file(FileOffset::new(file.try_clone().expect("dup"), 0), MEM_SIZE)
+                .expect("map guest memory");
+        let region = GuestRegionMmap::new(region, GuestAddress(0)).expect("region");
+        let mem = GuestMem::from_regions(vec![region]).expect("guest memory");
+        let host = mem.get_host_address(GuestAddress(0)).expect("host address") as u64;
+
+        let mut fe = Frontend::connect(sock, queues as u64).expect("connect");
+        fe.set_owner().expect("SET_OWNER");
+        let offered = fe.get_features().expect("GET_FEATURES");
+        assert_ne!(
+            offered & (1 << VIRTIO_RING_F_EVENT_IDX),
+            0,
+            "EVENT_IDX offered"
+        );
+        let pf = fe.get_protocol_features().expect("GET_PROTOCOL_FEATURES");
+        fe.set_protocol_features(
+            pf & (VhostUserProtocolFeatures::CONFIG | VhostUserProtocolFeatures::MQ),
+        )
+        .expect("SET_PROTOCOL_FEATURES");
+        assert!(fe.get_queue_num().expect("GET_QUEUE_NUM") >= queues as u64);
+        let want = (1u64 << VIRTIO_F_VERSION_1)
+            | (1 << VIRTIO_BLK_F_FLUSH)
+            | (1 << VIRTIO_BLK_F_MQ)
+            | (1 << VIRTIO_RING_F_EVENT_IDX)
+            | VhostUserVirtioFeatures::PROTOCOL_FEATURES.bits();
+        fe.set_features(offered & want).expect("SET_FEATURES");
+        let region = VhostUserMemoryRegionInfo {
+            guest_phys_addr: 0,
+            memory_size: MEM_SIZE as u64,
+            userspace_addr: host,
+            mmap_offset: 0,
+            mmap_handle: file.as_raw_fd(),
+        };
+        fe.set_mem_table(&[region]).expect("SET_MEM_TABLE");
+        let mut qs = Vec::new();
+        for i in 0..queues {
+            let q = DriverQueue {
+                base: 0x1_0000 * i as u64,
+                kick: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+                _call: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
+                avail_idx: 0,
+                used_seen: 0,
+            };
+            fe.set_vring_num(i, N).expect("SET_VRING_NUM");
+            fe.set_vring_addr(
+                i,
+                &VringConfigData {
+                    queue_max_size: N,
+                    queue_size: N,
+                    flags: 0,
+                    desc_table_addr: host + q.desc(),
+                    used_ring_addr: host + q.used(),
+                    avail_ring_addr: host + q.avail(),
+                    log_addr: None,
+                },
+            )
+            .expect("SET_VRING_ADDR");
+            fe.set_vring_base(i, 0).expect("SET_VRING_BASE");
+            fe.set_vring_call(i, &q._call).expect("SET_VRING_CALL");
+            fe.set_vring_kick(i, &q.kick).expect("SET_VRING_KICK");
+            fe.set_vring_enable(i, true).expect("SET_VRING_ENABLE");
+            qs.push(q);
+        }
+        // A request with a reply: everything above was handled.
+        fe.get_features().expect("GET_FEATURES");
+        Guest {
+            fe,
+            mem,
+            _file: file,
+            queues: qs,
+            next_req: 0,
+        }
+    }
+
+    /// Sends one request (header, optional data, status) on queue `q` and
+    /// waits for its used entry; returns the status byte and used length.
+    fn request(
+        &mut self,
+        q: usize,
+        t: u32,
+        sector: u64,
+        data: Option<(u64, u32, bool)>,
+    ) -> (u8, u32) {
+        let r = self.next_req;
+        self.next_req += 1;
+        let hdr = HDRS + 16 * (r % 1024);
+        let status = STATS + r % 1024;
+        self.mem.write_obj(t.to_le(), GuestAddress(hdr)).unwrap();
+        self.mem.write_obj(0u32, GuestAddress(hdr + 4)).unwrap();
+        self.mem
+            .write_obj(sector.to_le(), GuestAddress(hdr + 8))
+            .unwrap();
+        self.mem.write_obj(0xffu8, GuestAddress(status)).unwrap();
+        let mut chain = vec![(hdr, 16u32, false)];
+        if let Some(d) = data {
+            chain.push(d);
+        }
+        chain.push((status, 1, true));
+        let dq = &mut self.queues[q];
+        // Descriptors: 3 slots per request, reused round the table.
+        let slot0 = (dq.avail_idx % (N / 3)) * 3;
+        for (i, &(addr, len, w)) in chain.iter().enumerate() {
+            let last = i + 1 == chain.len();
+            let flags = if w { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
+            let next = if last { 0 } else { slot0 + i as u16 + 1 };
+            let at = GuestAddress(dq.desc() + 16 * u64::from(slot0 + i as u16));
+            self.mem.write_obj(addr.to_le(), at).unwrap();
+            self.mem
+                .write_obj(len.to_le(), at.unchecked_add(8))
+                .unwrap();
+            self.mem
+                .write_obj(flags.to_le(), at.unchecked_add(12))
+                .unwrap();
+            self.mem
+                .write_obj(next.to_le(), at.unchecked_add(14))
+                .unwrap();
+        }
+        let ring = GuestAddress(dq.avail() + 4 + 2 * u64::from(dq.avail_idx % N));
+        self.mem.write_obj(slot0.to_le(), ring).unwrap();
+        dq.avail_idx = dq.avail_idx.wrapping_add(1);
+        self.mem
+            .store(
+                dq.avail_idx.to_le(),
+                GuestAddress(dq.avail() + 2),
+                Ordering::Release,
+            )
+            .unwrap();
+        dq.kick.write(1).expect("kick");
+        let used_idx = GuestAddress(dq.used() + 2);
+        let deadline = Instant::now() + WAIT;
+        loop {
+            let idx: u16 = u16::from_le(self.mem.load(used_idx, Ordering::Acquire).unwrap());
+            if idx != dq.used_seen {
+                break;
+            }
+            assert!(Instant::now() < deadline, "no completion on queue {q}");
+            std::thread::sleep(Duration::from_millis(1));
+        }
+        let elem = GuestAddress(dq.used() + 4 + 8 * u64::from(dq.used_seen % N));
+        let id: u32 = u32::from_le(self.mem.read_obj(elem).unwrap());
+        let len: u32 = u32::from_le(self.mem.read_obj(elem.unchecked_add(4)).unwrap());
+        dq.used_seen = dq.used_seen.wrapping_add(1);
+        assert_eq!(id, u32::from(slot0), "used entry of our chain");
+        (self.mem.read_obj(GuestAddress(status)).unwrap(), len)
+    }
+
+    fn write(&mut self, q: usize, sector: u64, bytes: &[u8]) -> u8 {
+        self.mem.write_slice(bytes, GuestAddress(DATA)).unwrap();
+        self.request(q, T_OUT, sector, Some((DATA, bytes.len() as u32, false)))
+            .0
+    }
+
+    fn read(&mut self, q: usize, sector: u64, len: usize) -> (u8, Vec<u8>) {
+        let at = DATA + 0x10_0000;
+        self.mem
+            .write_slice(&vec![0u8; len], GuestAddress(at))
+            .unwrap();
+        let (st, used) = self.request(q, T_IN, sector, Some((at, len as u32, true)));
+        let mut v = vec![0u8; len];
+        self.mem.read_slice(&mut v, GuestAddress(at)).unwrap();
+        if st == S_OK {
+            assert_eq!(used as usize, len + 1, "used length of a read");
+        } else {
+            assert_eq!(used, 1, "a failed read only writes its status");
+        }
+        (st, v)
+    }
+}
+
+fn socket_dir() -> PathBuf {
+    let d = std::env::temp_dir().join(format!("wc-vhost-it-{}", std::process::id()));
+    std::fs::create_dir_all(&d).unwrap();
+    wc_vhost::set_socket_dir(&d);
+    d
+}
+
+fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
+    let deadline = Instant::now() + WAIT;
+    while !cond() {
+        assert!(Instant::now() < deadline, "timed out waiting for {what}");
+        std::thread::sleep(Duration::from_millis(1));
+    }
+}
+
+#[test]
+fn two_queues_then_bdev_deleted_under_a_live_controller() {
+    let dir = socket_dir();
+    let rt = wc_bdev::testing::test_runtime(2);
+    let main = rt.handles()[0].clone();
+    wc_bdev_malloc::create(wc_bdev_malloc::MallocOpts::new("VhHr", 2048, 512)).unwrap();
+    let bdev = wc_bdev::lookup("VhHr").unwrap();
+    let created = wc_bdev::testing::run_on(&main, || async {
+        wc_vhost::create_controller(wc_vhost::CreateOpts {
+            ctrlr: "vhost.hr".into(),
+            dev_name: "VhHr".into(),
+            cpumask: Some("0x3".into()),
+            ..Default::default()
+        })
+        .map_err(|e| e.to_string())
+    });
+    assert_eq!(created.unwrap(), "vhost.hr");
+    let c = wc_vhost::controllers();
+    assert_eq!(c[0].cpumask, "0x3");
+    assert_eq!(c[0].backend_specific["block"]["bdev"], "VhHr");
+
+    let mut g = Guest::connect(&dir.join("vhost.hr"), 2);
+    // Config space: capacity in 512-byte sectors.
+    let (_, cfg) =
+        g.fe.get_config(0, 60, VhostUserConfigFlags::empty(), &[0u8; 60])
+            .expect("GET_CONFIG");
+    assert_eq!(u64::from_le_bytes(cfg[0..8].try_into().unwrap()), 2048);
+
+    // Written on queue 0 (reactor 0), read back on queue 1 (reactor 1).
+    let pat: Vec<u8> = (0..8192u32).map(|i| (i * 31 + 7) as u8).collect();
+    assert_eq!(g.write(0, 16, &pat), S_OK);
+    let (st, back) = g.read(1, 16, pat.len());
+    assert_eq!(st, S_OK);
+    assert_eq!(back, pat);
+
+    // The bdev is deleted (as bdev_malloc_delete does, on the main
+    // reactor) while the VM is connected: the delete succeeds at once and
+    // the controller closes its descriptor.
+    let deleted = wc_bdev::testing::run_on(&main, || async {
+        wc_bdev_malloc::delete("VhHr").map_err(|e| e.to_string())
+    });
+    deleted.unwrap();
+    assert!(wc_bdev::lookup("VhHr").is_none());
+    wait_for("the controller to close the bdev", || {
+        bdev.open_count() == 0
+    });
+
+    // Requests now fail with VIRTIO_BLK_S_IOERR on both queues.
+    assert_eq!(g.write(0, 16, &pat), S_IOERR);
+    assert_eq!(g.read(1, 16, 4096).0, S_IOERR);
+    assert_eq!(g.read(0, 0, 512).0, S_IOERR);
+
+    // The controller is still listed (bdev null, as SPDK), not saved.
+    let c = wc_vhost::controllers();
+    assert_eq!(c.len(), 1);
+    assert!(c[0].backend_specific["block"]["bdev"].is_null());
+    assert!(wc_vhost::config_entries().is_empty());
+
+    // The vhost-user side still answers: stopping queue 0 reports the
+    // chains it consumed (1 before the removal, 2 after).
+    assert_eq!(g.fe.get_vring_base(0).expect("GET_VRING_BASE"), 3);
+
+    // The target keeps serving: another controller on another bdev.
+    wc_bdev_malloc::create(wc_bdev_malloc::MallocOpts::new("VhHr2", 2048, 512)).unwrap();
+    let other = wc_bdev::testing::run_on(&main, || async {
+        wc_vhost::create_controller(wc_vhost::CreateOpts {
+            ctrlr: "vhost.hr2".into(),
+            dev_name: "VhHr2".into(),
+            ..Default::default()
+        })
+        .map_err(|e| e.to_string())
+    });
+    assert_eq!(other.unwrap(), "vhost.hr2");
+    let mut g2 = Guest::connect(&dir.join("vhost.hr2"), 1);
+    assert_eq!(g2.write(0, 0, &pat[..4096]), S_OK);
+    assert_eq!(g2.read(0, 0, 4096), (S_OK, pat[..4096].to_vec()));
+
+    // Deleting the controller of the removed bdev works as usual.
+    wc_vhost::delete_controller("vhost.hr").unwrap();
+    assert!(!dir.join("vhost.hr").exists());
+    wc_vhost::delete_controller("vhost.hr2").unwrap();
+    drop(g);
+    drop(g2);
+    wc_bdev::testing::run_on(&main, || async {
+        wc_bdev_malloc::delete("VhHr2").map_err(|e| e.to_string())
+    })
+    .unwrap();
+    rt.shutdown();
+    let _ = std::fs::remove_dir_all(&dir);
+}
