@@ -26,7 +26,7 @@ cargo build --workspace --locked --bins
 echo "== cargo test"
 cargo test --workspace --locked --no-fail-fast -- --test-threads=2
 
-echo "== vhost-user-blk: a QEMU guest (TCG) writes and reads back through writecache_tgt"
+echo "== vhost-user-blk: a QEMU guest (TCG, 2 queues) writes through a writecache bdev, read back over NBD; bdev deleted under the live controller"
 bash exports/vhost/tests/qemu_vm.sh target/debug/writecache_tgt
 
 echo "== python plugin syntax"

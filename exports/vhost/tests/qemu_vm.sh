@@ -1,11 +1,24 @@
 #!/usr/bin/env bash
-# vhost-user-blk end to end: writecache_tgt exports a malloc bdev on a
-# vhost-user socket; QEMU (KVM if /dev/kvm works, TCG otherwise) boots
-# Debian's kernel with a busybox initramfs built here; the guest writes a
-# random 1 MiB pattern to /dev/vda with dd, syncs, drops caches, reads it
-# back and compares; the serial console must print VHOST-OK.
+# vhost-user-blk end to end, through a writecache bdev:
+#  * writecache_tgt (2 reactors, interrupt mode) runs WC0 = a writecache
+#    with a pmem cache file over a malloc origin, exported as the
+#    vhost-user-blk controller vhost.0 (2 queues, one per reactor);
+#  * boot 1: QEMU (TCG; ACCEL=kvm opts in) boots Debian's kernel with a
+#    busybox initramfs built here, 2 vCPUs, the disk on our socket; the
+#    guest writes a 1 MiB pattern (carried in the initramfs) from both
+#    vCPUs, flushes, drops its caches, reads it back and compares;
+#  * the host checks the bytes landed in WC0: its stats count the writes,
+#    and reading WC0 through the target's NBD export (nbdcopy or qemu-img)
+#    gives the pattern back;
+#  * boot 2 (same target: the VM restart reconnects): the guest finds the
+#    pattern, then reads until the host deletes WC0 under the live
+#    controller (bdev_writecache_delete); its reads must then fail with an
+#    I/O error; the controller reports the bdev gone, vhost_delete_controller
+#    works and the target stays up.
 # Skips (exit 0, clear message) only when QEMU / kernel / busybox are missing.
 # Usage: exports/vhost/tests/qemu_vm.sh [path/to/writecache_tgt]
+#   VM_TGT_BUSY=1: one busy-polling reactor instead (both queues on it, no
+#   kicks); ACCEL=kvm; VM_TIMEOUT=seconds per boot (240).
 set -uo pipefail
 cd "$(dirname "$0")/../../.."
 TGT=${1:-${TGT:-target/debug/writecache_tgt}}
@@ -13,24 +26,61 @@ QEMU=$(command -v qemu-system-x86_64 || true)
 KERNEL=$(ls /boot/vmlinuz-* 2>/dev/null | head -1)
 BUSYBOX=$(command -v busybox || true)
 skip() { echo "SKIP: $*"; exit 0; }
+fail() { echo "FAIL: $*"; [ -f "$TMP/tgt.log" ] && { echo "--- target log"; tail -20 "$TMP/tgt.log"; }; exit 1; }
 [ -n "$QEMU" ] || skip "qemu-system-x86_64 not installed (apt-get install qemu-system-x86)"
 [ -n "$KERNEL" ] || skip "no kernel in /boot (apt-get install linux-image-amd64)"
 [ -n "$BUSYBOX" ] && file -L "$BUSYBOX" | grep -q static || skip "no static busybox (apt-get install busybox-static)"
 [ -x "$TGT" ] || { echo "FAIL: $TGT not built"; exit 1; }
+command -v nbdcopy >/dev/null || command -v qemu-img >/dev/null ||
+  { echo "FAIL: no NBD client to read the bdev back (apt-get install libnbd-bin or qemu-utils)"; exit 1; }
 KVER=${KERNEL#/boot/vmlinuz-}
 MODS=/lib/modules/$KVER/kernel/drivers
 TMP=$(mktemp -d)
 TGT_PID=""
+QEMU_PID=""
 cleanup() {
+  [ -n "$QEMU_PID" ] && kill "$QEMU_PID" 2>/dev/null && wait "$QEMU_PID" 2>/dev/null
   [ -n "$TGT_PID" ] && kill "$TGT_PID" 2>/dev/null && wait "$TGT_PID" 2>/dev/null
   rm -rf "$TMP"
 }
 trap cleanup EXIT
 
-# --- initramfs
+# JSON-RPC to the target (no client needed): rpc METHOD [PARAMS-JSON];
+# prints the result, fails on an error.
+rpc() {
+  python3 - "$TMP/rpc.sock" "$1" "${2:-}" <<'PY'
+import json, socket, sys
+s = socket.socket(socket.AF_UNIX)
+s.settimeout(60)
+s.connect(sys.argv[1])
+req = {"jsonrpc": "2.0", "id": 1, "method": sys.argv[2]}
+if sys.argv[3]:
+    req["params"] = json.loads(sys.argv[3])
+s.sendall(json.dumps(req).encode())
+buf = b""
+while True:
+    chunk = s.recv(65536)
+    if not chunk:
+        sys.exit("rpc %s: connection closed" % sys.argv[2])
+    buf += chunk
+    try:
+        resp = json.loads(buf)
+        break
+    except ValueError:
+        continue
+if "error" in resp:
+    sys.exit("rpc %s: %s" % (sys.argv[2], json.dumps(resp["error"])))
+print(json.dumps(resp["result"]))
+PY
+}
+
+# --- initramfs: busybox, the virtio modules and the pattern
+PAT_BYTES=$((1 << 20))
 R=$TMP/root
 mkdir -p "$R"/{bin,dev,proc,sys,tmp,mod}
 cp "$BUSYBOX" "$R/bin/busybox"
+head -c $PAT_BYTES /dev/urandom > "$TMP/pat"
+cp "$TMP/pat" "$R/pat"
 for m in virtio/virtio_ring virtio/virtio virtio/virtio_pci_legacy_dev \
          virtio/virtio_pci_modern_dev virtio/virtio_pci block/virtio_blk; do
   f=$(ls "$MODS/$m.ko"* 2>/dev/null | head -1)
@@ -48,46 +98,111 @@ cat > "$R/init" <<'INIT'
 mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
 for m in $(cat /mod/order); do insmod /mod/$m.ko 2>/dev/null; done
 for i in $(seq 50); do [ -b /dev/vda ] && break; sleep 0.2; done
-echo "guest: vda size $(cat /sys/block/vda/size 2>/dev/null) sectors"
-dd if=/dev/urandom of=/tmp/pat bs=4096 count=256 2>/dev/null
-dd if=/tmp/pat of=/dev/vda bs=4096 count=256 2>/dev/null && sync && blockdev --flushbufs /dev/vda
-echo 3 > /proc/sys/vm/drop_caches
-dd if=/dev/vda of=/tmp/back bs=4096 count=256 2>/dev/null
-if cmp /tmp/pat /tmp/back; then echo VHOST-OK; else echo VHOST-FAIL; fi
+echo "guest: vda size $(cat /sys/block/vda/size 2>/dev/null) sectors, $(ls /sys/block/vda/mq 2>/dev/null | wc -l) queues, $(nproc) cpus"
+STEP=$(sed -n 's/.*wc_step=\([a-z]*\).*/\1/p' /proc/cmdline)
+if [ "$STEP" = write ]; then
+  # Half of the pattern from each vCPU (so from each queue), direct I/O.
+  taskset 1 dd if=/pat of=/dev/vda bs=4096 count=128 oflag=direct 2>/dev/null &
+  taskset 2 dd if=/pat of=/dev/vda bs=4096 skip=128 seek=128 count=128 oflag=direct 2>/dev/null &
+  wait
+  sync; blockdev --flushbufs /dev/vda
+  echo 3 > /proc/sys/vm/drop_caches
+  dd if=/dev/vda of=/tmp/back bs=4096 count=256 2>/dev/null
+  if cmp /pat /tmp/back; then echo VHOST-OK; else echo VHOST-FAIL; fi
+else
+  # Reconnected after the restart: the data is still there.
+  dd if=/dev/vda of=/tmp/back bs=4096 count=256 iflag=direct 2>/dev/null
+  if cmp /pat /tmp/back; then echo VHOST-OK; else echo VHOST-FAIL; fi
+  # Read until the host deletes the bdev: the reads must then fail.
+  res=VHOST-NOEIO
+  for i in $(seq 1200); do
+    if ! dd if=/dev/vda of=/dev/null bs=4096 count=1 iflag=direct 2>/dev/null; then
+      res=VHOST-EIO; break
+    fi
+    sleep 0.1
+  done
+  echo $res
+fi
 poweroff -f
 INIT
 chmod +x "$R/init"
 (cd "$R" && find . | cpio -o -H newc 2>/dev/null | gzip > "$TMP/initrd.gz")
 
-# --- target
+# --- target: WC0 = writecache (pmem cache file) over a malloc origin
 cat > "$TMP/cfg.json" <<JSON
 {"subsystems":[
- {"subsystem":"bdev","config":[{"method":"bdev_malloc_create","params":{"name":"Malloc0","num_blocks":65536,"block_size":512}}]},
- {"subsystem":"vhost_blk","config":[{"method":"vhost_create_blk_controller","params":{"ctrlr":"vhost.0","dev_name":"Malloc0"}}]}
+ {"subsystem":"bdev","config":[
+  {"method":"bdev_malloc_create","params":{"name":"Origin0","num_blocks":65536,"block_size":512}},
+  {"method":"bdev_pmem_create","params":{"name":"Cache0","filename":"$TMP/cache.pmem","size":16777216}},
+  {"method":"bdev_writecache_create","params":{"name":"WC0","base_bdev":"Origin0","cache_bdev":"Cache0"}}]},
+ {"subsystem":"vhost_blk","config":[{"method":"vhost_create_blk_controller","params":{"ctrlr":"vhost.0","dev_name":"WC0"}}]}
 ]}
 JSON
-"$TGT" -m 0x1 -r "$TMP/rpc.sock" -S "$TMP" -c "$TMP/cfg.json" > "$TMP/tgt.log" 2>&1 &
+# Interrupt mode: two busy-polling reactors would leave no CPU to TCG.
+MASK=0x3 MODE=--interrupt-mode
+[ "${VM_TGT_BUSY:-0}" = 1 ] && MASK=0x1 MODE=
+"$TGT" -m $MASK $MODE -r "$TMP/rpc.sock" -S "$TMP" -c "$TMP/cfg.json" > "$TMP/tgt.log" 2>&1 &
 TGT_PID=$!
 for _ in $(seq 100); do [ -S "$TMP/vhost.0" ] && break; sleep 0.1; done
-[ -S "$TMP/vhost.0" ] || { echo "FAIL: no vhost socket"; cat "$TMP/tgt.log"; exit 1; }
+[ -S "$TMP/vhost.0" ] || fail "no vhost socket"
+rpc vhost_get_controllers | grep -q "\"cpumask\": \"$MASK\"" || fail "controller not on the reactors of $MASK"
 
 # TCG by default: on this CI host /dev/kvm exists but a KVM guest hangs in
 # early boot; ACCEL=kvm opts in.
 ACCEL=${ACCEL:-tcg}
-# Two boots on the same socket: the second proves the reconnect after a
-# VM restart (the target keeps running).
-for RUN in 1 2; do
-timeout "${VM_TIMEOUT:-240}" "$QEMU" -accel $ACCEL -m 256M -smp 1 \
-  -object memory-backend-memfd,id=mem,size=256M,share=on -numa node,memdev=mem \
-  -kernel "$KERNEL" -initrd "$TMP/initrd.gz" -append "console=ttyS0 panic=-1 loglevel=4" \
-  -chardev socket,id=c0,path="$TMP/vhost.0" -device vhost-user-blk-pci,chardev=c0,num-queues=1 \
-  -nographic -no-reboot -nodefaults -serial stdio > "$TMP/console.log" 2>&1
-RC=$?
-echo "boot $RUN: $(grep -a "guest:\|VHOST-" "$TMP/console.log" | tr -d '\r' | tr '\n' ' ')"
-kill -0 "$TGT_PID" 2>/dev/null || { echo "FAIL: target died"; cat "$TMP/tgt.log"; exit 1; }
-if ! grep -qa VHOST-OK "$TMP/console.log"; then
-  echo "FAIL (boot $RUN, qemu rc=$RC, accel=$ACCEL)"; tail -30 "$TMP/console.log"
-  echo "--- target log"; tail -20 "$TMP/tgt.log"; exit 1
+VM_TIMEOUT=${VM_TIMEOUT:-240}
+start_vm() { # start_vm STEP: boots in the background, console in $TMP/console.log
+  : > "$TMP/console.log"
+  timeout "$VM_TIMEOUT" "$QEMU" -accel $ACCEL -m 256M -smp 2 \
+    -object memory-backend-memfd,id=mem,size=256M,share=on -numa node,memdev=mem \
+    -kernel "$KERNEL" -initrd "$TMP/initrd.gz" \
+    -append "console=ttyS0 panic=-1 loglevel=4 wc_step=$1" \
+    -chardev socket,id=c0,path="$TMP/vhost.0" -device vhost-user-blk-pci,chardev=c0,num-queues=2 \
+    -nographic -no-reboot -nodefaults -serial stdio > "$TMP/console.log" 2>&1 &
+  QEMU_PID=$!
+}
+wait_vm() { # wait_vm BOOT: waits for QEMU to exit, reports, checks the target
+  wait "$QEMU_PID"; local rc=$?
+  QEMU_PID=""
+  echo "boot $1: $(grep -aoE "guest:[^$(printf '\r')]*|VHOST-[A-Z]+" "$TMP/console.log" | tr '\n' ' ')"
+  kill -0 "$TGT_PID" 2>/dev/null || fail "target died"
+  grep -qa VHOST-OK "$TMP/console.log" || { tail -30 "$TMP/console.log"; fail "boot $1 (qemu rc=$rc, accel=$ACCEL)"; }
+}
+stat_of() { python3 -c 'import json,sys; print(json.load(sys.stdin)[0][sys.argv[1]])' "$1"; }
+
+# --- boot 1: the guest writes the pattern
+start_vm write
+wait_vm 1
+WRITES=$(rpc bdev_writecache_get_stats '{"name":"WC0"}' | stat_of write_blocks)
+[ "$WRITES" -gt 0 ] 2>/dev/null || fail "WC0 counted no writes ($WRITES)"
+# The bytes, read back from WC0 through the target's NBD export.
+rpc nbd_server_start "{\"listen\":\"$TMP/nbd.sock\"}" >/dev/null || fail "nbd_server_start"
+rpc nbd_export_create '{"bdev_name":"WC0","export_name":"wc0","readonly":true}' >/dev/null || fail "nbd_export_create"
+URI="nbd+unix:///wc0?socket=$TMP/nbd.sock"
+if command -v nbdcopy >/dev/null; then
+  nbdcopy "$URI" "$TMP/wc0.img" || fail "nbdcopy"
+else
+  qemu-img convert -f raw -O raw "$URI" "$TMP/wc0.img" || fail "qemu-img convert"
 fi
+cmp -n $PAT_BYTES "$TMP/pat" "$TMP/wc0.img" || fail "WC0 does not hold the guest's bytes"
+rpc nbd_export_delete '{"export_name":"wc0"}' >/dev/null
+echo "host: WC0 holds the guest's 1 MiB ($WRITES cache blocks written, read back over NBD)"
+
+# --- boot 2: reconnect, then WC0 deleted under the live controller
+start_vm check
+for _ in $(seq $((VM_TIMEOUT * 10))); do
+  grep -qa "VHOST-OK\|VHOST-FAIL" "$TMP/console.log" && break
+  kill -0 "$QEMU_PID" 2>/dev/null || break
+  sleep 0.1
 done
-echo "PASS (accel=$ACCEL, 2 boots)"
+grep -qa VHOST-OK "$TMP/console.log" || { wait_vm 2; fail "boot 2 did not find the pattern"; }
+[ "$(rpc bdev_writecache_delete '{"name":"WC0"}')" = true ] || fail "bdev_writecache_delete WC0"
+wait_vm 2
+grep -qa VHOST-EIO "$TMP/console.log" || fail "the guest's reads did not fail after the delete"
+rpc vhost_get_controllers | python3 -c 'import json,sys; c=json.load(sys.stdin)[0]; sys.exit(c["backend_specific"]["block"]["bdev"] is not None)' ||
+  fail "vhost_get_controllers still names the deleted bdev"
+[ "$(rpc vhost_delete_controller '{"ctrlr":"vhost.0"}')" = true ] || fail "vhost_delete_controller"
+[ -e "$TMP/vhost.0" ] && fail "socket left behind"
+rpc spdk_get_version >/dev/null || fail "target does not answer"
+echo "host: WC0 deleted under the live controller: guest reads failed, controller deleted, target up"
+echo "PASS (accel=$ACCEL, 2 boots, 2 queues on the reactors of $MASK${MODE:+, interrupt mode})"
