@@ -1,72 +1,74 @@
 #!/usr/bin/env bash
-# fio (Debian's, ioengine=nbd) against writecache_tgt's NBD export: the
-# same job on a malloc bdev and on a writecache (pmem file in /dev/shm over
-# a uring origin file), in one run, reported as a ratio.
-# Usage: perf/fio.sh [runtime-seconds]
+# fio (Debian's, ioengine=nbd) through writecache_tgt's NBD export, in one
+# command:
+#
+#   perf/fio.sh [--quick | --smoke]
+#
+# The bdevperf suite's matrix (perf/run.sh): 4 KiB random writes, 4 KiB
+# random reads (cache hits and misses), 128 KiB sequential writes and a
+# 70/30 random mix, at QD 1/8/32/128, on a writecache (pmem file in
+# /dev/shm over a uring origin file + bdev_delay) and a malloc bdev that
+# one target exports side by side; each cell is the median of 3 runs of
+# 3 s (about 7 min). --quick: 1 run of 1 s, QD 1 and 32 (under a minute).
+# --smoke: 1 run of 0.3 s at QD 8 on 32 MiB (seconds; the test suite runs
+# it). Job files: perf/fio/*.fio (usable by hand, see perf/fio/common.inc).
+#
+# Writes perf/results/fio.md (the report: ratios writecache/malloc from the
+# same run) and fio.json. Overrides (environment): RUNS, SECS, RAMP,
+# QDS="1 8 32 128", SIZE_MIB, TGT_ARGS="-m 0x1", SHM_DIR=/dev/shm,
+# ORIGIN_DIR_PARENT=/var/tmp, RESULTS_DIR=perf/results, WRITECACHE_TGT (a
+# built binary; otherwise a release build is made).
 set -euo pipefail
-cd "$(dirname "$0")/.."
-ROOT=$PWD
-SECS=${1:-10}
-command -v fio >/dev/null || { echo "fio is not installed (scripts/deps.sh installs it)"; exit 1; }
-cargo build --release -q -p writecache-tgt
-TMP=$(mktemp -d /dev/shm/wc-fio.XXXXXX)
-ODIR=$(mktemp -d "${TMPDIR:-/var/tmp}/wc-fio-origin.XXXXXX")
-PID=""
-cleanup() { [ -n "$PID" ] && kill "$PID" 2>/dev/null && wait "$PID" 2>/dev/null; rm -rf "$TMP" "$ODIR"; }
-trap cleanup EXIT
-fallocate -l 1G "$ODIR/origin.img"
-SOCK=$TMP/spdk.sock
-"$ROOT/target/release/writecache_tgt" -m 0x1 -r "$SOCK" --log-level ERROR &
-PID=$!
-for _ in $(seq 100); do python3 - "$SOCK" <<'PY' 2>/dev/null && break
-import socket, sys
-s = socket.socket(socket.AF_UNIX); s.connect(sys.argv[1])
-PY
-  sleep 0.1; done
-rpc() { python3 - "$SOCK" "$@" <<'PY'
-import json, socket, sys
-sock, method, params = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]) if len(sys.argv) > 3 else None
-s = socket.socket(socket.AF_UNIX); s.connect(sock)
-req = {"jsonrpc": "2.0", "id": 1, "method": method}
-if params: req["params"] = params
-s.sendall(json.dumps(req).encode())
-buf = b""
-while True:
-    buf += s.recv(65536)
-    try:
-        r = json.loads(buf); break
-    except ValueError:
-        continue
-if "error" in r: sys.exit(f"{method}: {r['error']}")
-PY
-}
-rpc bdev_malloc_create '{"name":"Malloc0","num_blocks":262144,"block_size":4096}'
-rpc bdev_uring_create "{\"name\":\"Origin0\",\"filename\":\"$ODIR/origin.img\",\"block_size\":4096}"
-rpc bdev_pmem_create "{\"name\":\"Cache0\",\"filename\":\"$TMP/cache.pmem\",\"size\":1207959552}"
-rpc bdev_writecache_create '{"name":"WC0","base_bdev":"Origin0","cache_bdev":"Cache0","high_watermark":100,"low_watermark":100}'
-rpc nbd_server_start "{\"listen\":\"$TMP/nbd.sock\"}"
-rpc nbd_export_create '{"bdev_name":"Malloc0","export_name":"malloc"}'
-rpc nbd_export_create '{"bdev_name":"WC0","export_name":"wc"}'
 
-declare -A IOPS
-for job in randwrite-4k-qd32 randread-4k-qd32; do
-  for exp in malloc wc; do
-    # Engine options (uri) belong in the job file: append it to [run].
-    { cat "perf/fio/$job.fio"; echo "uri=nbd+unix:///$exp?socket=$TMP/nbd.sock"; } >"$TMP/job.fio"
-    fio --runtime="$SECS" --output-format=json --output="$TMP/out.json" "$TMP/job.fio" ||
-      { echo "fio failed on $exp:"; cat "$TMP/out.json"; exit 1; }
-    IOPS[$job/$exp]=$(python3 -c 'import json,sys; t=open(sys.argv[1]).read(); j=json.loads(t[t.index("{"):])["jobs"][0]; print(int(j["write"]["iops"] + j["read"]["iops"]))' "$TMP/out.json")
-    echo "$job $exp: ${IOPS[$job/$exp]} IOPS" >&2
-  done
+MODE=full
+for arg in "$@"; do
+  case "$arg" in
+    --quick) MODE=quick ;;
+    --smoke) MODE=smoke ;;
+    -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    *) echo "usage: $0 [--quick | --smoke]" >&2; exit 2 ;;
+  esac
 done
-mkdir -p perf/results
-{
-  echo "# fio through the NBD export ($(date -u +%F), ${SECS}s per job, 1 reactor)"
-  echo
-  echo "| job | malloc IOPS | writecache IOPS | writecache/malloc |"
-  echo "|---|---:|---:|---:|"
-  for job in randwrite-4k-qd32 randread-4k-qd32; do
-    m=${IOPS[$job/malloc]}; w=${IOPS[$job/wc]}
-    python3 -c "import sys; m,w=int(sys.argv[2]),int(sys.argv[3]); print(f'| {sys.argv[1]} | {m:,} | {w:,} | {w/m if m else 0:.2f} |')" "$job" "$m" "$w"
-  done
-} | tee perf/results/fio.md
+
+ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
+cd "$ROOT"
+command -v fio >/dev/null || { echo "fio is not installed (scripts/deps.sh installs it)" >&2; exit 1; }
+OUT=${RESULTS_DIR:-$ROOT/perf/results}
+SHM_DIR=${SHM_DIR:-/dev/shm}
+ORIGIN_PARENT=${ORIGIN_DIR_PARENT:-${TMPDIR:-/var/tmp}}
+
+if [[ -n "${WRITECACHE_TGT:-}" ]]; then
+  TGT=$WRITECACHE_TGT
+else
+  echo "building writecache_tgt (release)..." >&2
+  cargo build --release -q -p writecache-tgt
+  TGT="$ROOT/target/release/writecache_tgt"
+fi
+
+TMP="" ODIR="" PY_PID=""
+cleanup() {
+  local rc=$?
+  trap - EXIT INT TERM
+  if [[ -n "$PY_PID" ]] && kill -0 "$PY_PID" 2>/dev/null; then
+    kill -TERM "$PY_PID" 2>/dev/null || true
+    wait "$PY_PID" 2>/dev/null || true
+  fi
+  [[ -n "$TMP" ]] && rm -rf "$TMP"
+  [[ -n "$ODIR" ]] && rm -rf "$ODIR"
+  exit "$rc"
+}
+trap cleanup EXIT
+trap 'exit 130' INT
+trap 'exit 143' TERM
+
+TMP=$(mktemp -d "$SHM_DIR/wc-fio.XXXXXX")
+ODIR=$(mktemp -d "$ORIGIN_PARENT/wc-fio-origin.XXXXXX")
+
+python3 perf/fio_bench.py --mode "$MODE" --tgt "$TGT" --tmp "$TMP" --origin-dir "$ODIR" \
+  --out "$OUT" &
+PY_PID=$!
+wait "$PY_PID"
+PY_PID=""
+echo
+sed -n '/^## Headline/,/^## 4 KiB random write$/p' "$OUT/fio.md" | sed '$d'
+echo "report: $OUT/fio.md"
