@@ -93,6 +93,8 @@ pub struct ControllerSummary {
     pub iops_threshold: u32,
     /// Socket path.
     pub socket: String,
+    /// The connected VM, if any (`[{vid, id, name, started}]`, as SPDK).
+    pub sessions: Value,
     /// Type-specific info.
     pub backend_specific: Value,
 }
@@ -232,6 +234,20 @@ impl Shared {
         for h in &self.reactors {
             h.send(|| {});
         }
+    }
+
+    /// `vhost_get_controllers`' sessions: the connected VM, if any.
+    fn sessions(&self, ctrlr: &str) -> Value {
+        if lock(&self.shutdown).is_none() {
+            return json!([]);
+        }
+        let n = self.session.load(Ordering::Acquire);
+        json!([{
+            "vid": n,
+            "id": n,
+            "name": format!("{ctrlr}s{n}"),
+            "started": self.has_queues.load(Ordering::Acquire),
+        }])
     }
 
     /// True once the bdev was removed.
@@ -773,6 +789,7 @@ pub fn controllers() -> Vec<ControllerSummary> {
             delay_base_us: 0,
             iops_threshold: 0,
             socket: c.socket.display().to_string(),
+            sessions: c.shared.sessions(&c.opts.ctrlr),
             backend_specific: json!({
                 "block": {
                     "readonly": c.opts.readonly,
@@ -792,15 +809,14 @@ pub fn config_entries() -> Vec<Value> {
         .values()
         .filter(|c| !c.shared.is_removed())
         .map(|c| {
-            let mut p = json!({
+            // As SPDK: the controller's cpumask (hex, no 0x), no packed_ring.
+            let p = json!({
                 "ctrlr": c.opts.ctrlr,
                 "dev_name": c.opts.dev_name,
+                "cpumask": c.cpumask.trim_start_matches("0x"),
                 "readonly": c.opts.readonly,
-                "packed_ring": false,
+                "transport": "vhost_user_blk",
             });
-            if let Some(m) = &c.opts.cpumask {
-                p["cpumask"] = json!(m);
-            }
             json!({"method": "vhost_create_blk_controller", "params": p})
         })
         .collect()

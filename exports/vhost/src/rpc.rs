@@ -4,7 +4,9 @@
 //! |---|---|---|
 //! | `vhost_create_blk_controller` | `ctrlr, dev_name, cpumask?, readonly?, packed_ring?, transport?` | `true` |
 //! | `vhost_delete_controller` | `ctrlr` | `true` |
-//! | `vhost_get_controllers` | `name?` | `[{ctrlr, cpumask, delay_base_us, iops_threshold, socket, backend_specific}]` |
+//! | `vhost_get_controllers` | `name?` | `[{ctrlr, cpumask, delay_base_us, iops_threshold, socket, sessions, backend_specific}]` |
+//!
+//! Errors are SPDK's: -32602 with the errno's text (then the details).
 
 use std::sync::Arc;
 
@@ -14,8 +16,13 @@ use wc_rpc::{decode, RegisterError, Registry, RpcError, StateMask};
 
 use crate::ctrl::{self, CreateOpts, VhostError};
 
+/// As SPDK's vhost RPCs: invalid params (-32602) with the errno's text,
+/// followed by what exactly was wrong.
 fn rpc_err(e: VhostError) -> RpcError {
-    RpcError::errno_msg(e.errno(), e.to_string())
+    RpcError::new(
+        wc_rpc::INVALID_PARAMS,
+        format!("{}: {e}", wc_rpc::strerror(e.errno())),
+    )
 }
 
 #[derive(Deserialize)]
@@ -53,10 +60,9 @@ pub fn register(reg: &Registry) -> Result<(), RegisterError> {
             Ok(c) => {
                 if let Some(t) = c.transport.as_deref() {
                     if t != "vhost_user_blk" {
-                        return r.err(RpcError::errno_msg(
-                            libc::EINVAL,
-                            format!("transport '{t}' is not supported"),
-                        ));
+                        return r.err(rpc_err(VhostError::Invalid(format!(
+                            "transport '{t}' is not supported"
+                        ))));
                     }
                 }
                 let o = CreateOpts {
@@ -96,10 +102,9 @@ pub fn register(reg: &Registry) -> Result<(), RegisterError> {
                 if let Some(n) = m.name {
                     all.retain(|c| c.ctrlr == n);
                     if all.is_empty() {
-                        return r.err(RpcError::errno_msg(
-                            libc::ENODEV,
-                            format!("controller '{n}' not found"),
-                        ));
+                        return r.err(rpc_err(VhostError::NotFound(format!(
+                            "controller '{n}' not found"
+                        ))));
                     }
                 }
                 r.ok(json!(all))

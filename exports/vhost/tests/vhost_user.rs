@@ -295,6 +295,13 @@ fn two_queues_then_bdev_deleted_under_a_live_controller() {
     let c = wc_vhost::controllers();
     assert_eq!(c[0].cpumask, "0x3");
     assert_eq!(c[0].backend_specific["block"]["bdev"], "VhHr");
+    assert_eq!(c[0].sessions, serde_json::json!([]));
+    let saved = wc_vhost::config_entries();
+    assert_eq!(
+        saved[0]["params"]["cpumask"], "3",
+        "saved as SPDK: hex, no 0x"
+    );
+    assert_eq!(saved[0]["params"]["transport"], "vhost_user_blk");
 
     let mut g = Guest::connect(&dir.join("vhost.hr"), 2);
     // Config space: capacity in 512-byte sectors.
@@ -309,6 +316,8 @@ fn two_queues_then_bdev_deleted_under_a_live_controller() {
     let (st, back) = g.read(1, 16, pat.len());
     assert_eq!(st, S_OK);
     assert_eq!(back, pat);
+    let c = wc_vhost::controllers();
+    assert_eq!(c[0].sessions[0]["started"], true, "{:?}", c[0].sessions);
 
     // The bdev is deleted (as bdev_malloc_delete does, on the main
     // reactor) while the VM is connected: the delete succeeds at once and
