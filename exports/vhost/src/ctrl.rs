@@ -299,8 +299,17 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|e| e.into_inner())
 }
 
+/// The backend of one connection: `.1` is the session it serves, so a
+/// late kick of an ended connection cannot install its queues into the
+/// next one.
 #[derive(Clone)]
-struct Backend(Arc<Shared>);
+struct Backend(Arc<Shared>, u64);
+
+impl Backend {
+    fn current(&self) -> bool {
+        self.0.session.load(Ordering::Acquire) == self.1
+    }
+}
 
 impl VhostUserBackend for Backend {
     type Bitmap = ();
@@ -354,7 +363,9 @@ impl VhostUserBackend for Backend {
     }
 
     fn update_memory(&self, mem: GuestMemoryAtomic<Mem>) -> std::io::Result<()> {
-        self.0.set_memory(mem);
+        if self.current() {
+            self.0.set_memory(mem);
+        }
         Ok(())
     }
 
@@ -372,6 +383,9 @@ impl VhostUserBackend for Backend {
     ) -> std::io::Result<()> {
         // Queues are polled by reactors; a kick tells us the vrings (the
         // first time) and wakes the queue's reactor if it sleeps.
+        if !self.current() {
+            return Ok(());
+        }
         if !self.0.has_queues.load(Ordering::Acquire) {
             let queues = vrings
                 .iter()
@@ -594,17 +608,14 @@ pub fn create_controller(o: CreateOpts) -> Result<String, VhostError> {
     let _ = std::fs::set_permissions(&socket, std::fs::Permissions::from_mode(0o600));
     let shared = Shared::new(geom, MAX_QUEUES, reactors, desc);
     let _ = slot.set(Arc::downgrade(&shared));
-    let backend = Backend(shared.clone());
+    let sh = shared.clone();
     let name = format!("vhost-{}", o.ctrlr);
     // A fresh daemon per connection: the vhost-user handler keeps owner
     // state, so a restarted VM (a new SET_OWNER) needs a new one.
     let new_daemon = move || {
-        VhostUserDaemon::new(
-            name.clone(),
-            backend.clone(),
-            GuestMemoryAtomic::new(Mem::new()),
-        )
-        .map_err(|e| VhostError::Io(format!("vhost daemon: {e}")))
+        let backend = Backend(sh.clone(), sh.session.load(Ordering::Acquire));
+        VhostUserDaemon::new(name.clone(), backend, GuestMemoryAtomic::new(Mem::new()))
+            .map_err(|e| VhostError::Io(format!("vhost daemon: {e}")))
     };
     let mut daemon = Some(new_daemon()?);
     let sh = shared.clone();
@@ -637,9 +648,9 @@ pub fn create_controller(o: CreateOpts) -> Result<String, VhostError> {
                 tracing::info!("vhost connection ended: {e}");
             }
             *lock(&sh.shutdown) = None;
-            sh.end_session();
-            // Dropping the daemon stops its vring worker.
+            // Dropping the daemon stops (joins) its vring worker first.
             drop(d);
+            sh.end_session();
         })
         .map_err(|e| VhostError::Io(format!("thread: {e}")))?;
     if shared.reactors.is_empty() {

@@ -1,9 +1,10 @@
 //! A vhost-user frontend written with rust-vmm's `vhost` crate drives a
 //! controller through its socket, as QEMU would: memfd guest memory, two
-//! virtqueues on two reactors, real kicks. Then the bdev is deleted under
-//! the live controller: the controller lets go of it (the delete is not
-//! held up), fails requests with `VIRTIO_BLK_S_IOERR`, reports the bdev as
-//! gone, and is still deleted normally; the target keeps serving.
+//! virtqueues on two reactors, real kicks, a reconnect. Then the bdev is
+//! deleted under the live controller: the controller lets go of it (the
+//! delete is not held up), fails requests with `VIRTIO_BLK_S_IOERR`,
+//! reports the bdev as gone, and is still deleted normally; the target
+//! keeps serving.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
@@ -319,6 +320,13 @@ fn two_queues_then_bdev_deleted_under_a_live_controller() {
     let c = wc_vhost::controllers();
     assert_eq!(c[0].sessions[0]["started"], true, "{:?}", c[0].sessions);
 
+    // The VM goes away and comes back (a restart): the new connection is
+    // served, and the data is still there.
+    drop(g);
+    let mut g = Guest::connect(&dir.join("vhost.hr"), 2);
+    assert_eq!(g.read(1, 16, pat.len()), (S_OK, pat.clone()));
+    assert_eq!(g.write(0, 32, &pat[..4096]), S_OK);
+
     // The bdev is deleted (as bdev_malloc_delete does, on the main
     // reactor) while the VM is connected: the delete succeeds at once and
     // the controller closes its descriptor.
@@ -343,7 +351,7 @@ fn two_queues_then_bdev_deleted_under_a_live_controller() {
     assert!(wc_vhost::config_entries().is_empty());
 
     // The vhost-user side still answers: stopping queue 0 reports the
-    // chains it consumed (1 before the removal, 2 after).
+    // chains this connection put on it (1 before the removal, 2 after).
     assert_eq!(g.fe.get_vring_base(0).expect("GET_VRING_BASE"), 3);
 
     // The target keeps serving: another controller on another bdev.
