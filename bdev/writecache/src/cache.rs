@@ -174,7 +174,7 @@ impl Writecache {
     }
 
     pub(crate) fn core_stats(&self, core: usize) -> &CoreStats {
-        &self.stats[core % MAX_CORES]
+        &self.stats[core % self.stats.len()]
     }
 
     /// Frees blocks whose entries this core has just cleared: one fence for
@@ -281,15 +281,10 @@ impl Writecache {
         };
         wc_reactor::for_each_reactor(
             move || {
-                // On each core: write back the entries it stamped (cached
-                // stores), fence so they and its data are durable, then
-                // hand over the logs of everything being committed.
+                // On each core: fence so the entries it stamped and their
+                // data are durable, then hand over the logs of everything
+                // being committed.
                 let drained = crate::channel::local_of(id).map(|local| local.drain_logs(limit));
-                if let Some((w, _)) = &drained {
-                    for e in w {
-                        me.media.flush_entry(e.block);
-                    }
-                }
                 me.media.pmem.fence();
                 if let Some((w, sup)) = drained {
                     let mut c = lock(&col);

@@ -31,6 +31,8 @@ pub(crate) fn local_of(id: u64) -> Option<Rc<Local>> {
 
 /// Largest batch a core takes from the pool at once.
 const REFILL_MAX: usize = 64;
+/// Displaced blocks a core frees at once at most.
+const FREE_BATCH: usize = 64;
 /// Block index stored in `driver_ctx[0]`: how far a write got.
 const PROGRESS: usize = 0;
 /// `driver_ctx[1]` set once a write was counted as blocked.
@@ -57,6 +59,9 @@ pub(crate) struct Local {
     free: RefCell<Vec<u32>>,
     write_log: RefCell<Vec<LogEntry>>,
     superseded: RefCell<Vec<LogEntry>>,
+    /// Displaced uncommitted blocks, freed (entries cleared, one fence) in
+    /// a batch; always before this core acknowledges a commit.
+    to_free: RefCell<Vec<u32>>,
     waiting: RefCell<VecDeque<Io>>,
     parents: RefCell<Vec<Option<Parent>>>,
     free_parents: RefCell<Vec<usize>>,
@@ -86,6 +91,7 @@ impl Drop for WcChannel {
         if let Some(p) = self.0.poller.borrow_mut().take() {
             p.unregister();
         }
+        self.0.free_displaced();
         // Give cached free blocks back so they are not lost with the core.
         let mut free = self.0.free.borrow_mut();
         self.0.wc.pool.push_all(&free);
@@ -106,6 +112,7 @@ pub(crate) fn create_channel(wc: &Arc<Writecache>) -> Result<WcChannel, wc_bdev:
         free: RefCell::new(Vec::with_capacity(REFILL_MAX)),
         write_log: RefCell::new(Vec::new()),
         superseded: RefCell::new(Vec::new()),
+        to_free: RefCell::new(Vec::with_capacity(FREE_BATCH)),
         waiting: RefCell::new(VecDeque::new()),
         parents: RefCell::new(Vec::new()),
         free_parents: RefCell::new(Vec::new()),
@@ -122,6 +129,7 @@ pub(crate) fn create_channel(wc: &Arc<Writecache>) -> Result<WcChannel, wc_bdev:
         Some(l) => {
             let a = l.release_held();
             let b = l.retry_waiting();
+            l.free_displaced();
             PollStatus::from(a == PollStatus::Busy || b == PollStatus::Busy)
         }
         None => PollStatus::Idle,
@@ -348,7 +356,8 @@ impl Local {
             }
         }
 
-        let mut i = io.driver_ctx()[PROGRESS];
+        let start = io.driver_ctx()[PROGRESS];
+        let mut i = start;
         while i < n {
             let Some(b) = self.alloc() else {
                 io.driver_ctx()[PROGRESS] = i;
@@ -395,7 +404,7 @@ impl Local {
                 let pmem = &wc.media.pmem;
                 for_each_piece(&io, start, bs, |at, piece| pmem.write_nt(off + at, piece));
             }
-            wc.media.write_entry_deferred(b, wc.sector_of(lba), seq);
+            wc.media.write_entry(b, wc.sector_of(lba), seq);
             m.lba.store(lba, Ordering::Relaxed);
             m.set_seq(seq);
             m.set(gen, VALID);
@@ -403,17 +412,20 @@ impl Local {
             self.write_log
                 .borrow_mut()
                 .push(LogEntry { block: b, gen, seq });
-            let st = self.stats();
-            st.uncommitted
-                .store(self.write_log.borrow().len() as u64, Ordering::Release);
-            inc(&st.write_blocks, 1);
-            inc(&st.writes_allocate, 1);
             if let Some(old) = displaced {
                 self.displace(old, seq);
             }
             i += 1;
         }
         io.driver_ctx()[PROGRESS] = n;
+        let st = self.stats();
+        st.uncommitted
+            .store(self.write_log.borrow().len() as u64, Ordering::Release);
+        inc(&st.write_blocks, n - start);
+        inc(&st.writes_allocate, n - start);
+        if self.to_free.borrow().len() >= FREE_BATCH {
+            self.free_displaced();
+        }
         self.maybe_autocommit();
         if io.fua() {
             inc(&self.stats().flushes, 1);
@@ -422,6 +434,22 @@ impl Local {
             wc.request_commit(Some(w));
         } else {
             self.finish(io, IoStatus::Success);
+        }
+    }
+
+    /// Frees the displaced uncommitted blocks collected so far: entries
+    /// cleared, one fence, back to the pool after a grace period.
+    pub(crate) fn free_displaced(&self) {
+        let blocks = std::mem::take(&mut *self.to_free.borrow_mut());
+        if blocks.is_empty() {
+            return;
+        }
+        self.wc.free_blocks(&blocks);
+        let mut blocks = blocks;
+        blocks.clear();
+        let mut t = self.to_free.borrow_mut();
+        if t.is_empty() {
+            *t = blocks;
         }
     }
 
@@ -438,7 +466,10 @@ impl Local {
             // happen while we run.)
             inc(&st.write_hits_uncommitted, 1);
             if wc.meta.begin_free(old, ogen) {
-                wc.free_blocks(&[old]);
+                // Cleared before this core acknowledges the next commit
+                // (which would otherwise make two entries of one sector
+                // with one sequence number durable).
+                self.to_free.borrow_mut().push(old);
             }
         } else {
             // Committed (or being committed): keep it until ours is.
@@ -643,6 +674,7 @@ impl Local {
     /// Hands over (and forgets) log entries stamped below `limit` (the
     /// superblock sequence the running commit establishes).
     pub(crate) fn drain_logs(&self, limit: u64) -> (Vec<LogEntry>, Vec<LogEntry>) {
+        self.free_displaced();
         let mut w = self.write_log.borrow_mut();
         let (done, keep): (Vec<LogEntry>, Vec<LogEntry>) = w.drain(..).partition(|e| e.seq < limit);
         *w = keep;

@@ -297,7 +297,11 @@ pub fn create(opts: CreateOpts) -> Result<Arc<Bdev>, WcError> {
         pool: FreePool::new(n),
         seq: AtomicU64::new(attached.sb_seq),
         sb_seq: AtomicU64::new(attached.sb_seq),
-        stats: (0..MAX_CORES).map(|_| Default::default()).collect(),
+        // One slot per reactor of the runtime (fixed for its life): the
+        // commit and watermark checks sum over them on every round.
+        stats: (0..wc_reactor::current().count().clamp(1, MAX_CORES))
+            .map(|_| Default::default())
+            .collect(),
         tunables,
         error: AtomicI32::new(0),
         home: wc_reactor::current().handle(),

@@ -68,20 +68,18 @@ impl Media {
         self.geo.entry_offset(b as u64) as usize
     }
 
-    /// Stamps block `b`'s entry with cached stores: durable only after
-    /// [`flush_entry`](Self::flush_entry) and a fence on this core (the
-    /// commit does both for every block it covers).
+    /// Stamps block `b`'s entry with persistent (non-temporal) stores,
+    /// sector first: durable at this core's next fence, which the commit
+    /// runs on every core before it writes the superblock. (Cached stores
+    /// written back at commit time would put one cache-line write-back per
+    /// block on the commit, stalling the I/O behind it.) A torn stamp is
+    /// harmless: the entry is uncommitted until that commit, and an entry
+    /// with the old all-ones half reads as unused or as an interrupted free.
     #[inline]
-    pub(crate) fn write_entry_deferred(&self, b: u32, sector: u64, seq: u64) {
+    pub(crate) fn write_entry(&self, b: u32, sector: u64, seq: u64) {
         let off = self.entry_offset(b);
-        self.pmem.write_u64_deferred(off, sector);
-        self.pmem.write_u64_deferred(off + 8, seq);
-    }
-
-    /// Writes back block `b`'s entry line (see `write_entry_deferred`).
-    #[inline]
-    pub(crate) fn flush_entry(&self, b: u32) {
-        self.pmem.flush_range(self.entry_offset(b), ENTRY_SIZE);
+        self.pmem.write_u64(off, sector);
+        self.pmem.write_u64(off + 8, seq);
     }
 
     /// Marks `b`'s entry unused (all ones), seq first so a torn update is
