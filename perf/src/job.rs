@@ -281,6 +281,19 @@ pub fn progress_here() -> Vec<Progress> {
     })
 }
 
+/// Stops every job running on the current reactor: no new I/O is
+/// submitted, and each job reports once its I/O in flight completed.
+pub fn stop_here() {
+    LIVE.with(|live| {
+        let Ok(live) = live.try_borrow() else { return };
+        for job in live.iter().filter_map(Weak::upgrade) {
+            if let Ok(mut st) = job.state.try_borrow_mut() {
+                st.stopping = true;
+            }
+        }
+    });
+}
+
 /// Starts `spec` on the current reactor; the result goes to `done`.
 pub fn start(spec: JobSpec, done: Sender<JobResult>) {
     let fail = |spec: &JobSpec, done: &Sender<JobResult>, msg: String| {

@@ -8,14 +8,30 @@ mod report;
 mod rpc;
 
 use std::io::Write;
+use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock};
 use std::time::{Duration, Instant};
 
 use wc_reactor::ReactorHandle;
 
 use args::{RunParams, StatsMode};
 use job::{JobResult, JobSpec, Progress, Workload};
+
+/// Set by SIGINT/SIGTERM: a run in progress stops early and reports what
+/// it measured (SPDK's "Received shutdown signal").
+pub fn shutdown_flag() -> &'static Arc<AtomicBool> {
+    static FLAG: OnceLock<Arc<AtomicBool>> = OnceLock::new();
+    FLAG.get_or_init(|| Arc::new(AtomicBool::new(false)))
+}
+
+/// What a run produced.
+pub struct RunOutcome {
+    /// Per job, in report order.
+    pub results: Vec<JobResult>,
+    /// Stopped early by a shutdown signal.
+    pub terminated: bool,
+}
 
 /// Why a run did not happen.
 #[derive(Debug)]
@@ -173,7 +189,7 @@ fn run(
     reactors: &[ReactorHandle],
     latency: u8,
     out: &mut dyn Write,
-) -> Result<Vec<JobResult>, RunError> {
+) -> Result<RunOutcome, RunError> {
     let main = reactors
         .first()
         .ok_or_else(|| RunError::Internal("no reactors".into()))?
@@ -216,10 +232,23 @@ fn run(
     let mut next = t0 + period;
     let mut sampler = Sampler::new(p.stats, n);
     let mut done = 0;
+    let mut terminated: Option<f64> = None;
+    // How often the shutdown flag is looked at while waiting.
+    let tick = Duration::from_millis(50);
     while done < n {
+        if terminated.is_none() && shutdown_flag().load(Ordering::Acquire) {
+            terminated = Some(t0.elapsed().as_secs_f64());
+            let mut told = Vec::new();
+            for spec in jobs.iter().filter(|s| results[s.id].is_none()) {
+                if !told.contains(&spec.reactor) {
+                    told.push(spec.reactor);
+                    reactors[spec.reactor].send(job::stop_here);
+                }
+            }
+        }
         let now = Instant::now();
         if now < next {
-            match rx.recv_timeout(next - now) {
+            match rx.recv_timeout((next - now).min(tick)) {
                 Ok(r) => done = take(r, &mut results),
                 Err(RecvTimeoutError::Timeout) => {}
                 Err(RecvTimeoutError::Disconnected) => break,
@@ -269,12 +298,22 @@ fn run(
         )));
     }
     let results: Vec<JobResult> = results.into_iter().flatten().collect();
+    if let Some(t) = terminated {
+        let _ = writeln!(
+            out,
+            "\nReceived shutdown signal, test time was about {:.6} seconds",
+            t.min(p.seconds)
+        );
+    }
     report::print_table(out, &results, latency);
-    Ok(results)
+    Ok(RunOutcome {
+        results,
+        terminated: terminated.is_some(),
+    })
 }
 
-fn write_json(path: &std::path::Path, results: &[JobResult]) {
-    let v = report::results_json(results);
+fn write_json(path: &std::path::Path, run: &RunOutcome) {
+    let v = report::results_json(&run.results, run.terminated);
     if let Err(e) = std::fs::write(path, serde_json::to_string_pretty(&v).unwrap_or_default()) {
         eprintln!("bdevperf: cannot write {}: {e}", path.display());
     }
@@ -307,16 +346,25 @@ fn main() {
     };
     let Some(params) = parsed.run else {
         app.wait_for_signal();
+        // A perform_tests in progress stops and answers before the server goes.
+        shutdown_flag().store(true, Ordering::Release);
+        rpc::wait_idle(Duration::from_secs(30));
         app.shutdown();
         return;
     };
+    // SIGINT/SIGTERM stop the run and report it; a second one exits at once.
+    for sig in [signal_hook::consts::SIGINT, signal_hook::consts::SIGTERM] {
+        let flag = shutdown_flag().clone();
+        let _ = signal_hook::flag::register_conditional_shutdown(sig, 1, flag.clone());
+        let _ = signal_hook::flag::register(sig, flag);
+    }
     let mut stdout = std::io::stdout();
     let code = match run(&params, &app.reactors(), cli.latency, &mut stdout) {
-        Ok(results) => {
+        Ok(outcome) => {
             if let Some(path) = &cli.output_json {
-                write_json(path, &results);
+                write_json(path, &outcome);
             }
-            i32::from(results.iter().any(report::failed))
+            i32::from(outcome.results.iter().any(report::failed))
         }
         Err(e) => {
             eprintln!("bdevperf: {e}");

@@ -290,8 +290,9 @@ pub fn print_table(out: &mut dyn Write, results: &[JobResult], latency: u8) -> T
 }
 
 /// The `perform_tests` reply / `--output-json` document. `core_count` is
-/// the number of distinct cores the jobs ran on (SPDK's).
-pub fn results_json(results: &[JobResult]) -> Value {
+/// the number of distinct cores the jobs ran on (SPDK's); `terminated`: a
+/// shutdown signal stopped the run (every job's status says so, as SPDK's).
+pub fn results_json(results: &[JobResult], terminated: bool) -> Value {
     let list: Vec<Value> = results
         .iter()
         .map(|r| {
@@ -301,7 +302,7 @@ pub fn results_json(results: &[JobResult]) -> Value {
                 "job": s.bdev,
                 "core_mask": mask(s.core),
                 "workload": s.workload.name(),
-                "status": if failed(r) { "failed" } else { "finished" },
+                "status": if terminated { "terminated" } else if failed(r) { "failed" } else { "finished" },
                 "queue_depth": s.queue_depth,
                 "io_size": s.io_size,
                 "runtime": r.runtime,
@@ -394,7 +395,7 @@ mod tests {
         assert_eq!(text.matches(" Job: Malloc").count(), 4);
         let total = text.lines().find(|l| l.starts_with(" Total")).unwrap();
         assert!(total.contains("5000.00"), "{total}");
-        let j = results_json(&rs);
+        let j = results_json(&rs, false);
         assert_eq!(j["core_count"], 2);
         assert_eq!(j["results"].as_array().unwrap().len(), 4);
     }

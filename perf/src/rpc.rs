@@ -8,6 +8,7 @@
 use std::path::PathBuf;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
 
 use serde_json::Value;
 use wc_rpc::{Responder, RpcError, StateMask};
@@ -16,6 +17,20 @@ use crate::args::{self, Fixed, Settings, RPC_NAMES};
 use crate::{report, run, RunError};
 
 static RUNNING: AtomicBool = AtomicBool::new(false);
+
+/// Waits (at most `limit`) until no perform_tests is running, its reply
+/// handed to the server.
+pub fn wait_idle(limit: Duration) {
+    let end = Instant::now() + limit;
+    if !RUNNING.load(Ordering::Acquire) {
+        return;
+    }
+    while RUNNING.load(Ordering::Acquire) && Instant::now() < end {
+        std::thread::sleep(Duration::from_millis(10));
+    }
+    // Let the server write the reply out before it stops.
+    std::thread::sleep(Duration::from_millis(200));
+}
 
 /// What `perform_tests` works with.
 pub struct State {
@@ -102,6 +117,9 @@ pub fn register(reg: &wc_rpc::Registry, state: Arc<State>) -> Result<(), String>
             if RUNNING.load(Ordering::Acquire) {
                 return r.err(RpcError::internal("Operation now in progress"));
             }
+            if crate::shutdown_flag().load(Ordering::Acquire) {
+                return r.err(RpcError::internal("bdevperf is shutting down"));
+            }
             // -32700 for bad params, as SPDK's bdevperf.
             let bad = |e: String| RpcError::new(wc_rpc::PARSE_ERROR, e);
             let overrides = match decode(params) {
@@ -136,19 +154,19 @@ pub fn register(reg: &wc_rpc::Registry, state: Arc<State>) -> Result<(), String>
                     if !matches!(res, Err(RunError::Setup(_))) {
                         *state.settings.lock().unwrap_or_else(|e| e.into_inner()) = next;
                     }
-                    RUNNING.store(false, Ordering::Release);
                     match res {
-                        Ok(results) => {
+                        Ok(outcome) => {
                             if let Some(path) = &state.output_json {
-                                crate::write_json(path, &results);
+                                crate::write_json(path, &outcome);
                             }
-                            r.ok(report::results_json(&results));
+                            r.ok(report::results_json(&outcome.results, outcome.terminated));
                         }
                         Err(RunError::Setup(e)) => r.err(RpcError::invalid_params(e)),
                         Err(RunError::Internal(e)) => r.err(RpcError::internal(format!(
                             "bdevperf failed with error {e}"
                         ))),
                     }
+                    RUNNING.store(false, Ordering::Release);
                 });
             if let Err(e) = spawned {
                 RUNNING.store(false, Ordering::Release);

@@ -733,5 +733,74 @@ fn bdevperf_perform_tests_errors_on_the_socket() {
         .call("perform_tests", Some(json!({"time_in_sec": 0.2})))
         .unwrap();
     assert_eq!(v["results"][0]["workload"], "randwrite", "{v}");
+    // SIGINT during a 30 s run: the run stops, its reply comes (status
+    // "terminated") and bdevperf exits 0.
+    let sock = w.sock.clone();
+    let long = std::thread::spawn(move || {
+        let mut c1 = Client::connect(&sock).expect("connect");
+        c1.set_timeout(Some(RUN_TIMEOUT)).expect("timeout");
+        c1.call("perform_tests", Some(json!({"time_in_sec": 30})))
+    });
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while w.log().matches("Running I/O").count() < 3 {
+        assert!(Instant::now() < deadline, "{}", w.log());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    let t = Instant::now();
     assert_eq!(w.stop(), 0);
+    let v = long.join().expect("join").expect("the stopped run's reply");
+    assert_eq!(v["results"][0]["status"], "terminated", "{v}");
+    assert!(
+        v["results"][0]["runtime"].as_f64().unwrap_or(99.0) < 20.0,
+        "{v}"
+    );
+    assert!(t.elapsed() < Duration::from_secs(15), "{:?}", t.elapsed());
+}
+
+/// SIGINT during a run: SPDK's "Received shutdown signal" line, the table
+/// of what ran, status "terminated", exit 0.
+#[test]
+fn bdevperf_sigint_stops_the_run_and_reports_it() {
+    let dir = unique_dir("bp-sigint");
+    let cfg = config(&dir, json!([malloc("Malloc0", 4096)]));
+    let res = dir.join("res.json");
+    let log = dir.join("out.log");
+    let logf = File::create(&log).expect("log");
+    let mut child = Command::new(bdevperf_binary())
+        .current_dir(&dir)
+        .args(BASE)
+        .arg("--json")
+        .arg(&cfg)
+        .args(["-q", "4", "-o", "4k", "-w", "randread", "-t", "30"])
+        .arg("--output-json")
+        .arg(&res)
+        .stdin(Stdio::null())
+        .stdout(logf.try_clone().expect("dup"))
+        .stderr(logf)
+        .spawn()
+        .expect("start bdevperf");
+    let text = || std::fs::read_to_string(&log).unwrap_or_default();
+    let deadline = Instant::now() + Duration::from_secs(20);
+    while !text().contains("Running I/O for 30 seconds") {
+        assert!(Instant::now() < deadline, "{}", text());
+        std::thread::sleep(Duration::from_millis(20));
+    }
+    std::thread::sleep(Duration::from_millis(300));
+    signal(child.id(), libc::SIGINT);
+    let st = wait_timeout(&mut child, EXIT_TIMEOUT);
+    if st.is_none() {
+        let _ = child.kill();
+        let _ = child.wait();
+    }
+    let out = text();
+    assert_eq!(st.and_then(|s| s.code()), Some(0), "{out}");
+    assert!(
+        out.contains("Received shutdown signal, test time was about"),
+        "{out}"
+    );
+    assert!(out.contains("\n Total "), "{out}");
+    let json = read_json(&res);
+    assert_eq!(json["results"][0]["status"], "terminated", "{json}");
+    assert!(json["results"][0]["runtime"].as_f64().unwrap_or(99.0) < 20.0);
+    let _ = std::fs::remove_dir_all(&dir);
 }
