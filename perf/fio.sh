@@ -9,7 +9,7 @@
 # 70/30 random mix, at QD 1/8/32/128, on a writecache (pmem file in
 # /dev/shm over a uring origin file + bdev_delay) and a malloc bdev that
 # one target exports side by side; each cell is the median of 3 runs of
-# 3 s (about 7 min). --quick: 1 run of 1 s, QD 1 and 32 (under a minute).
+# 3 s (about 8 min). --quick: 1 run of 1 s, QD 1 and 32 (about 1.5 min).
 # --smoke: 1 run of 0.3 s at QD 8 on 32 MiB (seconds; the test suite runs
 # it). Job files: perf/fio/*.fio (usable by hand, see perf/fio/common.inc).
 #
