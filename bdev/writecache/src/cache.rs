@@ -48,6 +48,9 @@ pub(crate) struct Coordinator {
     pub(crate) fifo: WbQueue,
     /// Superseded blocks waiting for their successor's commit.
     superseded: Vec<LogEntry>,
+    /// Logs of channels that closed before a commit covered them (their
+    /// entries already durable): committed by the next round.
+    orphans: (Vec<LogEntry>, Vec<LogEntry>),
     pub(crate) commits: u64,
 }
 
@@ -59,6 +62,7 @@ impl Coordinator {
             next: Vec::new(),
             fifo: WbQueue::new(blocks),
             superseded: Vec::new(),
+            orphans: Default::default(),
             commits: 0,
         }
     }
@@ -231,6 +235,34 @@ impl Writecache {
     // ------------------------------------------------------------------
     // Commit
 
+    /// Takes over the logs of a channel that is going away (its entries
+    /// and data are durable already) and commits them.
+    pub(crate) fn adopt_logs(self: &Arc<Self>, written: Vec<LogEntry>, superseded: Vec<LogEntry>) {
+        if written.is_empty() && superseded.is_empty() {
+            return;
+        }
+        let me = self.clone();
+        self.home.send(move || {
+            // After delete let go of the devices nothing may touch them
+            // (a new instance may own the cache); delete's own commit ran
+            // after new I/O was refused, so there is nothing left to cover.
+            if me.closing.load(Ordering::Acquire) && lock(&me.wb).origin.is_none() {
+                tracing::warn!(
+                    "writecache {}: {} blocks written after the final commit are not committed",
+                    me.name,
+                    written.len()
+                );
+                return;
+            }
+            {
+                let mut c = lock(&me.coord);
+                c.orphans.0.extend(written);
+                c.orphans.1.extend(superseded);
+            }
+            me.request_commit(None);
+        });
+    }
+
     /// Asks home for a commit; `waiter` runs (on home) once every write
     /// completed before this call is durable.
     pub(crate) fn request_commit(self: &Arc<Self>, waiter: Option<Waiter>) {
@@ -265,7 +297,11 @@ impl Writecache {
         let s = self.seq.load(Ordering::Acquire);
         // Only advance when there is something to commit, so empty commits
         // leave the superblock alone (as dm-writecache).
-        let bump = dirty > 0;
+        let orphans = {
+            let c = lock(&self.coord);
+            !c.orphans.0.is_empty() || !c.orphans.1.is_empty()
+        };
+        let bump = dirty > 0 || orphans;
         if bump {
             self.seq.store(s + 1, Ordering::Release);
         }
@@ -281,10 +317,13 @@ impl Writecache {
         };
         wc_reactor::for_each_reactor(
             move || {
-                // On each core: fence so the entries it stamped and their
-                // data are durable, then hand over the logs of everything
-                // being committed.
+                // On each core: write back the entries it stamped (cached
+                // stores), fence so they and its data are durable, then
+                // hand over the logs of everything being committed.
                 let drained = crate::channel::local_of(id).map(|local| local.drain_logs(limit));
+                if let Some((w, _)) = &drained {
+                    me.media.flush_entries(w);
+                }
                 me.media.pmem.fence();
                 if let Some((w, sup)) = drained {
                     let mut c = lock(&col);
@@ -306,7 +345,25 @@ impl Writecache {
         collected: Arc<Mutex<(Vec<LogEntry>, Vec<LogEntry>)>>,
         waiters: Vec<Waiter>,
     ) {
-        let (mut written, superseded) = std::mem::take(&mut *lock(&collected));
+        let (mut written, mut superseded) = std::mem::take(&mut *lock(&collected));
+        {
+            // Adopted logs: what this round covers goes with the rest.
+            let limit = if bump {
+                s + 1
+            } else {
+                self.sb_seq.load(Ordering::Acquire)
+            };
+            let mut c = lock(&self.coord);
+            let (w, sup) = std::mem::take(&mut c.orphans);
+            let (now, later): (Vec<LogEntry>, Vec<LogEntry>) =
+                w.into_iter().partition(|e| e.seq < limit);
+            written.extend(now);
+            c.orphans.0 = later;
+            let (now, later): (Vec<LogEntry>, Vec<LogEntry>) =
+                sup.into_iter().partition(|e| e.seq < limit);
+            superseded.extend(now);
+            c.orphans.1 = later;
+        }
         // A cache media error: durability cannot be promised any more. Stop
         // committing (the superblock stays as it is) and enter the error
         // state; nothing cached is dropped.

@@ -91,7 +91,17 @@ impl Drop for WcChannel {
         if let Some(p) = self.0.poller.borrow_mut().take() {
             p.unregister();
         }
-        self.0.free_displaced();
+        let l = &self.0;
+        l.free_displaced();
+        // Blocks written here and not yet committed: make their entries
+        // durable now and hand the logs to home, or no commit would cover
+        // them and they would never be queued for writeback.
+        let written = std::mem::take(&mut *l.write_log.borrow_mut());
+        l.wc.media.flush_entries(&written);
+        l.wc.media.pmem.fence();
+        let superseded = std::mem::take(&mut *l.superseded.borrow_mut());
+        l.stats().uncommitted.store(0, Ordering::Release);
+        l.wc.adopt_logs(written, superseded);
         // Give cached free blocks back so they are not lost with the core.
         let mut free = self.0.free.borrow_mut();
         self.0.wc.pool.push_all(&free);
@@ -113,6 +123,7 @@ pub(crate) fn create_channel(wc: &Arc<Writecache>) -> Result<WcChannel, wc_bdev:
         write_log: RefCell::new(Vec::new()),
         superseded: RefCell::new(Vec::new()),
         to_free: RefCell::new(Vec::with_capacity(FREE_BATCH)),
+
         waiting: RefCell::new(VecDeque::new()),
         parents: RefCell::new(Vec::new()),
         free_parents: RefCell::new(Vec::new()),
@@ -405,6 +416,7 @@ impl Local {
                 for_each_piece(&io, start, bs, |at, piece| pmem.write_nt(off + at, piece));
             }
             wc.media.write_entry(b, wc.sector_of(lba), seq);
+
             m.lba.store(lba, Ordering::Relaxed);
             m.set_seq(seq);
             m.set(gen, VALID);
@@ -675,6 +687,7 @@ impl Local {
     /// superblock sequence the running commit establishes).
     pub(crate) fn drain_logs(&self, limit: u64) -> (Vec<LogEntry>, Vec<LogEntry>) {
         self.free_displaced();
+
         let mut w = self.write_log.borrow_mut();
         let (done, keep): (Vec<LogEntry>, Vec<LogEntry>) = w.drain(..).partition(|e| e.seq < limit);
         *w = keep;

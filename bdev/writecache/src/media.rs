@@ -57,6 +57,9 @@ pub(crate) struct Attached {
     pub(crate) formatted: bool,
 }
 
+/// Entries are written back by cache line.
+const ENTRY_LINE: usize = 64;
+
 impl Media {
     #[inline]
     pub(crate) fn data_offset(&self, b: u32) -> usize {
@@ -68,18 +71,33 @@ impl Media {
         self.geo.entry_offset(b as u64) as usize
     }
 
-    /// Stamps block `b`'s entry with persistent (non-temporal) stores,
-    /// sector first: durable at this core's next fence, which the commit
-    /// runs on every core before it writes the superblock. (Cached stores
-    /// written back at commit time would put one cache-line write-back per
-    /// block on the commit, stalling the I/O behind it.) A torn stamp is
-    /// harmless: the entry is uncommitted until that commit, and an entry
-    /// with the old all-ones half reads as unused or as an interrupted free.
+    /// Stamps block `b`'s entry with cached stores, sector first: durable
+    /// once written back ([`flush_entries`]) and fenced on this core, which
+    /// the commit does for every block it covers. A torn stamp is harmless:
+    /// the entry is uncommitted until that commit, and an entry with the
+    /// old all-ones half reads as unused or as an interrupted free.
+    ///
+    /// [`flush_entries`]: Self::flush_entries
     #[inline]
     pub(crate) fn write_entry(&self, b: u32, sector: u64, seq: u64) {
         let off = self.entry_offset(b);
-        self.pmem.write_u64(off, sector);
-        self.pmem.write_u64(off + 8, seq);
+        self.pmem.write_u64_deferred(off, sector);
+        self.pmem.write_u64_deferred(off + 8, seq);
+    }
+
+    /// Writes back the entry lines of `logged` blocks (in log order): one
+    /// write-back per line, not per entry, since blocks a core allocates
+    /// in a row share entry lines (four 16-byte entries per line). This
+    /// runs inside the commit, in front of the I/O waiting on the reactor.
+    pub(crate) fn flush_entries(&self, logged: &[crate::cache::LogEntry]) {
+        let mut last = usize::MAX;
+        for e in logged {
+            let line = self.entry_offset(e.block) & !(ENTRY_LINE - 1);
+            if line != last {
+                self.pmem.flush_range(line, ENTRY_LINE);
+                last = line;
+            }
+        }
     }
 
     /// Marks `b`'s entry unused (all ones), seq first so a torn update is
