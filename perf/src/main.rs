@@ -7,6 +7,12 @@ mod job;
 mod report;
 mod rpc;
 
+// Reactors hand buffers to each other (messages, commit logs): glibc's
+// arena locks then park threads in futex waits on the I/O path, mimalloc's
+// cross-thread frees do not.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 use std::io::Write;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::sync::mpsc::{self, RecvTimeoutError};

@@ -2,6 +2,12 @@
 
 use clap::Parser;
 
+// Reactors hand buffers to each other (messages, commit logs): glibc's
+// arena locks then park threads in futex waits on the I/O path, mimalloc's
+// cross-thread frees do not.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 /// An SPDK-style storage target with a dm-writecache-compatible cache.
 #[derive(Parser, Debug)]
 #[command(name = "writecache_tgt", version, about)]
