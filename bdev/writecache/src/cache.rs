@@ -84,6 +84,10 @@ pub(crate) struct Writeback {
     pub(crate) retries: u64,
     /// Origin channel of the home reactor.
     origin: Option<Rc<BdevChannel>>,
+    /// Blocks written back and dropped from the index, freed together at
+    /// the end of the reactor iteration (one fence and one grace period
+    /// for every run that completed in it).
+    retired: Vec<u32>,
 }
 
 // SAFETY: `origin` is an Rc created and used only on the home reactor; the
@@ -198,13 +202,15 @@ impl Writecache {
 
     /// Sums the statistics.
     pub fn stats(&self) -> Stats {
+        // Written back and about to be freed: as good as in grace.
+        let retired = lock(&self.wb).retired.len() as u64;
         let mut s = Stats {
             error: self.error(),
             blocks: self.media.geo.n_blocks(),
             // Blocks in their grace period are free for every purpose but
             // allocation in the next microseconds; count them as free.
-            free_blocks: self.pool.len() + self.pool.in_grace(),
-            free_blocks_in_grace: self.pool.in_grace(),
+            free_blocks: self.pool.len() + self.pool.in_grace() + retired,
+            free_blocks_in_grace: self.pool.in_grace() + retired,
             seq_count: self.sb_seq.load(Ordering::Acquire),
             ..Stats::default()
         };
@@ -466,6 +472,30 @@ impl Writecache {
             },
         );
         *handle.borrow_mut() = Some(p);
+        // Every iteration: free what the writeback retired in it.
+        let me = Arc::downgrade(self);
+        let handle = Rc::new(std::cell::RefCell::new(None::<wc_reactor::PollerHandle>));
+        let h2 = handle.clone();
+        let p = r.register_poller("writecache_retire", None, move || {
+            let Some(wc) = me.upgrade() else {
+                if let Some(h) = h2.borrow().as_ref() {
+                    h.unregister();
+                }
+                return wc_reactor::PollStatus::Idle;
+            };
+            wc_reactor::PollStatus::from(wc.free_retired())
+        });
+        *handle.borrow_mut() = Some(p);
+    }
+
+    /// Frees the blocks the writeback retired since the last call.
+    pub(crate) fn free_retired(&self) -> bool {
+        let blocks = std::mem::take(&mut lock(&self.wb).retired);
+        if blocks.is_empty() {
+            return false;
+        }
+        self.free_blocks(&blocks);
+        true
     }
 
     /// Writers waiting for a free block, over all cores.
@@ -501,12 +531,12 @@ impl Writecache {
         {
             return WbReason::None;
         }
-        // As dm-writecache: blocks under writeback or in their grace
-        // period count as free for the watermarks.
+        // As dm-writecache: blocks under writeback, retired or in their
+        // grace period count as free for the watermarks.
         let n = self.media.geo.n_blocks().max(1);
         let used = self
             .used_blocks()
-            .saturating_sub(wb.in_flight + self.pool.in_grace());
+            .saturating_sub(wb.in_flight + wb.retired.len() as u64 + self.pool.in_grace());
         let hi = self.tunables.high_watermark.load(Ordering::Relaxed) as u64;
         let lo = self.tunables.low_watermark.load(Ordering::Relaxed) as u64;
         let started = wb.wm_active || used * 100 >= hi * n;
@@ -546,6 +576,10 @@ impl Writecache {
                 };
                 drop(wb);
                 drop(c);
+                if done {
+                    // Drained: the freed blocks count as free from now on.
+                    self.free_retired();
+                }
                 let res = match self.error() {
                     0 => Ok(()),
                     e => Err(e),
@@ -762,9 +796,9 @@ impl Writecache {
                 to_free.push(b);
             }
         }
-        self.free_blocks(&to_free);
         {
             let mut wb = lock(&self.wb);
+            wb.retired.extend_from_slice(&to_free);
             for &(lba, _) in run {
                 wb.lbas.remove(&lba);
             }
@@ -821,6 +855,7 @@ impl Writecache {
                 if lock(&me.wb).in_flight > 0 {
                     return wc_reactor::PollStatus::Idle;
                 }
+                me.free_retired();
                 if let Some(h) = h2.borrow().as_ref() {
                     h.unregister();
                 }
