@@ -88,6 +88,8 @@ pub(crate) struct Writeback {
     /// the end of the reactor iteration (one fence and one grace period
     /// for every run that completed in it).
     retired: Vec<u32>,
+    /// Runs completed since the retire poller last sent a new batch.
+    completed: bool,
 }
 
 // SAFETY: `origin` is an Rc created and used only on the home reactor; the
@@ -483,7 +485,13 @@ impl Writecache {
                 }
                 return wc_reactor::PollStatus::Idle;
             };
-            wc_reactor::PollStatus::from(wc.free_retired())
+            let retired = wc.free_retired();
+            let completed = std::mem::take(&mut lock(&wc.wb).completed);
+            if completed {
+                // Room in the writeback window: send the next batch.
+                wc.kick_writeback();
+            }
+            wc_reactor::PollStatus::from(retired || completed)
         });
         *handle.borrow_mut() = Some(p);
     }
@@ -805,8 +813,10 @@ impl Writecache {
             wb.in_flight -= run.len() as u64;
             wb.blocks += run.len() as u64;
             wb.bytes += run.len() as u64 * bs;
+            // The next batch goes out from the retire poller, once for all
+            // the runs that complete in this reactor iteration.
+            wb.completed = true;
         }
-        self.kick_writeback();
     }
 
     /// Commits, then writes back everything; `waiter` runs when the cache
