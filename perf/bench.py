@@ -67,28 +67,24 @@ class RpcError(Exception):
     pass
 
 
-class Bdevperf:
-    """A `bdevperf -z` process and a JSON-RPC client to it."""
+class RpcProcess:
+    """A process serving SPDK's JSON-RPC on a Unix socket, and a client to
+    it (bdevperf -z here, writecache_tgt in fio_bench.py)."""
 
-    def __init__(self, binary, tmp, name, config, mode_args, target):
-        self.sock = os.path.join(tmp, f"{name}.sock")
-        self.cfg = os.path.join(tmp, f"{name}.json")
-        self.logpath = os.path.join(tmp, f"{name}.log")
-        with open(self.cfg, "w") as f:
-            json.dump({"subsystems": [{"subsystem": "bdev", "config": config}]}, f)
-        if os.path.exists(self.sock):
-            os.unlink(self.sock)
-        self.logf = open(self.logpath, "w")
-        cmd = [binary, "-z", "-r", self.sock, "--json", self.cfg, *mode_args,
-               "-T", target, "--log-level", "ERROR"]
-        self.proc = subprocess.Popen(cmd, stdout=self.logf, stderr=subprocess.STDOUT)
+    def __init__(self, what, cmd, sock, logpath, start_timeout, preexec_fn=None):
+        self.what, self.sock, self.logpath = what, sock, logpath
+        if os.path.exists(sock):
+            os.unlink(sock)
+        self.logf = open(logpath, "w")
+        self.proc = subprocess.Popen(cmd, stdout=self.logf, stderr=subprocess.STDOUT,
+                                     preexec_fn=preexec_fn)
         self.next_id = 1
-        deadline = time.time() + 120
+        deadline = time.time() + start_timeout
         while True:
             if self.proc.poll() is not None:
-                raise RpcError(f"bdevperf exited at start (rc {self.proc.returncode}): "
+                raise RpcError(f"{what} exited at start (rc {self.proc.returncode}): "
                                + self.tail())
-            if os.path.exists(self.sock):
+            if os.path.exists(sock):
                 try:
                     self.call("rpc_get_methods", timeout=10)
                     break
@@ -96,7 +92,7 @@ class Bdevperf:
                     pass
             if time.time() > deadline:
                 self.close()
-                raise RpcError("bdevperf did not open its RPC socket in 120 s")
+                raise RpcError(f"{what} did not open its RPC socket in {start_timeout} s")
             time.sleep(0.05)
 
     def tail(self):
@@ -134,22 +130,35 @@ class Bdevperf:
             raise RpcError(f"{method}: {resp['error']}")
         return resp.get("result")
 
+    def close(self, timeout=90):
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGINT)
+            try:
+                self.proc.wait(timeout=timeout)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.logf.close()
+
+
+class Bdevperf(RpcProcess):
+    """A `bdevperf -z` process and a JSON-RPC client to it."""
+
+    def __init__(self, binary, tmp, name, config, mode_args, target):
+        cfg = os.path.join(tmp, f"{name}.json")
+        with open(cfg, "w") as f:
+            json.dump({"subsystems": [{"subsystem": "bdev", "config": config}]}, f)
+        sock = os.path.join(tmp, f"{name}.sock")
+        cmd = [binary, "-z", "-r", sock, "--json", cfg, *mode_args,
+               "-T", target, "--log-level", "ERROR"]
+        super().__init__("bdevperf", cmd, sock, os.path.join(tmp, f"{name}.log"), 120)
+
     def perform(self, workload, io_size, qd, secs, mix=None):
         p = {"queue_depth": qd, "io_size": str(io_size), "time_in_sec": secs,
              "workload_type": workload}
         if mix is not None:
             p["rw_percentage"] = mix
         return self.call("perform_tests", p, timeout=secs + 120)
-
-    def close(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=90)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.logf.close()
 
 
 def summarize(res):
@@ -386,9 +395,14 @@ def run_recovery(a, raw):
                 m1 = re.search(r"filled in ([\d.]+)s; recovery of (\d+) committed blocks: "
                                r"([\d.]+)s", out)
                 m2 = re.search(r"([\d.]+) bytes when empty, ([\d.]+) bytes when full", out)
+                m3 = re.search(r"([\d.]+) bytes after recovery \(resident\); ([\d.]+) bytes "
+                               r"in the instance's structures", out)
                 cell = {"fill_s": float(m1.group(1)), "recovered_blocks": int(m1.group(2)),
                         "recovery_s": float(m1.group(3)),
                         "ram_empty_b": float(m2.group(1)), "ram_full_b": float(m2.group(2))}
+                if m3:
+                    cell["ram_recovered_b"] = float(m3.group(1))
+                    cell["ram_structures_b"] = float(m3.group(2))
                 log(f"  recovery {cell['recovery_s']:.3f} s, RAM/block "
                     f"{cell['ram_empty_b']:.1f}/{cell['ram_full_b']:.1f} B")
             except (subprocess.SubprocessError, AttributeError, ValueError) as e:
@@ -600,20 +614,26 @@ def write_report(a, raw, med, path):
     w("")
     w("`wc_recovery N 512`: fills a pmem-mode cache of N blocks of 512 B (file in "
       f"`{a.tmp_parent}`) through the writecache, deletes it (commit only), times "
-      "re-creating it (the recovery scan), and reports the anonymous memory per block.")
+      "re-creating it (the recovery scan), and reports the anonymous memory per block "
+      "(resident, after handing freed heap back): fresh, after the fill (with the "
+      "write logs of a cache that never committed on its own), after recovery; and "
+      "the bytes the instance's structures hold (block state, index, free pool, "
+      "writeback queue: `metadata_ram_bytes` of `bdev_writecache_get_stats`).")
     w("")
     w("| cache blocks | cache size | fill s | recovery s | RAM/block empty (B) | "
-      "RAM/block full (B) |")
-    w("|---:|---:|---:|---:|---:|---:|")
+      "RAM/block full (B) | RAM/block recovered (B) | structures/block (B) |")
+    w("|---:|---:|---:|---:|---:|---:|---:|---:|")
     for blocks in a.recovery_sizes:
         c = med.get(f"recovery|{blocks}")
         size = f"{blocks * 512 / 2**30:g} GiB" if blocks * 512 >= 2**30 else \
             f"{blocks * 512 >> 20} MiB"
         if c:
+            extra = " | ".join(f"{c[k]:.1f}" if k in c else "n/a"
+                               for k in ("ram_recovered_b", "ram_structures_b"))
             w(f"| {blocks >> 20} Mi | {size} | {c['fill_s']:.2f} | {c['recovery_s']:.3f} | "
-              f"{c['ram_empty_b']:.1f} | {c['ram_full_b']:.1f} |")
+              f"{c['ram_empty_b']:.1f} | {c['ram_full_b']:.1f} | {extra} |")
         else:
-            w(f"| {blocks >> 20} Mi | {size} | skipped or failed | | | |")
+            w(f"| {blocks >> 20} Mi | {size} | skipped or failed | | | | | |")
     w("")
     if raw["notes"]:
         w("## Notes")

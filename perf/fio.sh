@@ -45,26 +45,13 @@ else
   TGT="$ROOT/target/release/writecache_tgt"
 fi
 
-TMP="" ODIR="" PY_PID=""
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  if [[ -n "$PY_PID" ]] && kill -0 "$PY_PID" 2>/dev/null; then
-    kill -TERM "$PY_PID" 2>/dev/null || true
-    wait "$PY_PID" 2>/dev/null || true
-  fi
-  [[ -n "$TMP" ]] && rm -rf "$TMP"
-  [[ -n "$ODIR" ]] && rm -rf "$ODIR"
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+# shellcheck source=perf/common.sh
+source "$ROOT/perf/common.sh"
 
 TMP=$(mktemp -d "$SHM_DIR/wc-fio.XXXXXX")
-ODIR=$(mktemp -d "$ORIGIN_PARENT/wc-fio-origin.XXXXXX")
+ORIGIN_DIR=$(mktemp -d "$ORIGIN_PARENT/wc-fio-origin.XXXXXX")
 
-python3 perf/fio_bench.py --mode "$MODE" --tgt "$TGT" --tmp "$TMP" --origin-dir "$ODIR" \
+python3 perf/fio_bench.py --mode "$MODE" --tgt "$TGT" --tmp "$TMP" --origin-dir "$ORIGIN_DIR" \
   --out "$OUT" &
 PY_PID=$!
 wait "$PY_PID"

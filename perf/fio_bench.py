@@ -15,7 +15,6 @@ import ctypes
 import json
 import os
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -59,73 +58,17 @@ def _die_with_parent():
         pass
 
 
-class Target:
+class Target(bench.RpcProcess):
     """A writecache_tgt process and a JSON-RPC client to it."""
 
     def __init__(self, binary, tmp, extra_args):
-        self.sock = os.path.join(tmp, "spdk.sock")
-        self.logpath = os.path.join(tmp, "tgt.log")
-        self.logf = open(self.logpath, "w")
-        self.proc = subprocess.Popen([binary, "-r", self.sock, "--log-level", "ERROR",
-                                      *extra_args],
-                                     stdout=self.logf, stderr=subprocess.STDOUT,
-                                     preexec_fn=_die_with_parent)
-        deadline = time.time() + 60
-        while True:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"writecache_tgt exited at start: {self.tail()}")
-            try:
-                self.call("rpc_get_methods", timeout=5)
-                return
-            except (OSError, RuntimeError):
-                pass
-            if time.time() > deadline:
-                self.close()
-                raise RuntimeError("writecache_tgt did not open its RPC socket in 60 s")
-            time.sleep(0.05)
-
-    def tail(self):
-        try:
-            with open(self.logpath) as f:
-                return f.read()[-2000:]
-        except OSError:
-            return ""
-
-    def call(self, method, params=None, timeout=60):
-        s = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM)
-        s.settimeout(timeout)
-        try:
-            s.connect(self.sock)
-            req = {"jsonrpc": "2.0", "id": 1, "method": method}
-            if params is not None:
-                req["params"] = params
-            s.sendall(json.dumps(req).encode())
-            buf, dec = b"", json.JSONDecoder()
-            while True:
-                d = s.recv(1 << 16)
-                if not d:
-                    raise RuntimeError(f"{method}: connection closed")
-                buf += d
-                try:
-                    resp, _ = dec.raw_decode(buf.decode())
-                    break
-                except ValueError:
-                    continue
-        finally:
-            s.close()
-        if "error" in resp:
-            raise RuntimeError(f"{method}: {resp['error']}")
-        return resp.get("result")
+        sock = os.path.join(tmp, "spdk.sock")
+        cmd = [binary, "-r", sock, "--log-level", "ERROR", *extra_args]
+        super().__init__("writecache_tgt", cmd, sock, os.path.join(tmp, "tgt.log"), 60,
+                         preexec_fn=_die_with_parent)
 
     def close(self):
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGINT)
-            try:
-                self.proc.wait(timeout=60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
-        self.logf.close()
+        super().close(timeout=60)
 
 
 def fio(a, export, job, qd, secs=None, ramp=None):
@@ -379,7 +322,7 @@ def main():
         log(f"run {run + 1}/{a.runs}")
         try:
             one_run(a, raw, run)
-        except (RuntimeError, OSError) as e:
+        except (RuntimeError, bench.RpcError, OSError) as e:
             log(f"run {run + 1} failed: {e}")
             raw["notes"].append(f"run {run + 1} failed: {e}")
     raw["elapsed_s"] = time.time() - t0

@@ -36,21 +36,8 @@ OUT=${RESULTS_DIR:-$ROOT/perf/results}
 SHM_DIR=${SHM_DIR:-/dev/shm}
 ORIGIN_PARENT=${ORIGIN_DIR_PARENT:-${TMPDIR:-/var/tmp}}
 
-TMP="" ORIGIN_DIR="" PY_PID=""
-cleanup() {
-  local rc=$?
-  trap - EXIT INT TERM
-  if [[ -n "$PY_PID" ]] && kill -0 "$PY_PID" 2>/dev/null; then
-    kill -TERM "$PY_PID" 2>/dev/null || true
-    wait "$PY_PID" 2>/dev/null || true
-  fi
-  [[ -n "$TMP" ]] && rm -rf "$TMP"
-  [[ -n "$ORIGIN_DIR" ]] && rm -rf "$ORIGIN_DIR"
-  exit "$rc"
-}
-trap cleanup EXIT
-trap 'exit 130' INT
-trap 'exit 143' TERM
+# shellcheck source=perf/common.sh
+source "$ROOT/perf/common.sh"
 
 echo "building bdevperf and wc_recovery (release)..." >&2
 cargo build --release -p wc-perf -q
