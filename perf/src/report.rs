@@ -192,6 +192,17 @@ pub fn running_total(out: &mut dyn Write, t: &Total) {
 }
 
 /// Whether a job counts as failed (SPDK's `status: failed`).
+/// The banner above one job's latency summary or histogram.
+fn latency_job_header(out: &mut dyn Write, r: &JobResult) {
+    let _ = writeln!(out, " =============================================");
+    let _ = writeln!(
+        out,
+        " Job: {} (Core Mask {})",
+        r.spec.bdev,
+        mask(r.spec.core)
+    );
+}
+
 pub fn failed(r: &JobResult) -> bool {
     r.error.is_some() || r.miscompares > 0 || (r.failed > 0 && !r.spec.continue_on_error)
 }
@@ -236,13 +247,7 @@ pub fn print_table(out: &mut dyn Write, results: &[JobResult], latency: u8) -> T
     if latency > 0 && total.ios > 0 {
         let _ = writeln!(out, "\n Latency summary");
         for r in results.iter().filter(|r| r.error.is_none()) {
-            let _ = writeln!(out, " =============================================");
-            let _ = writeln!(
-                out,
-                " Job: {} (Core Mask {})",
-                r.spec.bdev,
-                mask(r.spec.core)
-            );
+            latency_job_header(out, r);
             if r.ios > 0 {
                 for c in CUTOFFS {
                     let _ = writeln!(
@@ -258,13 +263,7 @@ pub fn print_table(out: &mut dyn Write, results: &[JobResult], latency: u8) -> T
         if latency > 1 {
             let _ = writeln!(out, " Latency histogram");
             for r in results.iter().filter(|r| r.error.is_none()) {
-                let _ = writeln!(out, " =============================================");
-                let _ = writeln!(
-                    out,
-                    " Job: {} (Core Mask {})",
-                    r.spec.bdev,
-                    mask(r.spec.core)
-                );
+                latency_job_header(out, r);
                 let n: u64 = r.hist.iter().sum();
                 let mut so_far = 0u64;
                 for (b, &c) in r.hist.iter().enumerate() {

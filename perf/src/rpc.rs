@@ -17,15 +17,21 @@ use crate::args::{self, Fixed, Settings, RPC_NAMES};
 use crate::{report, run, RunError};
 
 static RUNNING: AtomicBool = AtomicBool::new(false);
+/// A finished run's reply is on its way to the server.
+static REPLYING: AtomicBool = AtomicBool::new(false);
+
+fn busy() -> bool {
+    RUNNING.load(Ordering::Acquire) || REPLYING.load(Ordering::Acquire)
+}
 
 /// Waits (at most `limit`) until no perform_tests is running, its reply
 /// handed to the server.
 pub fn wait_idle(limit: Duration) {
     let end = Instant::now() + limit;
-    if !RUNNING.load(Ordering::Acquire) {
+    if !busy() {
         return;
     }
-    while RUNNING.load(Ordering::Acquire) && Instant::now() < end {
+    while busy() && Instant::now() < end {
         std::thread::sleep(Duration::from_millis(10));
     }
     // Let the server write the reply out before it stops.
@@ -154,19 +160,28 @@ pub fn register(reg: &wc_rpc::Registry, state: Arc<State>) -> Result<(), String>
                     if !matches!(res, Err(RunError::Setup(_))) {
                         *state.settings.lock().unwrap_or_else(|e| e.into_inner()) = next;
                     }
-                    match res {
+                    let reply = match res {
                         Ok(outcome) => {
                             if let Some(path) = &state.output_json {
                                 crate::write_json(path, &outcome);
                             }
-                            r.ok(report::results_json(&outcome.results, outcome.terminated));
+                            Ok(report::results_json(&outcome.results, outcome.terminated))
                         }
-                        Err(RunError::Setup(e)) => r.err(RpcError::invalid_params(e)),
-                        Err(RunError::Internal(e)) => r.err(RpcError::internal(format!(
+                        Err(RunError::Setup(e)) => Err(RpcError::invalid_params(e)),
+                        Err(RunError::Internal(e)) => Err(RpcError::internal(format!(
                             "bdevperf failed with error {e}"
                         ))),
-                    }
+                    };
+                    // Done before the reply leaves: a client that calls
+                    // again as soon as it has the reply must not be told a
+                    // run is still in progress.
+                    REPLYING.store(true, Ordering::Release);
                     RUNNING.store(false, Ordering::Release);
+                    match reply {
+                        Ok(v) => r.ok(v),
+                        Err(e) => r.err(e),
+                    }
+                    REPLYING.store(false, Ordering::Release);
                 });
             if let Err(e) = spawned {
                 RUNNING.store(false, Ordering::Release);

@@ -6,7 +6,6 @@
 //!
 //! Runs are short (≤ 1 s of I/O each) and reactors sleep when idle.
 
-use std::ffi::OsStr;
 use std::fs::File;
 use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
@@ -17,7 +16,8 @@ use serde_json::{json, Value};
 use wc_rpc::client::Client;
 
 use crate::harness::{
-    run_bounded, signal, unique_dir, wait_timeout, workspace_root, Out, EXIT_TIMEOUT,
+    run_bounded, signal, unique_dir, wait_timeout, workspace_binary, workspace_root, Out,
+    EXIT_TIMEOUT,
 };
 
 /// Wall-clock bound for one bdevperf run (start-up, ≤ 1 s of I/O, shutdown).
@@ -30,35 +30,8 @@ const BASE: [&str; 4] = ["--idle", "sleep", "--no-pin", "--log-level=ERROR"];
 /// `<target>/<profile>/` (built once if missing).
 fn bdevperf_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("BDEVPERF") {
-            return PathBuf::from(p);
-        }
-        let exe = std::env::current_exe().expect("current_exe");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test binary lives in <target>/<profile>/deps")
-            .to_path_buf();
-        let bin = profile_dir.join("bdevperf");
-        if !bin.is_file() {
-            let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-            let mut cmd = Command::new(cargo);
-            cmd.current_dir(workspace_root())
-                .args(["build", "-p", "wc-perf", "--bin", "bdevperf"])
-                .env(
-                    "CARGO_TARGET_DIR",
-                    profile_dir.parent().expect("<target>/<profile>"),
-                );
-            if profile_dir.file_name() == Some(OsStr::new("release")) {
-                cmd.arg("--release");
-            }
-            let st = cmd.status().expect("run cargo build");
-            assert!(st.success(), "cargo build -p wc-perf failed: {st}");
-        }
-        bin
-    })
-    .clone()
+    BIN.get_or_init(|| workspace_binary("BDEVPERF", "bdevperf", "wc-perf"))
+        .clone()
 }
 
 /// A JSON config file in `dir` with these bdev calls.

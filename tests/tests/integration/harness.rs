@@ -77,45 +77,45 @@ macro_rules! require_spdk_rpc {
 /// (`<target>/<profile>/deps/<test>`). Builds it once if it is missing.
 pub fn tgt_binary() -> PathBuf {
     static BIN: OnceLock<PathBuf> = OnceLock::new();
-    BIN.get_or_init(|| {
-        if let Some(p) = std::env::var_os("WRITECACHE_TGT") {
-            let p = PathBuf::from(p);
-            assert!(p.is_file(), "WRITECACHE_TGT={} does not exist", p.display());
-            return p;
-        }
-        let exe = std::env::current_exe().expect("current_exe");
-        let profile_dir = exe
-            .parent()
-            .and_then(Path::parent)
-            .expect("test binary lives in <target>/<profile>/deps")
-            .to_path_buf();
-        let bin = profile_dir.join("writecache_tgt");
-        if !bin.is_file() {
-            build_tgt(&profile_dir);
-        }
-        assert!(
-            bin.is_file(),
-            "{} is missing after building it",
-            bin.display()
-        );
-        bin
-    })
-    .clone()
+    BIN.get_or_init(|| workspace_binary("WRITECACHE_TGT", "writecache_tgt", "writecache-tgt"))
+        .clone()
 }
 
-fn build_tgt(profile_dir: &Path) {
-    let target_dir = profile_dir.parent().expect("<target>/<profile>");
-    let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
-    let mut cmd = Command::new(cargo);
-    cmd.current_dir(workspace_root())
-        .args(["build", "-p", "writecache-tgt"])
-        .env("CARGO_TARGET_DIR", target_dir);
-    if profile_dir.file_name() == Some(OsStr::new("release")) {
-        cmd.arg("--release");
+/// A binary of the workspace: `$<env>` if set, else `<target>/<profile>/
+/// <name>` next to this test executable, built from `package` if missing.
+pub fn workspace_binary(env: &str, name: &str, package: &str) -> PathBuf {
+    if let Some(p) = std::env::var_os(env) {
+        let p = PathBuf::from(p);
+        assert!(p.is_file(), "{env}={} does not exist", p.display());
+        return p;
     }
-    eprintln!("building writecache_tgt: {cmd:?}");
-    let st = cmd.status().expect("run cargo build");
-    assert!(st.success(), "cargo build -p writecache-tgt failed: {st}");
+    let exe = std::env::current_exe().expect("current_exe");
+    let profile_dir = exe
+        .parent()
+        .and_then(Path::parent)
+        .expect("test binary lives in <target>/<profile>/deps")
+        .to_path_buf();
+    let bin = profile_dir.join(name);
+    if !bin.is_file() {
+        let target_dir = profile_dir.parent().expect("<target>/<profile>");
+        let cargo = std::env::var_os("CARGO").unwrap_or_else(|| "cargo".into());
+        let mut cmd = Command::new(cargo);
+        cmd.current_dir(workspace_root())
+            .args(["build", "-p", package, "--bin", name])
+            .env("CARGO_TARGET_DIR", target_dir);
+        if profile_dir.file_name() == Some(OsStr::new("release")) {
+            cmd.arg("--release");
+        }
+        eprintln!("building {name}: {cmd:?}");
+        let st = cmd.status().expect("run cargo build");
+        assert!(st.success(), "cargo build -p {package} failed: {st}");
+    }
+    assert!(
+        bin.is_file(),
+        "{} is missing after building it",
+        bin.display()
+    );
+    bin
 }
 
 /// A fresh, empty directory under the system temp dir.
