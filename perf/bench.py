@@ -635,14 +635,15 @@ def write_report(a, raw, med, path):
         else:
             w(f"| {blocks >> 20} Mi | {size} | skipped or failed | | | | | |")
     w("")
-    if raw["notes"]:
-        w("## Notes")
-        w("")
-        for n in raw["notes"]:
-            w(f"* {n}")
-        w("")
+    finish_report(L, raw["notes"], path)
+
+
+def finish_report(lines, notes, path):
+    """Appends the notes (if any) to a report's lines and writes it."""
+    if notes:
+        lines += ["## Notes", ""] + [f"* {n}" for n in notes] + [""]
     with open(path, "w") as f:
-        f.write("\n".join(L))
+        f.write("\n".join(lines))
 
 
 def headline_table(a, med):

@@ -271,14 +271,7 @@ def write_report(a, raw, med, path):
             row += f" {bench.ratio(g('wc', wkey, q), g('malloc', wkey, q))} |"
             w(row)
         w("")
-    if raw["notes"]:
-        w("## Notes")
-        w("")
-        for n in raw["notes"]:
-            w(f"* {n}")
-        w("")
-    with open(path, "w") as f:
-        f.write("\n".join(L))
+    bench.finish_report(L, raw["notes"], path)
 
 
 def main():
