@@ -40,6 +40,8 @@ pub enum VhostError {
     Invalid(String),
     /// OS error.
     Io(String),
+    /// In use (a VM is connected).
+    Busy(String),
 }
 
 impl VhostError {
@@ -50,6 +52,7 @@ impl VhostError {
             VhostError::NotFound(_) => libc::ENODEV,
             VhostError::Invalid(_) => libc::EINVAL,
             VhostError::Io(_) => libc::EIO,
+            VhostError::Busy(_) => libc::EBUSY,
         }
     }
 }
@@ -60,7 +63,8 @@ impl std::fmt::Display for VhostError {
             VhostError::Exists(s)
             | VhostError::NotFound(s)
             | VhostError::Invalid(s)
-            | VhostError::Io(s) => f.write_str(s),
+            | VhostError::Io(s)
+            | VhostError::Busy(s) => f.write_str(s),
         }
     }
 }
@@ -766,9 +770,19 @@ fn run_poller(sh: Arc<Shared>, k: usize, n: usize) {
 
 /// Deletes a controller: closes the connection, removes the socket.
 pub fn delete_controller(name: &str) -> Result<(), VhostError> {
-    let c = lock(&CONTROLLERS)
-        .remove(name)
+    let mut all = lock(&CONTROLLERS);
+    let c = all
+        .get(name)
         .ok_or_else(|| VhostError::NotFound(format!("controller '{name}' not found")))?;
+    // As SPDK: a controller with a connected VM stays (pulling the disk
+    // from under a running guest is what `bdev_*_delete` is for).
+    if lock(&c.shared.shutdown).is_some() {
+        return Err(VhostError::Busy(format!(
+            "controller '{name}' has a connected VM: shut the VM down or detach the disk first"
+        )));
+    }
+    let c = all.remove(name).expect("looked up above");
+    drop(all);
     stop(c);
     Ok(())
 }

@@ -369,16 +369,36 @@ fn two_queues_then_bdev_deleted_under_a_live_controller() {
     assert_eq!(g2.write(0, 0, &pat[..4096]), S_OK);
     assert_eq!(g2.read(0, 0, 4096), (S_OK, pat[..4096].to_vec()));
 
-    // Deleting the controller of the removed bdev works as usual.
-    wc_vhost::delete_controller("vhost.hr").unwrap();
-    assert!(!dir.join("vhost.hr").exists());
-    wc_vhost::delete_controller("vhost.hr2").unwrap();
+    // As SPDK, a controller with a connected VM is not deleted (EBUSY);
+    // once the VM is gone, deleting the controller of the removed bdev
+    // works as usual.
+    let e = wc_vhost::delete_controller("vhost.hr").unwrap_err();
+    assert_eq!(e.errno(), libc::EBUSY, "{e}");
+    assert!(dir.join("vhost.hr").exists());
     drop(g);
+    delete_once_disconnected("vhost.hr");
+    assert!(!dir.join("vhost.hr").exists());
     drop(g2);
+    delete_once_disconnected("vhost.hr2");
     wc_bdev::testing::run_on(&main, || async {
         wc_bdev_malloc::delete("VhHr2").map_err(|e| e.to_string())
     })
     .unwrap();
     rt.shutdown();
     let _ = std::fs::remove_dir_all(&dir);
+}
+
+/// Deletes a controller whose VM just went away (the controller notices the
+/// closed connection on its own thread, so EBUSY may answer for a moment).
+fn delete_once_disconnected(name: &str) {
+    let deadline = std::time::Instant::now() + std::time::Duration::from_secs(10);
+    loop {
+        match wc_vhost::delete_controller(name) {
+            Ok(()) => return,
+            Err(e) if e.errno() == libc::EBUSY && std::time::Instant::now() < deadline => {
+                std::thread::sleep(std::time::Duration::from_millis(10))
+            }
+            Err(e) => panic!("delete {name}: {e}"),
+        }
+    }
 }
