@@ -81,6 +81,21 @@ def spdk_rpc_plugin_initialize(subparsers):
             return None
         return subparsers.add_parser(name, **kwargs)
 
+    def simple(method, help, params=()):
+        """A command that sends its arguments as they are: `params` are
+        (RPC parameter, add_argument flags, add_argument kwargs)."""
+        p = add_parser(method, help=help)
+        if p is None:
+            return
+        for _, flags, kwargs in params:
+            p.add_argument(*flags, **kwargs)
+
+        def run(args):
+            _call(args, method, {name: getattr(args, name) for name, _, _ in params})
+        p.set_defaults(func=run)
+
+    WC_NAME = ('name', ['name'], dict(help='writecache bdev name'))
+
     # ---- pmem bdev -------------------------------------------------------
     def bdev_pmem_create(args):
         _call(args, 'bdev_pmem_create', {
@@ -102,13 +117,8 @@ def spdk_rpc_plugin_initialize(subparsers):
                             '(default: the size of the existing file or device)')
         p.set_defaults(func=bdev_pmem_create)
 
-    def bdev_pmem_delete(args):
-        _call(args, 'bdev_pmem_delete', {'name': args.name})
-
-    p = add_parser('bdev_pmem_delete', help='Delete a pmem bdev')
-    if p is not None:
-        p.add_argument('name', help='pmem bdev name')
-        p.set_defaults(func=bdev_pmem_delete)
+    simple('bdev_pmem_delete', 'Delete a pmem bdev',
+           [('name', ['name'], dict(help='pmem bdev name'))])
 
     # ---- writecache vbdev ------------------------------------------------
     def bdev_writecache_create(args):
@@ -165,14 +175,8 @@ def spdk_rpc_plugin_initialize(subparsers):
                        help='Write every cached block back to the origin before deleting')
         p.set_defaults(func=bdev_writecache_delete)
 
-    def bdev_writecache_flush(args):
-        _call(args, 'bdev_writecache_flush', {'name': args.name})
-
-    p = add_parser('bdev_writecache_flush',
-                   help='Commit and write back every cached block, and wait until done')
-    if p is not None:
-        p.add_argument('name', help='writecache bdev name')
-        p.set_defaults(func=bdev_writecache_flush)
+    simple('bdev_writecache_flush',
+           'Commit and write back every cached block, and wait until done', [WC_NAME])
 
     def bdev_writecache_set_flush_on_suspend(args):
         _call(args, 'bdev_writecache_set_flush_on_suspend', {
@@ -188,39 +192,17 @@ def spdk_rpc_plugin_initialize(subparsers):
                        help='Turn flush-on-suspend off (default: turn it on)')
         p.set_defaults(func=bdev_writecache_set_flush_on_suspend)
 
-    def bdev_writecache_suspend(args):
-        _call(args, 'bdev_writecache_suspend', {'name': args.name})
+    simple('bdev_writecache_suspend',
+           'Quiesce I/O to a writecache bdev (queued, not failed) and commit', [WC_NAME])
 
-    p = add_parser('bdev_writecache_suspend',
-                   help='Quiesce I/O to a writecache bdev (queued, not failed) and commit')
-    if p is not None:
-        p.add_argument('name', help='writecache bdev name')
-        p.set_defaults(func=bdev_writecache_suspend)
+    simple('bdev_writecache_resume', 'Resume I/O to a suspended writecache bdev', [WC_NAME])
 
-    def bdev_writecache_resume(args):
-        _call(args, 'bdev_writecache_resume', {'name': args.name})
+    simple('bdev_writecache_get_stats',
+           'Show writecache statistics (all writecache bdevs, or one)',
+           [('name', ['name'], dict(nargs='?', help='writecache bdev name (default: all)'))])
 
-    p = add_parser('bdev_writecache_resume', help='Resume I/O to a suspended writecache bdev')
-    if p is not None:
-        p.add_argument('name', help='writecache bdev name')
-        p.set_defaults(func=bdev_writecache_resume)
-
-    def bdev_writecache_get_stats(args):
-        _call(args, 'bdev_writecache_get_stats', {'name': args.name})
-
-    p = add_parser('bdev_writecache_get_stats',
-                   help='Show writecache statistics (all writecache bdevs, or one)')
-    if p is not None:
-        p.add_argument('name', nargs='?', help='writecache bdev name (default: all)')
-        p.set_defaults(func=bdev_writecache_get_stats)
-
-    def bdev_writecache_clear_stats(args):
-        _call(args, 'bdev_writecache_clear_stats', {'name': args.name})
-
-    p = add_parser('bdev_writecache_clear_stats', help='Reset the statistics of a writecache bdev')
-    if p is not None:
-        p.add_argument('name', help='writecache bdev name')
-        p.set_defaults(func=bdev_writecache_clear_stats)
+    simple('bdev_writecache_clear_stats', 'Reset the statistics of a writecache bdev',
+           [WC_NAME])
 
     def bdev_writecache_set_options(args):
         t = _tunable_params(args)
@@ -257,23 +239,12 @@ def spdk_rpc_plugin_initialize(subparsers):
     # --- NBD export (writecache_tgt serves NBD itself; SPDK's nbd_start_disk
     # needs the kernel driver) ---
 
-    def nbd_server_start(args):
-        _call(args, 'nbd_server_start', {'listen': args.listen})
+    simple('nbd_server_start', 'Listen for NBD clients on a Unix socket path or HOST:PORT',
+           [('listen', ['listen'], dict(help='Unix socket path (containing a "/") or HOST:PORT, '
+                                             'HOST being an IPv4 literal, [IPv6] or localhost'))])
 
-    p = add_parser('nbd_server_start',
-                   help='Listen for NBD clients on a Unix socket path or HOST:PORT')
-    if p is not None:
-        p.add_argument('listen', help='Unix socket path (containing a "/") or HOST:PORT, '
-                                      'HOST being an IPv4 literal, [IPv6] or localhost')
-        p.set_defaults(func=nbd_server_start)
-
-    def nbd_server_stop(args):
-        _call(args, 'nbd_server_stop', {'listen': args.listen})
-
-    p = add_parser('nbd_server_stop', help='Stop an NBD listener and close its connections')
-    if p is not None:
-        p.add_argument('listen', help='The address given to nbd_server_start')
-        p.set_defaults(func=nbd_server_stop)
+    simple('nbd_server_stop', 'Stop an NBD listener and close its connections',
+           [('listen', ['listen'], dict(help='The address given to nbd_server_start'))])
 
     def nbd_export_create(args):
         _call(args, 'nbd_export_create', {
@@ -289,25 +260,11 @@ def spdk_rpc_plugin_initialize(subparsers):
         p.add_argument('-r', '--readonly', action='store_true', help='Refuse writes')
         p.set_defaults(func=nbd_export_create)
 
-    def nbd_export_delete(args):
-        _call(args, 'nbd_export_delete', {'export_name': args.export_name})
+    simple('nbd_export_delete', 'Delete an NBD export and close its connections',
+           [('export_name', ['export_name'], dict(help='Export name'))])
 
-    p = add_parser('nbd_export_delete', help='Delete an NBD export and close its connections')
-    if p is not None:
-        p.add_argument('export_name', help='Export name')
-        p.set_defaults(func=nbd_export_delete)
+    simple('nbd_get_exports', 'List NBD exports',
+           [('export_name', ['-e', '--export-name'],
+             dict(dest='export_name', help='Only this export'))])
 
-    def nbd_get_exports(args):
-        _call(args, 'nbd_get_exports', {'export_name': args.export_name})
-
-    p = add_parser('nbd_get_exports', help='List NBD exports')
-    if p is not None:
-        p.add_argument('-e', '--export-name', dest='export_name', help='Only this export')
-        p.set_defaults(func=nbd_get_exports)
-
-    def nbd_get_servers(args):
-        _call(args, 'nbd_get_servers', {})
-
-    p = add_parser('nbd_get_servers', help='List NBD listeners')
-    if p is not None:
-        p.set_defaults(func=nbd_get_servers)
+    simple('nbd_get_servers', 'List NBD listeners')
