@@ -14,57 +14,72 @@ pub enum Mode {
     Ssd,
 }
 
-/// `bdev_writecache_create` parameters.
-#[derive(Debug, Clone, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct CreateOpts {
-    /// Name of the writecache bdev.
-    pub name: String,
-    /// The origin (slow) bdev.
-    pub base_bdev: String,
-    /// The cache (fast) bdev.
-    pub cache_bdev: String,
-    /// pmem (default) or ssd.
-    #[serde(default)]
-    pub mode: Option<Mode>,
-    /// Cache block size: 512..4096, power of two (default 4096).
-    #[serde(default)]
-    pub block_size: Option<u32>,
-    /// Where the cache starts on the cache device, in 512-byte sectors.
-    #[serde(default)]
-    pub start_sector: Option<u64>,
-    /// Writeback starts at this percentage of used blocks (default 50).
-    #[serde(default)]
-    pub high_watermark: Option<u32>,
-    /// Writeback stops below this percentage (default 45).
-    #[serde(default)]
-    pub low_watermark: Option<u32>,
-    /// Most blocks under writeback at once (default unlimited).
-    #[serde(default)]
-    pub writeback_jobs: Option<u64>,
-    /// Commit after this many written blocks (default 64 pmem / 65536 ssd).
-    #[serde(default)]
-    pub autocommit_blocks: Option<u64>,
-    /// Commit at least this often, ms (default 1000).
-    #[serde(default)]
-    pub autocommit_time_ms: Option<u64>,
-    /// Write back with FUA (default true; false = write + flush).
-    #[serde(default)]
-    pub fua: Option<bool>,
-    /// Stop caching new writes and drain everything.
-    #[serde(default)]
-    pub cleaner: Option<bool>,
-    /// Write back blocks older than this, ms (0 = off).
-    #[serde(default)]
-    pub max_age_ms: Option<u64>,
-    /// Pause writeback while writes went around the cache in the last N ms
-    /// (default 3000).
-    #[serde(default)]
-    pub pause_writeback_ms: Option<u64>,
-    /// UUID of the writecache bdev; random when absent (saved by
-    /// save_config so it survives restarts).
-    #[serde(default)]
-    pub uuid: Option<uuid::Uuid>,
+/// Declares an RPC parameter struct: its own fields, then the tunables that
+/// `bdev_writecache_create` and `bdev_writecache_set_options` share. (A
+/// macro, not `#[serde(flatten)]`: serde cannot combine flatten with
+/// `deny_unknown_fields`, and unknown parameters must be refused.)
+macro_rules! with_tunables {
+    ($(#[$attr:meta])* pub struct $name:ident { $($own:tt)* }) => {
+        $(#[$attr])*
+        #[derive(Debug, Clone, Default, Deserialize, Serialize)]
+        #[serde(deny_unknown_fields)]
+        pub struct $name {
+            $($own)*
+            /// Writeback starts at this percentage of used blocks (default 50).
+            #[serde(default)]
+            pub high_watermark: Option<u32>,
+            /// Writeback stops below this percentage (default 45).
+            #[serde(default)]
+            pub low_watermark: Option<u32>,
+            /// Most blocks under writeback at once (default unlimited).
+            #[serde(default)]
+            pub writeback_jobs: Option<u64>,
+            /// Commit after this many written blocks (default 64 pmem / 65536 ssd).
+            #[serde(default)]
+            pub autocommit_blocks: Option<u64>,
+            /// Commit at least this often, ms (default 1000).
+            #[serde(default)]
+            pub autocommit_time_ms: Option<u64>,
+            /// Write back with FUA (default true; false = write + flush).
+            #[serde(default)]
+            pub fua: Option<bool>,
+            /// Stop caching new writes and drain everything.
+            #[serde(default)]
+            pub cleaner: Option<bool>,
+            /// Write back blocks older than this, ms (0 = off).
+            #[serde(default)]
+            pub max_age_ms: Option<u64>,
+            /// Pause writeback while writes went around the cache in the
+            /// last N ms (default 3000).
+            #[serde(default)]
+            pub pause_writeback_ms: Option<u64>,
+        }
+    };
+}
+
+with_tunables! {
+    /// `bdev_writecache_create` parameters.
+    pub struct CreateOpts {
+        /// Name of the writecache bdev.
+        pub name: String,
+        /// The origin (slow) bdev.
+        pub base_bdev: String,
+        /// The cache (fast) bdev.
+        pub cache_bdev: String,
+        /// pmem (default) or ssd.
+        #[serde(default)]
+        pub mode: Option<Mode>,
+        /// Cache block size: 512..4096, power of two (default 4096).
+        #[serde(default)]
+        pub block_size: Option<u32>,
+        /// Where the cache starts on the cache device, in 512-byte sectors.
+        #[serde(default)]
+        pub start_sector: Option<u64>,
+        /// UUID of the writecache bdev; random when absent (saved by
+        /// save_config so it survives restarts).
+        #[serde(default)]
+        pub uuid: Option<uuid::Uuid>,
+    }
 }
 
 impl CreateOpts {
@@ -74,19 +89,7 @@ impl CreateOpts {
             name: name.into(),
             base_bdev: origin.into(),
             cache_bdev: cache.into(),
-            mode: None,
-            block_size: None,
-            start_sector: None,
-            high_watermark: None,
-            low_watermark: None,
-            writeback_jobs: None,
-            autocommit_blocks: None,
-            autocommit_time_ms: None,
-            fua: None,
-            cleaner: None,
-            max_age_ms: None,
-            pause_writeback_ms: None,
-            uuid: None,
+            ..Default::default()
         }
     }
 }
@@ -105,39 +108,12 @@ pub struct Tunables {
     pub(crate) pause_writeback_ms: AtomicU64,
 }
 
-/// `bdev_writecache_set_options` parameters (all optional).
-#[derive(Debug, Clone, Default, Deserialize, Serialize)]
-#[serde(deny_unknown_fields)]
-pub struct SetOpts {
-    /// Instance name.
-    pub name: String,
-    /// See [`CreateOpts`].
-    #[serde(default)]
-    pub high_watermark: Option<u32>,
-    /// See [`CreateOpts`].
-    #[serde(default)]
-    pub low_watermark: Option<u32>,
-    /// See [`CreateOpts`].
-    #[serde(default)]
-    pub writeback_jobs: Option<u64>,
-    /// See [`CreateOpts`].
-    #[serde(default)]
-    pub autocommit_blocks: Option<u64>,
-    /// See [`CreateOpts`].
-    #[serde(default)]
-    pub autocommit_time_ms: Option<u64>,
-    /// See [`CreateOpts`].
-    #[serde(default)]
-    pub fua: Option<bool>,
-    /// See [`CreateOpts`].
-    #[serde(default)]
-    pub cleaner: Option<bool>,
-    /// See [`CreateOpts`].
-    #[serde(default)]
-    pub max_age_ms: Option<u64>,
-    /// See [`CreateOpts`].
-    #[serde(default)]
-    pub pause_writeback_ms: Option<u64>,
+with_tunables! {
+    /// `bdev_writecache_set_options` parameters (all optional).
+    pub struct SetOpts {
+        /// Instance name.
+        pub name: String,
+    }
 }
 
 /// "Unlimited" writeback jobs.
