@@ -28,6 +28,7 @@ mod channel;
 pub mod channels;
 mod error;
 mod io;
+pub mod passthru;
 mod pmem;
 mod registry;
 pub mod rpc;

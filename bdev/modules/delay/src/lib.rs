@@ -28,8 +28,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 use wc_bdev::{
-    Bdev, BdevChannel, BdevConfig, BdevError, BdevEvent, BdevOps, ClaimGuard, Desc, Io, IoChannel,
-    IoCompletion, IoStatus, IoType,
+    passthru::BaseLink, Bdev, BdevChannel, BdevError, BdevOps, Io, IoChannel, IoCompletion,
+    IoStatus, IoType,
 };
 use wc_reactor::tick::{duration_to_ticks, ticks};
 use wc_reactor::{PollStatus, PollerHandle, ReactorHandle};
@@ -156,15 +156,13 @@ fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
 struct Shared {
     id: u64,
     name: String,
-    base_name: String,
+    base: BaseLink,
     uuid: Uuid,
     /// Latencies in µs and in ticks, indexed by `LatencyType::index`.
     latency_us: [AtomicU64; 4],
     latency_ticks: [AtomicU64; 4],
     /// Reactors of the live channels.
     reactors: wc_bdev::channels::ChannelReactors,
-    base_desc: Mutex<Option<Desc>>,
-    claim: Mutex<Option<ClaimGuard>>,
 }
 
 impl Shared {
@@ -177,7 +175,7 @@ impl Shared {
         let us = |t: LatencyType| self.latency_us[t.index()].load(Ordering::Relaxed);
         json!({
             "name": self.name,
-            "base_bdev_name": self.base_name,
+            "base_bdev_name": self.base.name(),
             "uuid": self.uuid.to_string(),
             "avg_read_latency": us(LatencyType::AvgRead),
             "p99_read_latency": us(LatencyType::P99Read),
@@ -257,40 +255,25 @@ pub fn create(opts: DelayOpts) -> Result<Option<Arc<Bdev>>, BdevError> {
 }
 
 fn construct(opts: &DelayOpts) -> Result<Arc<Bdev>, BdevError> {
-    let vname = opts.name.clone();
-    let desc = wc_bdev::open(
-        &opts.base_bdev_name,
-        true,
-        Some(Arc::new(move |ev| {
-            if ev == BdevEvent::Remove {
-                let _ = wc_bdev::hot_remove(&vname);
-            }
-        })),
-    )?;
-    let base = desc.bdev().clone();
-    let claim = base.claim(MODULE)?;
+    let (link, base) = BaseLink::open(&opts.base_bdev_name, MODULE, &opts.name)?;
     let uuid = opts
         .uuid
         .unwrap_or_else(|| Uuid::new_v5(&UUID_NAMESPACE, base.uuid().as_bytes()));
     let shared = Arc::new(Shared {
         id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         name: opts.name.clone(),
-        base_name: base.name().to_string(),
+        base: link,
         uuid,
         latency_us: Default::default(),
         latency_ticks: Default::default(),
         reactors: Default::default(),
-        base_desc: Mutex::new(Some(desc)),
-        claim: Mutex::new(Some(claim)),
     });
     shared.set_latency(LatencyType::AvgRead, opts.avg_read_latency);
     shared.set_latency(LatencyType::P99Read, opts.p99_read_latency);
     shared.set_latency(LatencyType::AvgWrite, opts.avg_write_latency);
     shared.set_latency(LatencyType::P99Write, opts.p99_write_latency);
-    let mut cfg = BdevConfig::new(opts.name.clone(), base.block_size(), base.num_blocks());
+    let mut cfg = BaseLink::vbdev_config(&base, opts.name.clone());
     cfg.uuid = Some(uuid);
-    cfg.required_alignment = base.required_alignment();
-    cfg.max_io_blocks = base.max_io_blocks();
     let ops = Arc::new(DelayBdev {
         shared: shared.clone(),
         base,
@@ -300,8 +283,7 @@ fn construct(opts: &DelayOpts) -> Result<Arc<Bdev>, BdevError> {
         Ok(b) => Ok(b),
         Err(e) => {
             nodes().retain(|n| !Arc::ptr_eq(n, &shared));
-            lock(&shared.claim).take();
-            lock(&shared.base_desc).take();
+            shared.base.release();
             Err(e)
         }
     }
@@ -370,13 +352,7 @@ impl BdevOps for DelayBdev {
     }
 
     fn create_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {
-        let base = {
-            let desc = lock(&self.shared.base_desc);
-            let desc = desc
-                .as_ref()
-                .ok_or_else(|| BdevError::NotFound(self.shared.base_name.clone()))?;
-            desc.channel()?
-        };
+        let base = self.shared.base.channel()?;
         let r = wc_reactor::current();
         let st = Rc::new_cyclic(|me| ChanState {
             shared: self.shared.clone(),
@@ -418,8 +394,7 @@ impl BdevOps for DelayBdev {
         // Held I/O would otherwise never complete: cut their delay short.
         let id = s.id;
         s.for_each_channel_reactor(|h| h.send(move || release_all(id, None)));
-        lock(&s.claim).take();
-        lock(&s.base_desc).take();
+        s.base.release();
     }
 }
 

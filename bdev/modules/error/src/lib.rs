@@ -35,8 +35,8 @@ use serde::Deserialize;
 use serde_json::{json, Value};
 use uuid::Uuid;
 use wc_bdev::{
-    Bdev, BdevChannel, BdevConfig, BdevError, BdevEvent, BdevOps, ClaimGuard, Desc, DmaBuf, Io,
-    IoChannel, IoCompletion, IoStatus, IoType,
+    passthru::BaseLink, Bdev, BdevChannel, BdevError, BdevOps, DmaBuf, Io, IoChannel, IoCompletion,
+    IoStatus, IoType,
 };
 use wc_reactor::{PollStatus, PollerHandle, ReactorHandle};
 
@@ -203,15 +203,13 @@ enum Action {
 struct Shared {
     id: u64,
     name: String,
-    base_name: String,
+    base: BaseLink,
     /// The uuid given at creation (saved in the config only when given).
     config_uuid: Option<Uuid>,
     /// READ, WRITE, UNMAP, FLUSH.
     vector: [InjectInfo; 4],
     /// Reactors of the live channels.
     reactors: wc_bdev::channels::ChannelReactors,
-    base_desc: Mutex<Option<Desc>>,
-    claim: Mutex<Option<ClaimGuard>>,
 }
 
 fn vector_index(t: IoType) -> Option<usize> {
@@ -338,33 +336,17 @@ fn forget_config(base_name: &str) {
 /// Opens, claims and registers the vbdev for one remembered creation.
 fn construct(cfg: &CreateParams) -> Result<(), BdevError> {
     let ee_name = format!("{NAME_PREFIX}{}", cfg.base_name);
-    let on_remove_name = ee_name.clone();
-    let desc = wc_bdev::open(
-        &cfg.base_name,
-        true,
-        Some(Arc::new(move |ev| {
-            if ev == BdevEvent::Remove {
-                // The base is gone: so is the vbdev, whatever its claims.
-                let _ = wc_bdev::hot_remove(&on_remove_name);
-            }
-        })),
-    )?;
-    let base = desc.bdev().clone();
-    let claim = base.claim(MODULE)?;
+    let (link, base) = BaseLink::open(&cfg.base_name, MODULE, &ee_name)?;
     let shared = Arc::new(Shared {
         id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
         name: ee_name.clone(),
-        base_name: base.name().to_string(),
+        base: link,
         config_uuid: cfg.uuid,
         vector: Default::default(),
         reactors: Default::default(),
-        base_desc: Mutex::new(Some(desc)),
-        claim: Mutex::new(Some(claim)),
     });
-    let mut bc = BdevConfig::new(ee_name, base.block_size(), base.num_blocks());
+    let mut bc = BaseLink::vbdev_config(&base, ee_name);
     bc.uuid = cfg.uuid;
-    bc.required_alignment = base.required_alignment();
-    bc.max_io_blocks = base.max_io_blocks();
     let ops = Arc::new(ErrorBdev {
         shared: shared.clone(),
         base: base.clone(),
@@ -374,8 +356,7 @@ fn construct(cfg: &CreateParams) -> Result<(), BdevError> {
         Ok(_) => Ok(()),
         Err(e) => {
             disks().retain(|d| !Arc::ptr_eq(d, &shared));
-            lock(&shared.claim).take();
-            lock(&shared.base_desc).take();
+            shared.base.release();
             Err(e)
         }
     }
@@ -505,13 +486,7 @@ impl BdevOps for ErrorBdev {
     }
 
     fn create_channel(&self) -> Result<Box<dyn IoChannel>, BdevError> {
-        let base = {
-            let desc = lock(&self.shared.base_desc);
-            let desc = desc
-                .as_ref()
-                .ok_or_else(|| BdevError::NotFound(self.shared.base_name.clone()))?;
-            desc.channel()?
-        };
+        let base = self.shared.base.channel()?;
         let r = wc_reactor::current();
         let st = Rc::new_cyclic(|me| ChanState {
             shared: self.shared.clone(),
@@ -536,11 +511,11 @@ impl BdevOps for ErrorBdev {
     }
 
     fn driver_info(&self) -> Value {
-        json!({"error_disk": {"base_bdev": self.shared.base_name}})
+        json!({"error_disk": {"base_bdev": self.shared.base.name()}})
     }
 
     fn config_entry(&self, _bdev: &Bdev) -> Option<Value> {
-        let mut params = json!({"base_name": self.shared.base_name});
+        let mut params = json!({"base_name": self.shared.base.name()});
         if let Some(u) = self.shared.config_uuid {
             params["uuid"] = json!(u.to_string());
         }
@@ -554,12 +529,11 @@ impl BdevOps for ErrorBdev {
     fn destruct(&self) {
         let s = &self.shared;
         disks().retain(|d| !Arc::ptr_eq(d, s));
-        forget_config(&s.base_name);
+        forget_config(s.base.name());
         // Held and parked I/O would otherwise never complete.
         let id = s.id;
         s.for_each_channel_reactor(|h| h.send(move || abort_held(id)));
-        lock(&s.claim).take();
-        lock(&s.base_desc).take();
+        s.base.release();
     }
 }
 
