@@ -64,13 +64,21 @@ echo "== bdevperf on the same config: 4 KiB random writes, then a verify pass"
 
 echo "== restarting writecache_tgt from the saved config: the cache is recovered"
 start_tgt --json "$TMP/config.json"
-echo "== exporting WC0 over NBD ($TMP/nbd.sock) and writing through it with qemu-io"
+echo "== exporting WC0 over NBD ($TMP/nbd.sock)"
 rpc nbd_server_start "$TMP/nbd.sock" >/dev/null
 rpc nbd_export_create WC0 wc0 >/dev/null
 URI="nbd+unix:///wc0?socket=$TMP/nbd.sock"
-if command -v nbdinfo >/dev/null; then nbdinfo "$URI" | grep -E "export-size|block_size_minimum" || true; fi
+if command -v nbdinfo >/dev/null; then
+  echo "== nbdinfo: the export as a client sees it"
+  nbdinfo "$URI" | grep -E "export-size|block_size_minimum"
+else
+  echo "== SKIPPED nbdinfo: command not found (apt-get install libnbd-bin)"
+fi
 if command -v qemu-io >/dev/null; then
+  echo "== qemu-io: writing 256 KiB through the NBD export, flush, read back"
   qemu-io -f raw "$URI" -c 'write -P 0x5a 1M 256k' -c flush -c 'read -P 0x5a 1M 256k' | grep -E "wrote|read"
+else
+  echo "== SKIPPED the qemu-io write through NBD: qemu-io not found (apt-get install qemu-utils)"
 fi
 echo "== bdev_writecache_get_stats WC0"
 rpc bdev_writecache_get_stats WC0
