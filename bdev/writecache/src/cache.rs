@@ -133,6 +133,9 @@ pub struct Writecache {
     pub(crate) formatted: bool,
     pub(crate) origin_desc: Desc,
     pub(crate) cache_desc: Desc,
+    /// ssd mode: the cache bdev's I/O and the metadata writer (None in
+    /// pmem mode).
+    pub(crate) ssd: Option<Arc<crate::ssd::Ssd>>,
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -198,8 +201,40 @@ impl Writecache {
         }
         // The clear must be durable before the block can carry other data,
         // or a crash could pair the old entry with new contents.
+        if let Some(ssd) = &self.ssd {
+            // ssd mode: durable once a metadata sync wrote it (on home).
+            let n = blocks.len() as u64;
+            self.pool.reserve_grace(n);
+            let blocks = blocks.to_vec();
+            let pool = self.pool.clone();
+            let ssd = ssd.clone();
+            self.home.send(move || {
+                ssd.clone().sync(
+                    None,
+                    Box::new(move |res| match res {
+                        Ok(()) => pool.reserved_free_after_grace(blocks),
+                        // The error state: nothing is reused any more.
+                        Err(_) => pool.unreserve_grace(n),
+                    }),
+                )
+            });
+            return;
+        }
         self.media.pmem.fence();
         self.pool.free_after_grace(blocks.to_vec());
+    }
+
+    /// A block taken out of the index while an in-place overwrite held it
+    /// (ssd mode): it is freed after the next commit, which covers its
+    /// successor if it has one.
+    pub(crate) fn free_after_next_commit(self: &Arc<Self>, block: u32, gen: u32) {
+        let me = self.clone();
+        self.home.send(move || {
+            let seq = me.seq.load(Ordering::Acquire);
+            lock(&me.coord)
+                .superseded
+                .push(LogEntry { block, gen, seq });
+        });
     }
 
     /// Sums the statistics.
@@ -234,7 +269,9 @@ impl Writecache {
             s.metadata_ram_bytes = (self.meta.ram_bytes()
                 + self.index.ram_bytes()
                 + self.pool.ram_bytes()
-                + c.fifo.ram_bytes()) as u64;
+                + c.fifo.ram_bytes()
+                + self.ssd.as_ref().map_or(0, |x| x.meta.ram_bytes()))
+                as u64;
         }
         s.dirty = self.index.len() as u64;
         s
@@ -378,6 +415,34 @@ impl Writecache {
         if let Some(e) = self.media.pmem.media_error() {
             self.set_error(e);
         }
+        if let Some(ssd) = &self.ssd {
+            // ssd mode: entries to the device, flush, then the superblock;
+            // with no new entries only a flush (for in-place overwrites).
+            let me = self.clone();
+            let then: Waiter = Box::new(move |res| {
+                if let Err(e) = res {
+                    me.set_error(e);
+                } else if bump {
+                    me.sb_seq.store(s + 1, Ordering::Release);
+                    if (s + 1) % SEQ_REBASE_PERIOD == 0 {
+                        me.meta.rebase_seqs(s + 1);
+                    }
+                }
+                me.commit_done(bump, written, superseded, waiters);
+            });
+            if self.error() != 0 {
+                return then(Err(self.error()));
+            }
+            if bump {
+                ssd.overwrote.store(false, Ordering::Release);
+                ssd.clone().sync(Some(s + 1), then);
+            } else if ssd.overwrote.swap(false, Ordering::AcqRel) {
+                ssd.clone().sync(None, then);
+            } else {
+                then(Ok(()));
+            }
+            return;
+        }
         if bump && self.error() == 0 {
             self.media.write_sb_seq(s + 1);
             self.media.pmem.fence();
@@ -386,6 +451,19 @@ impl Writecache {
                 self.meta.rebase_seqs(s + 1);
             }
         }
+        self.commit_done(bump, written, superseded, waiters);
+    }
+
+    /// The end of a commit round, once the superblock is durable: queue
+    /// the committed blocks for writeback, free superseded versions, wake
+    /// the waiters, start the next round if one was asked for.
+    fn commit_done(
+        self: &Arc<Self>,
+        bump: bool,
+        mut written: Vec<LogEntry>,
+        superseded: Vec<LogEntry>,
+        waiters: Vec<Waiter>,
+    ) {
         let now = self.now_ms();
         written.sort_unstable_by_key(|e| e.seq);
         let mut c = lock(&self.coord);
@@ -639,6 +717,11 @@ impl Writecache {
                     continue;
                 }
                 if !self.meta.begin_writeback(b, gen) {
+                    // ssd mode: an in-place overwrite holds it; it goes out
+                    // once that completes.
+                    if self.ssd.is_some() && m.gen_state() == (gen, VALID | crate::meta::WB) {
+                        deferred.push(b);
+                    }
                     continue;
                 }
                 wb.lbas.insert(lba);
@@ -677,6 +760,7 @@ impl Writecache {
                     wc: self.clone(),
                     run,
                     attempt: std::cell::Cell::new(0),
+                    bufs: Default::default(),
                 }),
             );
             i = j;
@@ -684,6 +768,9 @@ impl Writecache {
     }
 
     fn issue_run(self: &Arc<Self>, origin: &Rc<BdevChannel>, run: Rc<WbRun>) {
+        if let Some(ssd) = &self.ssd {
+            return self.ssd_issue_run(ssd, origin, run);
+        }
         let bs = self.block_size as usize;
         let iovs: smallvec::SmallVec<[IoVec; 16]> = run
             .run
@@ -729,6 +816,7 @@ impl Writecache {
                     wc: self.clone(),
                     run: run.run.clone(),
                     attempt: std::cell::Cell::new(attempt),
+                    bufs: Default::default(),
                 });
                 let delay = Duration::from_millis(5u64 << attempt);
                 tracing::warn!(
@@ -745,20 +833,7 @@ impl Writecache {
             }
             // Give up: error state; the blocks stay cached and committed.
             self.set_error(libc::EIO);
-            let mut c = lock(&self.coord);
-            let mut wb = lock(&self.wb);
-            for &(lba, b) in &run.run {
-                self.meta.end_writeback(b);
-                wb.lbas.remove(&lba);
-                c.fifo.push_front(b);
-            }
-            wb.in_flight -= run.run.len() as u64;
-            let waiters = std::mem::take(&mut wb.drain_waiters);
-            drop(wb);
-            drop(c);
-            for w in waiters {
-                w(Err(libc::EIO));
-            }
+            self.abandon_run(&run.run);
             return;
         }
         let fua = self.tunables.fua.load(Ordering::Relaxed);
@@ -779,6 +854,124 @@ impl Writecache {
         self.retire(&run.run, true, run.attempt.get());
     }
 
+    /// Puts a run that will not be written back (error state) back in
+    /// front of the queue, its blocks still cached and committed, and fails
+    /// the drain waiters.
+    fn abandon_run(&self, run: &[(u64, u32)]) {
+        let mut c = lock(&self.coord);
+        let mut wb = lock(&self.wb);
+        for &(lba, b) in run {
+            self.meta.end_writeback(b);
+            wb.lbas.remove(&lba);
+            c.fifo.push_front(b);
+        }
+        wb.in_flight -= run.len() as u64;
+        let waiters = std::mem::take(&mut wb.drain_waiters);
+        drop(wb);
+        drop(c);
+        for w in waiters {
+            w(Err(libc::EIO));
+        }
+    }
+
+    /// ssd mode: reads the run's blocks from the cache bdev into pooled
+    /// buffers (one read per stretch of adjacent cache blocks), then writes
+    /// them to the origin in one I/O.
+    fn ssd_issue_run(
+        self: &Arc<Self>,
+        ssd: &Arc<crate::ssd::Ssd>,
+        origin: &Rc<BdevChannel>,
+        run: Rc<WbRun>,
+    ) {
+        let Some(cache) = ssd.channel() else {
+            return self.abandon_run(&run.run);
+        };
+        {
+            let mut bufs = run.bufs.borrow_mut();
+            while bufs.len() < run.run.len() {
+                bufs.push(ssd.take_buf());
+            }
+        }
+        let iovs: Rc<smallvec::SmallVec<[IoVec; 16]>> = Rc::new(
+            run.bufs
+                .borrow_mut()
+                .iter_mut()
+                .map(|b| IoVec {
+                    base: b.as_mut_ptr(),
+                    len: b.len(),
+                })
+                .collect(),
+        );
+        // Stretches of adjacent cache blocks: (first index, count).
+        let mut stretches: smallvec::SmallVec<[(usize, usize); 8]> = smallvec::SmallVec::new();
+        for (i, &(_, b)) in run.run.iter().enumerate() {
+            match stretches.last_mut() {
+                Some((s, n)) if run.run[*s + *n - 1].1 + 1 == b => *n += 1,
+                _ => stretches.push((i, 1)),
+            }
+        }
+        lock(&self.wb).ios += 1;
+        let left = Rc::new(std::cell::Cell::new(stretches.len()));
+        let failed = Rc::new(std::cell::Cell::new(0i32));
+        let me = self.clone();
+        let origin = origin.clone();
+        let run2 = run.clone();
+        let iovs2 = iovs.clone();
+        let cb: Rc<dyn IoCompletion> = Rc::new(wc_bdev::FnCompletion(move |io: Io, _| {
+            if !io.status().is_success() && failed.get() == 0 {
+                failed.set(io.status().errno().max(1));
+            }
+            drop(io);
+            left.set(left.get() - 1);
+            if left.get() > 0 {
+                return;
+            }
+            if failed.get() != 0 {
+                // A cache read error: the error state; nothing is dropped.
+                tracing::error!(
+                    "writecache {}: reading cache blocks for writeback failed (errno {})",
+                    me.name,
+                    failed.get()
+                );
+                me.set_error(libc::EIO);
+                return me.abandon_run(&run2.run);
+            }
+            let lba = run2.run[0].0;
+            let n = run2.run.len() as u64;
+            let fua = me.tunables.fua.load(Ordering::Relaxed);
+            let done: Rc<dyn IoCompletion> = run2.clone();
+            // SAFETY: the segments are the run's own buffers, which it
+            // keeps (unchanged) until it is dropped after this write.
+            unsafe {
+                origin.writev(
+                    lba * me.origin_ratio,
+                    n * me.origin_ratio,
+                    &iovs2,
+                    fua,
+                    &done,
+                    0,
+                );
+            }
+        }));
+        let bs = self.block_size as usize;
+        for (i, n) in stretches {
+            let b = run.run[i].1;
+            // SAFETY: the segments are the run's own buffers (block-sized,
+            // owned by `run`, which the completion keeps alive); nothing
+            // else touches them until the origin write is done.
+            unsafe {
+                cache.readv(
+                    ssd.block_lba(b),
+                    n as u64 * ssd.ratio,
+                    &iovs[i..i + n],
+                    &cb,
+                    0,
+                );
+            }
+            debug_assert!(iovs[i].len == bs);
+        }
+    }
+
     /// The origin holds these blocks durably: drop them from the cache.
     fn retire(self: &Arc<Self>, run: &[(u64, u32)], ok: bool, attempt: u32) {
         if !ok {
@@ -788,6 +981,7 @@ impl Writecache {
                 wc: self.clone(),
                 run: run.to_vec(),
                 attempt: std::cell::Cell::new(attempt),
+                bufs: Default::default(),
             };
             self.run_done(&r, false);
             return;
@@ -862,7 +1056,7 @@ impl Writecache {
             "writecache_wb_idle",
             Some(Duration::from_micros(200)),
             move || {
-                if lock(&me.wb).in_flight > 0 {
+                if lock(&me.wb).in_flight > 0 || me.ssd.as_ref().is_some_and(|s| !s.idle()) {
                     return wc_reactor::PollStatus::Idle;
                 }
                 me.free_retired();
@@ -881,6 +1075,9 @@ impl Writecache {
     /// Drops the home pollers' origin channel (on delete).
     pub(crate) fn release_home(&self) {
         lock(&self.wb).origin = None;
+        if let Some(ssd) = &self.ssd {
+            ssd.release();
+        }
     }
 
     /// Size of the vbdev in blocks.
@@ -912,6 +1109,17 @@ struct WbRun {
     wc: Arc<Writecache>,
     run: Vec<(u64, u32)>,
     attempt: std::cell::Cell<u32>,
+    /// ssd mode: the buffers the run was read into (back to the pool when
+    /// the run is dropped).
+    bufs: std::cell::RefCell<Vec<wc_bdev::DmaBuf>>,
+}
+
+impl Drop for WbRun {
+    fn drop(&mut self) {
+        if let Some(ssd) = &self.wc.ssd {
+            ssd.put_bufs(self.bufs.get_mut().drain(..));
+        }
+    }
 }
 
 impl IoCompletion for WbRun {

@@ -16,6 +16,8 @@ use crate::cache::{LogEntry, Writecache};
 use crate::meta::VALID;
 use crate::stats::inc;
 
+mod ssd;
+
 /// Reactor-local registry of each instance's per-core state, so commit
 /// messages can find it.
 #[derive(Default)]
@@ -47,6 +49,12 @@ struct Parent {
     io: Option<Io>,
     remaining: u32,
     errno: i32,
+    /// ssd mode: the next block of a write waiting for free blocks.
+    next: u64,
+    /// ssd mode: a FUA write, committed once its data writes are done.
+    fua: bool,
+    /// ssd mode: counted as blocked on the freelist already.
+    blocked: bool,
 }
 
 /// One core's view of an instance.
@@ -69,12 +77,21 @@ pub(crate) struct Local {
     poller: RefCell<Option<wc_reactor::PollerHandle>>,
     /// I/O submitted while suspended, resubmitted on resume.
     held: RefCell<VecDeque<Io>>,
+    /// ssd mode: this core's channel of the cache bdev.
+    cache: Option<Rc<BdevChannel>>,
+    /// ssd mode: cache-bdev I/O in flight, by slot.
+    runs: RefCell<Vec<Option<ssd::Run>>>,
+    free_runs: RefCell<Vec<usize>>,
+    ssd_cb: Rc<dyn IoCompletion>,
+    /// ssd mode: writes (parent keys) waiting for free blocks.
+    ssd_waiting: RefCell<VecDeque<usize>>,
 }
 
 struct ChildDone(Weak<Local>);
 
 impl IoCompletion for ChildDone {
     fn io_done(&self, io: Io, ctx: u64) {
+        // (ssd mode's cache-bdev children complete through ssd::RunDone.)
         let status = io.status();
         drop(io);
         if let Some(l) = self.0.upgrade() {
@@ -114,6 +131,10 @@ impl Drop for WcChannel {
 pub(crate) fn create_channel(wc: &Arc<Writecache>) -> Result<WcChannel, wc_bdev::BdevError> {
     let r = wc_reactor::current();
     let origin = wc.origin_desc.channel()?;
+    let cache = match wc.ssd {
+        Some(_) => Some(wc.cache_desc.channel()?),
+        None => None,
+    };
     let local = Rc::new_cyclic(|weak: &Weak<Local>| Local {
         wc: wc.clone(),
         core: r.index(),
@@ -130,6 +151,11 @@ pub(crate) fn create_channel(wc: &Arc<Writecache>) -> Result<WcChannel, wc_bdev:
         child_cb: Rc::new(ChildDone(weak.clone())),
         poller: RefCell::new(None),
         held: RefCell::new(VecDeque::new()),
+        cache,
+        runs: RefCell::new(Vec::new()),
+        free_runs: RefCell::new(Vec::new()),
+        ssd_cb: Rc::new(ssd::RunDone(weak.clone())),
+        ssd_waiting: RefCell::new(VecDeque::new()),
     });
     r.local(Locals::default)
         .0
@@ -168,6 +194,9 @@ impl Local {
     /// Runs one I/O through the cache (counted in flight until done).
     fn dispatch(self: &Rc<Self>, io: Io) {
         let l = self;
+        if l.cache.is_some() {
+            return l.ssd_dispatch(io);
+        }
         match io.io_type() {
             IoType::Read => l.read(io),
             IoType::Write => {
@@ -218,6 +247,9 @@ impl Local {
             io: Some(io),
             remaining,
             errno: 0,
+            next: 0,
+            fua: false,
+            blocked: false,
         };
         match self.free_parents.borrow_mut().pop() {
             Some(k) => {
@@ -232,7 +264,7 @@ impl Local {
         }
     }
 
-    fn child_done(&self, key: usize, errno: i32) {
+    fn child_done(self: &Rc<Self>, key: usize, errno: i32) {
         let done = {
             let mut v = self.parents.borrow_mut();
             let Some(Some(p)) = v.get_mut(key) else {
@@ -242,6 +274,17 @@ impl Local {
                 p.errno = errno;
             }
             p.remaining -= 1;
+            if p.remaining == 0 && p.fua && p.errno == 0 {
+                // ssd mode: a FUA write's data is on the cache device;
+                // it completes once a commit covers it.
+                p.fua = false;
+                p.remaining = 1;
+                drop(v);
+                inc(&self.stats().flushes, 1);
+                let w = self.waiter_for(key);
+                self.wc.request_commit(Some(w));
+                return;
+            }
             if p.remaining == 0 {
                 v[key].take()
             } else {
@@ -553,7 +596,7 @@ impl Local {
     /// Gives this core's cached free blocks back to the pool (another core
     /// is starving) — unless this core has writers waiting itself.
     fn return_cached_blocks(&self) {
-        if !self.waiting.borrow().is_empty() {
+        if !self.waiting.borrow().is_empty() || !self.ssd_waiting.borrow().is_empty() {
             return;
         }
         let mut free = self.free.borrow_mut();
@@ -587,6 +630,9 @@ impl Local {
     }
 
     fn retry_waiting(self: &Rc<Self>) -> PollStatus {
+        if self.cache.is_some() {
+            return self.ssd_retry_waiting();
+        }
         if self.waiting.borrow().is_empty() {
             return PollStatus::Idle;
         }

@@ -36,6 +36,7 @@ mod media;
 mod meta;
 mod options;
 pub mod rpc;
+mod ssd;
 mod stats;
 
 use std::collections::HashMap;
@@ -147,6 +148,21 @@ pub fn create_or_wait(opts: CreateOpts) -> Result<Created, WcError> {
     })
 }
 
+/// [`create_or_wait`] for either mode: `done` runs on this reactor once
+/// the instance runs, waits for its base bdevs, or was refused.
+pub fn create_or_wait_async(opts: CreateOpts, done: Box<dyn FnOnce(Result<Created, WcError>)>) {
+    if let Err(e) = validate_request(&opts) {
+        return done(Err(e));
+    }
+    let bases_here = [&opts.base_bdev, &opts.cache_bdev]
+        .into_iter()
+        .all(|n| wc_bdev::lookup(n).is_some());
+    if bases_here {
+        return create_async(opts, Box::new(move |r| done(r.map(Created::Started))));
+    }
+    done(create_or_wait(opts))
+}
+
 /// Names of pending creations and what each waits for.
 pub fn pending_creations() -> Vec<(String, Vec<String>)> {
     pending()
@@ -191,12 +207,17 @@ fn install_examine_hook() {
                 };
                 for o in ready {
                     let name = o.name.clone();
-                    match create(o) {
-                        Ok(_) => tracing::info!("writecache {name}: base bdevs arrived; started"),
-                        Err(e) => {
-                            tracing::error!("writecache {name}: deferred creation failed: {e}")
-                        }
-                    }
+                    create_async(
+                        o,
+                        Box::new(move |r| match r {
+                            Ok(_) => {
+                                tracing::info!("writecache {name}: base bdevs arrived; started")
+                            }
+                            Err(e) => {
+                                tracing::error!("writecache {name}: deferred creation failed: {e}")
+                            }
+                        }),
+                    );
                 }
             }),
         );
@@ -226,6 +247,7 @@ fn validate_request(opts: &CreateOpts) -> Result<(), WcError> {
     if wc_bdev::lookup(&opts.name).is_some()
         || instances().contains_key(&opts.name)
         || pending().iter().any(|p| p.name == opts.name)
+        || attaching().contains(&opts.name)
     {
         return Err(BdevError::Exists(opts.name.clone()).into());
     }
@@ -236,22 +258,35 @@ fn validate_request(opts: &CreateOpts) -> Result<(), WcError> {
         )));
     }
     let mode = opts.mode.unwrap_or(Mode::Pmem);
-    if mode == Mode::Ssd {
-        return Err(BdevError::NotSupported(
-            "ssd mode is not implemented yet; use mode pmem".into(),
-        )
-        .into());
-    }
     wc_writecache_format::check_block_size(opts.block_size.unwrap_or(4096))
         .map_err(AttachError::Format)?;
     options::Tunables::from_create(opts, mode).map_err(WcError::Invalid)?;
     Ok(())
 }
 
-/// Creates (formatting a blank cache, or recovering an existing one) and
-/// registers a writecache bdev. Runs on a reactor, which becomes the
-/// instance's home.
-pub fn create(opts: CreateOpts) -> Result<Arc<Bdev>, WcError> {
+/// Names of instances whose cache is being attached (ssd mode reads it
+/// asynchronously): taken, though not registered yet.
+fn attaching() -> std::sync::MutexGuard<'static, std::collections::HashSet<String>> {
+    static A: OnceLock<Mutex<std::collections::HashSet<String>>> = OnceLock::new();
+    A.get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+/// A validated request with both base bdevs opened and claimed.
+struct Prepared {
+    opts: CreateOpts,
+    mode: Mode,
+    bs: u32,
+    num_blocks: u64,
+    origin_ratio: u64,
+    tunables: options::Tunables,
+    origin_desc: wc_bdev::Desc,
+    cache_desc: wc_bdev::Desc,
+    claims: Vec<ClaimGuard>,
+}
+
+fn prepare(opts: CreateOpts) -> Result<Prepared, WcError> {
     validate_request(&opts)?;
     let mode = opts.mode.unwrap_or(Mode::Pmem);
     let bs = opts.block_size.unwrap_or(4096);
@@ -272,18 +307,111 @@ pub fn create(opts: CreateOpts) -> Result<Arc<Bdev>, WcError> {
             "origin is smaller than one cache block".into(),
         ));
     }
-    let pmem = cache.pmem().ok_or_else(|| {
-        WcError::Invalid(format!(
-            "cache bdev '{}' has no persistent memory mapping (pmem mode needs a pmem bdev)",
-            cache.name()
-        ))
-    })?;
+    match mode {
+        Mode::Pmem if cache.pmem().is_none() => {
+            return Err(WcError::Invalid(format!(
+                "cache bdev '{}' has no persistent memory mapping (pmem mode needs a pmem bdev)",
+                cache.name()
+            )));
+        }
+        Mode::Ssd if cache.block_size() > bs => {
+            return Err(WcError::Invalid(format!(
+                "cache bdev '{}' has {}-byte blocks, larger than block_size {bs}: \
+                 ask for block_size {} or more",
+                cache.name(),
+                cache.block_size(),
+                cache.block_size()
+            )));
+        }
+        _ => {}
+    }
     // Open and claim both before touching the media, so nobody else writes.
     let origin_desc = wc_bdev::open(origin.name(), true, None)?;
     let cache_desc = wc_bdev::open(cache.name(), true, None)?;
     let c1 = origin.claim(MODULE)?;
     let c2 = cache.claim(MODULE)?;
-    let attached = media::attach(pmem, opts.start_sector.unwrap_or(0), bs, num_blocks)?;
+    Ok(Prepared {
+        mode,
+        bs,
+        num_blocks,
+        origin_ratio: bs as u64 / origin.block_size() as u64,
+        tunables,
+        origin_desc,
+        cache_desc,
+        claims: vec![c1, c2],
+        opts,
+    })
+}
+
+/// Creates (formatting a blank cache, or recovering an existing one) and
+/// registers a writecache bdev in pmem mode. Runs on a reactor, which
+/// becomes the instance's home. (ssd mode reads its cache through the bdev
+/// layer, which completes asynchronously: use [`create_async`].)
+pub fn create(opts: CreateOpts) -> Result<Arc<Bdev>, WcError> {
+    if opts.mode == Some(Mode::Ssd) {
+        return Err(WcError::Invalid(
+            "ssd mode attaches its cache asynchronously (create_async)".into(),
+        ));
+    }
+    let p = prepare(opts)?;
+    let pmem = p
+        .cache_desc
+        .bdev()
+        .pmem()
+        .ok_or_else(|| WcError::Invalid("cache bdev lost its mapping".into()))?;
+    let attached = media::attach(pmem, p.opts.start_sector.unwrap_or(0), p.bs, p.num_blocks)?;
+    start(p, attached, None)
+}
+
+/// Creates a writecache bdev in either mode; `done` runs on this reactor
+/// (the instance's home) once it is registered or refused.
+pub fn create_async(opts: CreateOpts, done: Box<dyn FnOnce(Result<Arc<Bdev>, WcError>)>) {
+    if opts.mode != Some(Mode::Ssd) {
+        return done(create(opts));
+    }
+    let p = match prepare(opts) {
+        Ok(p) => p,
+        Err(e) => return done(Err(e)),
+    };
+    let ch = match p.cache_desc.channel() {
+        Ok(c) => c,
+        Err(e) => return done(Err(e.into())),
+    };
+    let name = p.opts.name.clone();
+    attaching().insert(name.clone());
+    let (start_sector, bs, n) = (p.opts.start_sector.unwrap_or(0), p.bs, p.num_blocks);
+    ssd::attach(
+        ch,
+        start_sector,
+        bs,
+        n,
+        Box::new(move |res| {
+            attaching().remove(&name);
+            done(match res {
+                Ok(a) => start(p, a.attached, Some(a.ssd)),
+                Err(e) => Err(e.into()),
+            })
+        }),
+    );
+}
+
+/// Builds the instance over attached media and registers its bdev.
+fn start(
+    p: Prepared,
+    attached: media::Attached,
+    ssd: Option<Arc<ssd::Ssd>>,
+) -> Result<Arc<Bdev>, WcError> {
+    let Prepared {
+        opts,
+        mode,
+        bs,
+        num_blocks,
+        origin_ratio,
+        tunables,
+        origin_desc,
+        cache_desc,
+        claims,
+    } = p;
     let n = attached.media.geo.n_blocks() as usize;
     let wc = Arc::new(Writecache {
         id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -291,10 +419,16 @@ pub fn create(opts: CreateOpts) -> Result<Arc<Bdev>, WcError> {
         mode,
         block_size: bs,
         num_blocks,
-        origin_ratio: bs as u64 / origin.block_size() as u64,
+        origin_ratio,
         meta: Meta::new(n),
         index: Index::new(n),
-        pool: FreePool::new(n),
+        // ssd mode hands out the lowest free block first (sequential cache
+        // writes); pmem mode reuses the most recently freed.
+        pool: if ssd.is_some() {
+            FreePool::new_sorted(n)
+        } else {
+            FreePool::new(n)
+        },
         seq: AtomicU64::new(attached.sb_seq),
         sb_seq: AtomicU64::new(attached.sb_seq),
         // One slot per reactor of the runtime (fixed for its life): the
@@ -317,6 +451,7 @@ pub fn create(opts: CreateOpts) -> Result<Arc<Bdev>, WcError> {
         origin_desc,
         cache_desc,
         media: attached.media,
+        ssd,
     });
     // The pool is a stack: push high blocks first so the lowest go out
     // first, as dm-writecache allocates a fresh cache.
@@ -343,7 +478,13 @@ pub fn create(opts: CreateOpts) -> Result<Arc<Bdev>, WcError> {
     cfg.required_alignment = 1;
     cfg.uuid = opts.uuid;
     let ops = Arc::new(WcBdev { wc: wc.clone() });
-    let bdev = wc_bdev::register(cfg, ops)?;
+    let bdev = match wc_bdev::register(cfg, ops) {
+        Ok(b) => b,
+        Err(e) => {
+            wc.release_home();
+            return Err(e.into());
+        }
+    };
     let mut opts = opts;
     opts.uuid = Some(bdev.uuid());
     instances().insert(
@@ -351,7 +492,7 @@ pub fn create(opts: CreateOpts) -> Result<Arc<Bdev>, WcError> {
         Instance {
             wc,
             opts,
-            _claims: vec![c1, c2],
+            _claims: claims,
         },
     );
     Ok(bdev)

@@ -27,6 +27,12 @@ pub enum AttachError {
     /// Entries contradict each other or the origin.
     #[error("cache metadata is corrupt: {0}")]
     Corrupt(String),
+    /// The cache bdev cannot hold a cache as asked (ssd mode).
+    #[error("{0}")]
+    Unsuitable(String),
+    /// Reading or writing the cache bdev failed (ssd mode).
+    #[error("cache bdev I/O failed while {0} (errno {1})")]
+    Io(&'static str, i32),
 }
 
 impl AttachError {
@@ -35,6 +41,8 @@ impl AttachError {
         match self {
             AttachError::Format(f) => f.errno(),
             AttachError::Corrupt(_) => libc::EUCLEAN,
+            AttachError::Unsuitable(_) => libc::EINVAL,
+            AttachError::Io(_, e) => *e,
         }
     }
 }
@@ -163,7 +171,7 @@ pub(crate) fn attach(
 }
 
 /// Block ids are 32-bit, with `u32::MAX` reserved by the index.
-fn check_indexable(geo: &Geometry) -> Result<(), AttachError> {
+pub(crate) fn check_indexable(geo: &Geometry) -> Result<(), AttachError> {
     if geo.n_blocks() >= u32::MAX as u64 {
         return Err(AttachError::Corrupt(format!(
             "{} cache blocks exceed what we index ({} at most); use larger blocks",
@@ -241,7 +249,19 @@ fn recover(
     let geo =
         wc_writecache_format::validate(&sb, pmem.len() as u64, start_sector, Some(block_size))?;
     check_indexable(&geo)?;
-    let media = Media { pmem, geo };
+    recover_media(Media { pmem, geo }, sb, origin_blocks)
+}
+
+/// Recovery proper over media whose geometry was validated: the committed
+/// winners, with uncommitted and superseded entries cleared (durable once
+/// the media's fence returns; in ssd mode, once the cleared entries are
+/// written).
+pub(crate) fn recover_media(
+    media: Media,
+    sb: Superblock,
+    origin_blocks: u64,
+) -> Result<Attached, AttachError> {
+    let block_size = media.geo.block_size();
     let sectors_per_block = block_size as u64 / SECTOR_SIZE;
     // Pass 1: validate everything before changing anything.
     // Sized for a full cache up front: rehashing millions of entries would

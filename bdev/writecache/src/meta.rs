@@ -170,6 +170,19 @@ impl Meta {
         self.get(b).gs.fetch_and(!WB, Ordering::AcqRel);
     }
 
+    /// Takes `b` (allocation `gen`, valid and idle) for an in-place
+    /// overwrite (ssd mode). It shares the WB bit with the writeback: while
+    /// it is set nobody frees the block and no writeback of it starts, so
+    /// the writeback never copies a block whose overwrite is in flight.
+    pub(crate) fn begin_inplace(&self, b: u32, gen: u32) -> bool {
+        self.begin_writeback(b, gen)
+    }
+
+    /// Ends an in-place overwrite of `b`.
+    pub(crate) fn end_inplace(&self, b: u32) {
+        self.end_writeback(b)
+    }
+
     /// Pulls the in-RAM sequence of every block lagging `current` by more
     /// than `SEQ_WINDOW` forward to exactly that lag, so wrapping
     /// comparisons with the current sequence stay exact. Such a block is
@@ -431,11 +444,53 @@ impl Index {
     }
 }
 
-/// Free blocks: a global stack the writers refill their per-core caches
+/// The free blocks themselves: a stack (pmem mode: the most recently freed
+/// block is reused first, still warm in the CPU cache) or a min-heap (ssd
+/// mode: the lowest free block goes out first, so cache-device writes stay
+/// mostly sequential, as dm-writecache's sorted freelist).
+enum Blocks {
+    Lifo(Vec<u32>),
+    Sorted(std::collections::BinaryHeap<std::cmp::Reverse<u32>>),
+}
+
+impl Blocks {
+    fn len(&self) -> usize {
+        match self {
+            Blocks::Lifo(v) => v.len(),
+            Blocks::Sorted(h) => h.len(),
+        }
+    }
+
+    fn extend(&mut self, blocks: &[u32]) {
+        match self {
+            Blocks::Lifo(v) => v.extend_from_slice(blocks),
+            Blocks::Sorted(h) => h.extend(blocks.iter().map(|&b| std::cmp::Reverse(b))),
+        }
+    }
+
+    /// Moves `k` blocks into `out` so that `out.pop()` yields them in
+    /// allocation order (the stack's top first, or the lowest first).
+    fn take(&mut self, k: usize, out: &mut Vec<u32>) {
+        match self {
+            Blocks::Lifo(v) => {
+                let at = v.len() - k;
+                out.extend_from_slice(&v[at..]);
+                v.truncate(at);
+            }
+            Blocks::Sorted(h) => {
+                let start = out.len();
+                out.extend((0..k).filter_map(|_| h.pop().map(|r| r.0)));
+                out[start..].reverse();
+            }
+        }
+    }
+}
+
+/// Free blocks: a global pool the writers refill their per-core caches
 /// from in batches (one lock round trip per batch, not per block), 4 bytes
 /// per block.
 pub(crate) struct FreePool {
-    stack: Mutex<Vec<u32>>,
+    stack: Mutex<Blocks>,
     cap: usize,
     /// Mirrors the stack's length (updated under its lock) for lock-free
     /// reads by the watermark and starvation checks.
@@ -447,15 +502,27 @@ pub(crate) struct FreePool {
 
 impl FreePool {
     pub(crate) fn new(n: usize) -> Arc<FreePool> {
+        Self::with_blocks(n, Blocks::Lifo(Vec::with_capacity(n)))
+    }
+
+    /// A pool that always hands out its lowest free blocks first.
+    pub(crate) fn new_sorted(n: usize) -> Arc<FreePool> {
+        Self::with_blocks(
+            n,
+            Blocks::Sorted(std::collections::BinaryHeap::with_capacity(n)),
+        )
+    }
+
+    fn with_blocks(n: usize, blocks: Blocks) -> Arc<FreePool> {
         Arc::new(FreePool {
-            stack: Mutex::new(Vec::with_capacity(n)),
+            stack: Mutex::new(blocks),
             cap: n,
             len: AtomicU64::new(0),
             grace: AtomicU64::new(0),
         })
     }
 
-    fn lock(&self) -> MutexGuard<'_, Vec<u32>> {
+    fn lock(&self) -> MutexGuard<'_, Blocks> {
         self.stack.lock().unwrap_or_else(|p| p.into_inner())
     }
 
@@ -476,25 +543,22 @@ impl FreePool {
                 blocks.len()
             );
         }
-        s.extend_from_slice(&blocks[..blocks.len().min(room)]);
+        s.extend(&blocks[..blocks.len().min(room)]);
         self.len.store(s.len() as u64, Ordering::Release);
     }
 
     #[cfg(test)]
     pub(crate) fn pop(&self) -> Option<u32> {
-        let mut s = self.lock();
-        let b = s.pop();
-        self.len.store(s.len() as u64, Ordering::Release);
-        b
+        let mut out = Vec::new();
+        self.pop_batch(1, &mut out);
+        out.pop()
     }
 
     /// Moves up to `k` blocks into `out`; returns how many.
     pub(crate) fn pop_batch(&self, k: usize, out: &mut Vec<u32>) -> usize {
         let mut s = self.lock();
         let take = k.min(s.len());
-        let at = s.len() - take;
-        out.extend_from_slice(&s[at..]);
-        s.truncate(at);
+        s.take(take, out);
         self.len.store(s.len() as u64, Ordering::Release);
         take
     }
@@ -519,9 +583,33 @@ impl FreePool {
         if blocks.is_empty() {
             return;
         }
+        self.grace.fetch_add(blocks.len() as u64, Ordering::Relaxed);
+        self.reserved_free_after_grace(blocks);
+    }
+
+    /// Counts `n` blocks as on their way back (free for the watermarks and
+    /// stats) before [`reserved_free_after_grace`] returns them: in ssd
+    /// mode a freed block waits for its cleared entry to be durable first.
+    ///
+    /// [`reserved_free_after_grace`]: Self::reserved_free_after_grace
+    pub(crate) fn reserve_grace(&self, n: u64) {
+        self.grace.fetch_add(n, Ordering::Relaxed);
+    }
+
+    /// Takes back a [`reserve_grace`](Self::reserve_grace) of blocks that
+    /// will not come back (the instance failed to persist their frees).
+    pub(crate) fn unreserve_grace(&self, n: u64) {
+        self.grace.fetch_sub(n, Ordering::Relaxed);
+    }
+
+    /// [`free_after_grace`](Self::free_after_grace) for blocks already
+    /// counted by [`reserve_grace`](Self::reserve_grace).
+    pub(crate) fn reserved_free_after_grace(self: &Arc<Self>, blocks: Vec<u32>) {
+        if blocks.is_empty() {
+            return;
+        }
         let me = self.clone();
         let n = blocks.len() as u64;
-        self.grace.fetch_add(n, Ordering::Relaxed);
         let guard = crossbeam::epoch::pin();
         guard.defer(move || {
             me.push_all(&blocks);

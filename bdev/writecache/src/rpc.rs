@@ -87,13 +87,16 @@ pub fn register(reg: &Registry) -> Result<(), RegisterError> {
         |p, r: Responder| match decode::<CreateOpts>(p) {
             Ok(o) => {
                 let name = o.name.clone();
-                match crate::create_or_wait(o) {
-                    // SPDK's vbdevs answer with the name either way; a
-                    // pending one shows as such in get_stats.
-                    Ok(crate::Created::Started(b)) => r.ok(json!(b.name())),
-                    Ok(crate::Created::Pending { .. }) => r.ok(json!(name)),
-                    Err(e) => r.err(err(&e)),
-                }
+                crate::create_or_wait_async(
+                    o,
+                    Box::new(move |res| match res {
+                        // SPDK's vbdevs answer with the name either way; a
+                        // pending one shows as such in get_stats.
+                        Ok(crate::Created::Started(b)) => r.ok(json!(b.name())),
+                        Ok(crate::Created::Pending { .. }) => r.ok(json!(name)),
+                        Err(e) => r.err(err(&e)),
+                    }),
+                )
             }
             Err(e) => r.err(e),
         },

@@ -1,9 +1,11 @@
-//! Shared rig of `faults.rs` and `writeback.rs`: one writecache instance on
-//! the deterministic logical-reactor harness (`wc_reactor::Harness`, driven
-//! from the test thread) over a simulated pmem cache and a simulated origin
-//! disk, optionally behind an error-injection (`EE_<disk>`) or a latency
-//! (delay) vbdev. Timers (autocommit, writeback retries, delay latencies)
-//! run on real time, so waits are bounded by wall-clock timeouts.
+//! Shared rig of `faults.rs`, `writeback.rs` and `ssd.rs`: one writecache
+//! instance on the deterministic logical-reactor harness
+//! (`wc_reactor::Harness`, driven from the test thread) over a simulated
+//! cache — pmem (pmem mode) or a disk with a volatile write cache (ssd
+//! mode; [`with_mode`] picks) — and a simulated origin disk, optionally
+//! behind an error-injection (`EE_<disk>`) or a latency (delay) vbdev.
+//! Timers (autocommit, writeback retries, delay latencies) run on real
+//! time, so waits are bounded by wall-clock timeouts.
 
 #![allow(dead_code)]
 
@@ -16,7 +18,61 @@ use std::time::{Duration, Instant};
 use wc_bdev::{BdevChannel, DmaBuf, FnCompletion, Io, IoCompletion};
 use wc_reactor::Harness;
 use wc_sim::{SimDisk, SimPmem};
-use wc_writecache::{CreateOpts, SetOpts, Stats};
+use wc_writecache::{CreateOpts, Mode, SetOpts, Stats};
+
+thread_local! {
+    static MODE: std::cell::Cell<Mode> = const { std::cell::Cell::new(Mode::Pmem) };
+}
+
+/// Runs `f` with rigs built in `mode` (on this thread).
+pub fn with_mode(mode: Mode, f: impl FnOnce()) {
+    let before = MODE.with(|m| m.replace(mode));
+    f();
+    MODE.with(|m| m.set(before));
+}
+
+/// The mode new rigs are built in.
+pub fn mode() -> Mode {
+    MODE.with(|m| m.get())
+}
+
+/// Declares `<test>::pmem` and `<test>::ssd`, running `fn <test>()` in
+/// each mode.
+#[macro_export]
+macro_rules! both_modes {
+    ($($t:ident),* $(,)?) => {
+        $(
+            mod $t {
+                #[test]
+                fn pmem() {
+                    $crate::wcrig::with_mode(wc_writecache::Mode::Pmem, super::$t)
+                }
+                #[test]
+                fn ssd() {
+                    $crate::wcrig::with_mode(wc_writecache::Mode::Ssd, super::$t)
+                }
+            }
+        )*
+    };
+}
+
+/// The simulated cache device.
+pub enum CacheDev {
+    /// pmem mode.
+    Pmem(Arc<SimPmem>),
+    /// ssd mode.
+    Disk(Arc<SimDisk>),
+}
+
+impl CacheDev {
+    /// What the device holds now (visible stores or writes).
+    pub fn visible(&self) -> Vec<u8> {
+        match self {
+            CacheDev::Pmem(p) => p.visible(),
+            CacheDev::Disk(d) => d.visible(),
+        }
+    }
+}
 
 /// Block size of the origin, the cache and the writecache.
 pub const BS: u32 = 512;
@@ -109,7 +165,7 @@ fn completion(slot: &Slot) -> Rc<dyn IoCompletion> {
 pub struct Rig {
     pub h: Harness,
     pub disk: Arc<SimDisk>,
-    pub pmem: Arc<SimPmem>,
+    pub cache: CacheDev,
     /// The simulated disk's bdev.
     pub disk_name: String,
     /// The cache bdev.
@@ -137,11 +193,22 @@ impl Rig {
     ) -> Rig {
         let h = Harness::new(reactors);
         let disk = Arc::new(SimDisk::new((origin_blocks * BS as u64) as usize));
-        let pmem = Arc::new(SimPmem::new(pmem_size(cache_blocks)));
         let disk_name = unique("fo");
         let cache_name = unique("fc");
         wc_sim::register_disk_bdev(&disk_name, disk.clone(), BS).unwrap();
-        wc_sim::register_pmem_bdev(&cache_name, pmem.clone(), BS).unwrap();
+        let mode = mode();
+        let cache = match mode {
+            Mode::Pmem => {
+                let pmem = Arc::new(SimPmem::new(pmem_size(cache_blocks)));
+                wc_sim::register_pmem_bdev(&cache_name, pmem.clone(), BS).unwrap();
+                CacheDev::Pmem(pmem)
+            }
+            Mode::Ssd => {
+                let d = Arc::new(SimDisk::new(pmem_size(cache_blocks)));
+                wc_sim::register_disk_bdev(&cache_name, d.clone(), BS).unwrap();
+                CacheDev::Disk(d)
+            }
+        };
         let origin_name = match layer {
             Layer::Plain => disk_name.clone(),
             Layer::Error => {
@@ -164,11 +231,12 @@ impl Rig {
         let name = unique("fw");
         let mut opts = CreateOpts::new(&name, &origin_name, &cache_name);
         opts.block_size = Some(BS);
+        opts.mode = Some(mode);
         tune(&mut opts);
         let mut rig = Rig {
             h,
             disk,
-            pmem,
+            cache,
             disk_name,
             cache_name,
             origin_name,
@@ -186,11 +254,21 @@ impl Rig {
     /// `self.opts` and opens a channel on every reactor.
     pub fn attach(&mut self) -> Result<(), String> {
         let opts = self.opts.clone();
+        let slot: Arc<Mutex<Option<Result<(), String>>>> = Arc::default();
+        let s = slot.clone();
         self.h.on(0, move || {
-            wc_writecache::create(opts)
-                .map(|_| ())
-                .map_err(|e| e.to_string())
-        })?;
+            wc_writecache::create_async(
+                opts,
+                Box::new(move |r| {
+                    *s.lock().unwrap() = Some(r.map(|_| ()).map_err(|e| e.to_string()))
+                }),
+            )
+        });
+        assert!(
+            self.pump_until(WAIT, || slot.lock().unwrap().is_some()),
+            "create did not finish within {WAIT:?}"
+        );
+        slot.lock().unwrap().take().unwrap()?;
         for r in 0..self.h.len() {
             let d = wc_bdev::open(&self.name, true, None).map_err(|e| e.to_string())?;
             let ch = self.h.on(r, || d.channel()).map_err(|e| e.to_string())?;
@@ -413,7 +491,7 @@ impl Rig {
     /// stores): per block, `Some(lba)` of a valid entry, `None` if free.
     pub fn media_entries(&self) -> Vec<Option<u64>> {
         use wc_writecache_format::{Entry, Geometry, ENTRY_SIZE};
-        let img = self.pmem.visible();
+        let img = self.cache.visible();
         let geo = Geometry::compute(img.len() as u64, 0, BS).unwrap();
         (0..geo.n_blocks())
             .map(|b| {
