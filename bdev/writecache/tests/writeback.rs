@@ -16,7 +16,6 @@ fn pct(rig: &Rig) -> u64 {
     (s.blocks - s.free_blocks) * 100 / s.blocks
 }
 
-#[test]
 fn a_full_cache_blocks_writers_until_writeback_frees_blocks() {
     // Two reactors: per-core free caches must not strand blocks.
     let rig = Rig::new(2, 8, 512, Layer::Plain, |o| {
@@ -108,7 +107,6 @@ fn until_writeback_quiet(rig: &Rig, quiet: Duration) {
     );
 }
 
-#[test]
 fn writeback_starts_at_the_high_watermark_and_ends_below_the_low_one() {
     let (hi, lo) = (50u64, 25u64);
     let rig = Rig::new(1, 40, 512, Layer::Plain, |o| {
@@ -171,7 +169,6 @@ fn writeback_starts_at_the_high_watermark_and_ends_below_the_low_one() {
 /// keeps about `low_watermark`% of its blocks. Here blocks under writeback
 /// and blocks waiting for their grace period still count as used, so the
 /// writeback keeps taking batches and drains far below the low watermark.
-#[test]
 fn writeback_stops_just_below_the_low_watermark() {
     let (hi, lo) = (50u64, 25u64);
     let rig = Rig::new(1, 40, 512, Layer::Plain, |o| {
@@ -199,7 +196,6 @@ fn writeback_stops_just_below_the_low_watermark() {
     assert!(pct(&rig) < lo, "{s:?}");
 }
 
-#[test]
 fn overwrites_under_writeback_never_leave_older_data_on_the_origin() {
     // Origin writes stay in flight for 2 ms each.
     let rig = Rig::new(2, 16, 256, Layer::Delay(2000), |o| {
@@ -275,7 +271,6 @@ fn overwrites_under_writeback_never_leave_older_data_on_the_origin() {
     }
 }
 
-#[test]
 fn cleaner_mode_writes_around_and_drains_everything() {
     let rig = Rig::new(1, 32, 256, Layer::Plain, |_| {});
     fill(&rig, 0..10);
@@ -313,7 +308,6 @@ fn cleaner_mode_writes_around_and_drains_everything() {
     assert_eq!(rig.origin_block(50), Some((50, 1)));
 }
 
-#[test]
 fn blocks_older_than_max_age_are_written_back_below_the_watermark() {
     let rig = Rig::new(1, 64, 256, Layer::Plain, |o| {
         o.max_age_ms = Some(300);
@@ -343,7 +337,6 @@ fn blocks_older_than_max_age_are_written_back_below_the_watermark() {
 /// max_age writes back the blocks *older* than max_age (dm-writecache
 /// stops at the first young entry); younger blocks stay cached while the
 /// cache is below the high watermark.
-#[test]
 fn max_age_does_not_write_back_young_blocks() {
     let max_age = Duration::from_millis(800);
     let rig = Rig::new(1, 64, 256, Layer::Plain, |o| {
@@ -376,7 +369,6 @@ fn max_age_does_not_write_back_young_blocks() {
     assert_eq!(rig.stats().dirty, 2);
 }
 
-#[test]
 fn unmap_drops_cached_blocks_and_write_zeroes_reads_back_zeroes() {
     let rig = Rig::new(1, 32, 256, Layer::Plain, |_| {});
     fill(&rig, 0..8);
@@ -417,7 +409,6 @@ fn unmap_drops_cached_blocks_and_write_zeroes_reads_back_zeroes() {
     }
 }
 
-#[test]
 fn a_single_write_larger_than_the_cache_completes() {
     let rig = Rig::new(1, 8, 512, Layer::Plain, |_| {});
     let n = rig.stats().blocks;
@@ -453,7 +444,6 @@ fn a_single_write_larger_than_the_cache_completes() {
 /// the other) while the writeback runs: whichever version wins, the cache
 /// and, after a flush, the origin agree on it, and every superseded block
 /// is freed exactly once.
-#[test]
 fn concurrent_overwrites_from_two_cores_under_writeback_stay_consistent() {
     let rig = Rig::new(2, 16, 256, Layer::Delay(500), |o| {
         o.high_watermark = Some(10);
@@ -507,7 +497,6 @@ fn concurrent_overwrites_from_two_cores_under_writeback_stay_consistent() {
 /// not while an older version of it is still being written back (after an
 /// UNMAP removed it from the index): going around would race that
 /// writeback and let the older version land after the newer one.
-#[test]
 fn cleaner_write_around_is_ordered_after_writeback_of_the_same_lba() {
     use wc_bdev_error::{ErrorType, InjectIoType};
     let rig = Rig::new(1, 32, 256, Layer::Error, |_| {});
@@ -541,7 +530,6 @@ fn cleaner_write_around_is_ordered_after_writeback_of_the_same_lba() {
 /// Same as the full-cache test, with a long autocommit period: blocked
 /// writers ask for a commit themselves, so they must not depend on the
 /// autocommit timer to make progress.
-#[test]
 fn blocked_writers_do_not_wait_for_the_autocommit_timer() {
     let rig = Rig::new(2, 8, 512, Layer::Plain, |o| {
         o.writeback_jobs = Some(2);
@@ -568,7 +556,6 @@ fn blocked_writers_do_not_wait_for_the_autocommit_timer() {
 /// commit is running, after its core already handed its log to that
 /// commit: the request must lead to another commit. Exact schedule on two
 /// logical reactors (home = 0).
-#[test]
 fn an_autocommit_requested_during_a_commit_is_not_lost() {
     let rig = Rig::new(2, 64, 256, Layer::Plain, |o| {
         o.autocommit_blocks = Some(1);
@@ -595,3 +582,19 @@ fn an_autocommit_requested_during_a_commit_is_not_lost() {
         rig.stats()
     );
 }
+
+both_modes!(
+    a_full_cache_blocks_writers_until_writeback_frees_blocks,
+    writeback_starts_at_the_high_watermark_and_ends_below_the_low_one,
+    writeback_stops_just_below_the_low_watermark,
+    overwrites_under_writeback_never_leave_older_data_on_the_origin,
+    cleaner_mode_writes_around_and_drains_everything,
+    blocks_older_than_max_age_are_written_back_below_the_watermark,
+    max_age_does_not_write_back_young_blocks,
+    unmap_drops_cached_blocks_and_write_zeroes_reads_back_zeroes,
+    a_single_write_larger_than_the_cache_completes,
+    concurrent_overwrites_from_two_cores_under_writeback_stay_consistent,
+    cleaner_write_around_is_ordered_after_writeback_of_the_same_lba,
+    blocked_writers_do_not_wait_for_the_autocommit_timer,
+    an_autocommit_requested_during_a_commit_is_not_lost,
+);
