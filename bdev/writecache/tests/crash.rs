@@ -10,8 +10,12 @@
 //! * every write completed before a completed FLUSH (or written with FUA)
 //!   survives, unless a later write or an UNMAP of the block followed.
 //!
-//! `WC_CRASH_SECONDS` bounds the run (default 12 s; `WC_SOAK=1`: 120 s);
-//! `WC_SIM_SEED` replays one seed.
+//! Both modes run it: pmem mode over `SimPmem` (unfenced stores dropped at
+//! random), ssd mode over a `SimDisk` cache (unflushed writes dropped at
+//! random, torn at 512-byte sectors, on the cache and the origin).
+//!
+//! `WC_CRASH_SECONDS` bounds each mode's run (default 12 s; `WC_SOAK=1`:
+//! 120 s); `WC_SIM_SEED` replays one seed.
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -25,7 +29,7 @@ use rand::{Rng, SeedableRng};
 use wc_bdev::{BdevChannel, DmaBuf, FnCompletion, Io, IoCompletion};
 use wc_reactor::Harness;
 use wc_sim::{PointHook, SimDisk, SimPmem};
-use wc_writecache::CreateOpts;
+use wc_writecache::{CreateOpts, Mode};
 
 const BS: u32 = 512;
 const ORIGIN_BLOCKS: u64 = 64;
@@ -132,11 +136,100 @@ impl Oracle {
     }
 }
 
+/// The simulated cache device of either mode.
+#[derive(Clone)]
+enum Cache {
+    Pmem(Arc<SimPmem>),
+    Disk(Arc<SimDisk>),
+}
+
+impl Cache {
+    fn new(mode: Mode, size: usize) -> Cache {
+        match mode {
+            Mode::Pmem => Cache::Pmem(Arc::new(SimPmem::new(size))),
+            Mode::Ssd => {
+                let d = SimDisk::new(size);
+                d.set_tearing(true);
+                Cache::Disk(Arc::new(d))
+            }
+        }
+    }
+
+    /// "Reboots" from a crash image.
+    fn from_image(&self, img: Vec<u8>) -> Cache {
+        match self {
+            Cache::Pmem(_) => Cache::Pmem(Arc::new(SimPmem::from_image(img))),
+            Cache::Disk(_) => {
+                let d = SimDisk::from_image(img);
+                d.set_tearing(true);
+                Cache::Disk(Arc::new(d))
+            }
+        }
+    }
+
+    fn mode(&self) -> Mode {
+        match self {
+            Cache::Pmem(_) => Mode::Pmem,
+            Cache::Disk(_) => Mode::Ssd,
+        }
+    }
+
+    fn register(&self, name: &str) -> Result<(), String> {
+        match self {
+            Cache::Pmem(p) => wc_sim::register_pmem_bdev(name, p.clone(), BS).map(|_| ()),
+            Cache::Disk(d) => wc_sim::register_disk_bdev(name, d.clone(), BS).map(|_| ()),
+        }
+        .map_err(|e| e.to_string())
+    }
+
+    fn points(&self) -> u64 {
+        match self {
+            Cache::Pmem(p) => p.points(),
+            Cache::Disk(d) => d.points(),
+        }
+    }
+
+    fn is_powered_off(&self) -> bool {
+        match self {
+            Cache::Pmem(p) => p.is_powered_off(),
+            Cache::Disk(d) => d.is_powered_off(),
+        }
+    }
+
+    fn set_crash_at(&self, k: u64) {
+        match self {
+            Cache::Pmem(p) => p.set_crash_at(k),
+            Cache::Disk(d) => d.set_crash_at(k),
+        }
+    }
+
+    fn set_point_hook(&self, h: PointHook) {
+        match self {
+            Cache::Pmem(p) => p.set_point_hook(h),
+            Cache::Disk(d) => d.set_point_hook(h),
+        }
+    }
+
+    fn clear_point_hook(&self) {
+        match self {
+            Cache::Pmem(p) => p.clear_point_hook(),
+            Cache::Disk(d) => d.clear_point_hook(),
+        }
+    }
+
+    fn power_fail(&self, seed: u64) -> Vec<u8> {
+        match self {
+            Cache::Pmem(p) => p.power_fail(seed),
+            Cache::Disk(d) => d.power_fail(seed),
+        }
+    }
+}
+
 struct Rig {
     h: Harness,
     chans: Vec<Rc<BdevChannel>>,
     _descs: Vec<wc_bdev::Desc>,
-    pmem: Arc<SimPmem>,
+    pmem: Cache,
     disk: Arc<SimDisk>,
     points: Arc<AtomicU64>,
     names: (String, String, String),
@@ -158,16 +251,17 @@ fn pmem_size(blocks: u64) -> usize {
 /// channel on every reactor.
 fn build(
     h: Harness,
-    pmem: Arc<SimPmem>,
+    pmem: Cache,
     disk: Arc<SimDisk>,
     cache_blocks_hint: u64,
     rng: &mut StdRng,
 ) -> Result<Rig, String> {
     let (o, c, w) = (unique("o"), unique("c"), unique("w"));
     wc_sim::register_disk_bdev(&o, disk.clone(), BS).map_err(|e| e.to_string())?;
-    wc_sim::register_pmem_bdev(&c, pmem.clone(), BS).map_err(|e| e.to_string())?;
+    pmem.register(&c)?;
     let _ = cache_blocks_hint;
     let mut opts = CreateOpts::new(&w, &o, &c);
+    opts.mode = Some(pmem.mode());
     opts.block_size = Some(BS);
     opts.high_watermark = Some(rng.gen_range(10..60));
     opts.low_watermark = Some(5);
@@ -175,11 +269,22 @@ fn build(
     opts.autocommit_time_ms = Some(rng.gen_range(1..20));
     opts.writeback_jobs = Some(rng.gen_range(1..16));
     opts.fua = Some(rng.gen_bool(0.7));
+    let created: Arc<std::sync::Mutex<Option<Result<(), String>>>> = Arc::default();
+    let c2 = created.clone();
     h.on(0, move || {
-        wc_writecache::create(opts)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
-    })?;
+        wc_writecache::create_async(
+            opts,
+            Box::new(move |r| *c2.lock().unwrap() = Some(r.map(|_| ()).map_err(|e| e.to_string()))),
+        )
+    });
+    h.run_until(100_000, || created.lock().unwrap().is_some());
+    let res = created.lock().unwrap().take();
+    if res.is_none() || res.as_ref().is_some_and(|r| r.is_err()) {
+        // Not created: let the bdevs go so the names do not leak.
+        let _ = wc_sim::delete(&o);
+        let _ = wc_sim::delete(&c);
+    }
+    res.unwrap_or_else(|| Err("create did not finish".into()))?;
     let mut chans = Vec::new();
     let mut descs = Vec::new();
     for r in 0..h.len() {
@@ -360,7 +465,7 @@ fn arm(rig: &Rig, k: Option<u64>) {
     arm_media(&rig.pmem, &rig.disk, &rig.points, k);
 }
 
-fn arm_media(pmem: &Arc<SimPmem>, disk: &Arc<SimDisk>, points: &Arc<AtomicU64>, k: Option<u64>) {
+fn arm_media(pmem: &Cache, disk: &Arc<SimDisk>, points: &Arc<AtomicU64>, k: Option<u64>) {
     for dev in 0..2 {
         let points = points.clone();
         let pmem2 = pmem.clone();
@@ -385,7 +490,7 @@ fn arm_media(pmem: &Arc<SimPmem>, disk: &Arc<SimDisk>, points: &Arc<AtomicU64>, 
 }
 
 /// Images of both devices as of their cut (or now, if power never went).
-fn images(pmem: &SimPmem, disk: &SimDisk, seed: u64) -> (Vec<u8>, Vec<u8>) {
+fn images(pmem: &Cache, disk: &SimDisk, seed: u64) -> (Vec<u8>, Vec<u8>) {
     if !pmem.is_powered_off() {
         pmem.set_crash_at(pmem.points());
     }
@@ -407,11 +512,14 @@ struct Outcome {
 
 /// One seeded run: workload, crash at `k` (None = count points only),
 /// recovery and checks.
-fn run_once(seed: u64, crash_at: Option<u64>) -> Result<Outcome, String> {
+fn run_once(mode: Mode, seed: u64, crash_at: Option<u64>) -> Result<Outcome, String> {
     let mut rng = StdRng::seed_from_u64(seed);
     let cache_blocks = rng.gen_range(8..40);
-    let pmem = Arc::new(SimPmem::new(pmem_size(cache_blocks)));
+    let pmem = Cache::new(mode, pmem_size(cache_blocks));
     let disk = Arc::new(SimDisk::new((ORIGIN_BLOCKS * BS as u64) as usize));
+    if mode == Mode::Ssd {
+        disk.set_tearing(true);
+    }
     let rig = build(Harness::new(REACTORS), pmem, disk, cache_blocks, &mut rng)?;
     if std::env::var("WC_DEBUG").is_ok() {
         eprintln!(
@@ -501,9 +609,15 @@ fn run_once(seed: u64, crash_at: Option<u64>) -> Result<Outcome, String> {
     // Half of the time the power fails again during recovery (and the
     // writeback it may start): recovery must be crash-safe too.
     let mut rng2 = StdRng::seed_from_u64(seed ^ k);
+    let template = Cache::new(mode, 0);
+    let reboot_disk = |img: Vec<u8>| {
+        let d = SimDisk::from_image(img);
+        d.set_tearing(mode == Mode::Ssd);
+        Arc::new(d)
+    };
     if rng2.gen_bool(0.5) {
-        let pmem = Arc::new(SimPmem::from_image(pimg));
-        let disk = Arc::new(SimDisk::from_image(dimg));
+        let pmem = template.from_image(pimg);
+        let disk = reboot_disk(dimg);
         let points = Arc::new(AtomicU64::new(0));
         arm_media(&pmem, &disk, &points, Some(rng2.gen_range(1..=12)));
         let rig = build(
@@ -544,8 +658,8 @@ fn run_once(seed: u64, crash_at: Option<u64>) -> Result<Outcome, String> {
         }
     }
     // Reboot and recover.
-    let pmem = Arc::new(SimPmem::from_image(pimg));
-    let disk = Arc::new(SimDisk::from_image(dimg));
+    let pmem = template.from_image(pimg);
+    let disk = reboot_disk(dimg);
     let rig = build(
         Harness::new(1),
         pmem,
@@ -644,6 +758,15 @@ fn crossbeam_flush() {
 
 #[test]
 fn crash_at_random_persistence_points_recovers_every_guarantee() {
+    harness(Mode::Pmem);
+}
+
+#[test]
+fn ssd_mode_crash_at_random_persistence_points_recovers_every_guarantee() {
+    harness(Mode::Ssd);
+}
+
+fn harness(mode: Mode) {
     let secs: u64 = std::env::var("WC_CRASH_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
@@ -659,14 +782,14 @@ fn crash_at_random_persistence_points_recovers_every_guarantee() {
     let (mut crashes, mut reads, mut blocks) = (0u64, 0u64, 0u64);
     let mut seed = fixed.unwrap_or(0xC0FFEE);
     loop {
-        let counted =
-            run_once(seed, None).unwrap_or_else(|e| panic!("{e}\n(replay: WC_SIM_SEED={seed})"));
+        let counted = run_once(mode, seed, None)
+            .unwrap_or_else(|e| panic!("{e}\n(replay: WC_SIM_SEED={seed})"));
         reads += counted.reads;
         // Several cut points per workload, spread over its points.
         let mut rng = StdRng::seed_from_u64(seed ^ 0xDEAD);
         for _ in 0..4 {
             let k = rng.gen_range(1..=counted.points.max(1));
-            let out = run_once(seed, Some(k))
+            let out = run_once(mode, seed, Some(k))
                 .unwrap_or_else(|e| panic!("{e}\n(replay: WC_SIM_SEED={seed})"));
             blocks += out.blocks_checked;
             crashes += 1;
@@ -676,6 +799,6 @@ fn crash_at_random_persistence_points_recovers_every_guarantee() {
         }
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
     }
-    eprintln!("crash harness: {crashes} crash points, {blocks} blocks verified after recovery, {reads} reads checked during runs");
+    eprintln!("crash harness ({mode:?}): {crashes} crash points, {blocks} blocks verified after recovery, {reads} reads checked during runs");
     assert!(crashes >= 4);
 }
