@@ -703,13 +703,23 @@ impl Writecache {
                 };
                 let m = self.meta.get(b);
                 let (gen, state) = m.gen_state();
+                let lba = m.lba.load(Ordering::Acquire);
+                // ssd mode: an in-place overwrite holds it (WB without a
+                // writeback of its LBA): it goes out once that completes.
+                if self.ssd.is_some()
+                    && state == VALID | crate::meta::WB
+                    && !wb.lbas.contains(&lba)
+                    && !seq_at_or_after(m.seq(), committed_below)
+                {
+                    deferred.push(b);
+                    continue;
+                }
                 // Freed, being reallocated, or already going out: nothing
                 // to do. Rewritten but not committed yet: its own commit
                 // queues it again (it is not queued now).
                 if state != VALID || seq_at_or_after(m.seq(), committed_below) {
                     continue;
                 }
-                let lba = m.lba.load(Ordering::Acquire);
                 if wb.lbas.contains(&lba) {
                     // An older version of this LBA is still going out: the
                     // newer one must reach the origin after it.
@@ -717,8 +727,8 @@ impl Writecache {
                     continue;
                 }
                 if !self.meta.begin_writeback(b, gen) {
-                    // ssd mode: an in-place overwrite holds it; it goes out
-                    // once that completes.
+                    // ssd mode: an in-place overwrite took it meanwhile; it
+                    // goes out once that completes.
                     if self.ssd.is_some() && m.gen_state() == (gen, VALID | crate::meta::WB) {
                         deferred.push(b);
                     }

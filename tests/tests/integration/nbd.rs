@@ -754,9 +754,20 @@ fn nbd_save_config_restart_restores_servers_and_exports() {
 /// the restarted target (same config) serves it back.
 #[test]
 fn nbd_writecache_data_survives_sigkill() {
+    writecache_data_survives_sigkill("pmem");
+}
+
+/// The same in ssd mode, the cache a uring bdev over a file: the saved
+/// config recreates it in ssd mode and recovery finds the flushed data.
+#[test]
+fn nbd_writecache_ssd_mode_data_survives_sigkill() {
+    writecache_data_survives_sigkill("ssd");
+}
+
+fn writecache_data_survives_sigkill(mode: &str) {
     require_spdk_rpc!();
     require_clients!("qemu-io");
-    let mut t = Target::start("nbdwc", &[]);
+    let mut t = Target::start(&format!("nbdwc{mode}"), &[]);
     let methods = t.rpc_json(&["rpc_get_methods"]);
     let has = |m: &str| methods.as_array().is_some_and(|a| a.contains(&json!(m)));
     if !has("bdev_pmem_create") || !has("bdev_writecache_create") || !has("bdev_uring_create") {
@@ -779,17 +790,32 @@ fn nbd_writecache_data_survives_sigkill() {
         t.stop();
         return;
     }
-    nbd_ok(
-        &t,
-        &[
-            "bdev_pmem_create",
-            cache.to_str().expect("utf-8"),
-            "-n",
-            "Cache0",
-            "--size-mb",
-            "16",
-        ],
-    );
+    if mode == "ssd" {
+        std::fs::File::create(&cache)
+            .and_then(|f| f.set_len(16 << 20))
+            .expect("cache file");
+        nbd_ok(
+            &t,
+            &[
+                "bdev_uring_create",
+                cache.to_str().expect("utf-8"),
+                "Cache0",
+                "4096",
+            ],
+        );
+    } else {
+        nbd_ok(
+            &t,
+            &[
+                "bdev_pmem_create",
+                cache.to_str().expect("utf-8"),
+                "-n",
+                "Cache0",
+                "--size-mb",
+                "16",
+            ],
+        );
+    }
     nbd_ok(
         &t,
         &[
@@ -800,7 +826,7 @@ fn nbd_writecache_data_survives_sigkill() {
             "-c",
             "Cache0",
             "--mode",
-            "pmem",
+            mode,
         ],
     );
     let sock = t.dir.join("nbd.sock");
@@ -809,7 +835,12 @@ fn nbd_writecache_data_survives_sigkill() {
     assert_eq!(nbd_err(&t, &["nbd_export_create", "Origin0", "raw"]), -16);
     nbd_ok(&t, &["nbd_export_create", "wc0", "cached"]);
     let cfg = t.dir.join("saved.json");
-    std::fs::write(&cfg, t.rpc_ok(&["save_config"])).expect("save");
+    let saved = t.rpc_ok(&["save_config"]);
+    assert!(
+        saved.contains(&format!("\"mode\": \"{mode}\"")),
+        "save_config keeps the mode: {saved}"
+    );
+    std::fs::write(&cfg, saved).expect("save");
     let u = uri("cached", &sock);
     let out = client_ok(
         &t,

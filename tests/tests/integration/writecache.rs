@@ -803,7 +803,21 @@ fn writecache_bad_input_is_refused_precisely() {
             -22,
             vec!["autocommit_blocks"],
         ),
-        (create(&["--mode", "ssd"]), -95, vec!["ssd", "not"]),
+        // ssd mode refuses a cache too small the same way, touching nothing.
+        (
+            cmds(&[
+                "bdev_writecache_create",
+                "wc1",
+                "-o",
+                "Origin1",
+                "-c",
+                "Tiny",
+                "--mode",
+                "ssd",
+            ]),
+            -28,
+            vec!["too small"],
+        ),
         // The same bdev as origin and cache.
         (
             cmds(&[
