@@ -224,6 +224,22 @@ impl Writecache {
         self.pool.free_after_grace(blocks.to_vec());
     }
 
+    /// ssd mode: block `b` (allocation `gen`) left the index while an
+    /// in-place overwrite held it (so it could not be freed; the writer
+    /// frees it when done, after a commit). An uncommitted entry of it —
+    /// same sector, maybe the same sequence as the next version's — must
+    /// not be committed alongside that: clear it now. (Called before the
+    /// caller's core acknowledges a commit, or on home, before the next.)
+    pub(crate) fn forget_held_entry(&self, b: u32, gen: u32) {
+        let m = self.meta.get(b);
+        if self.ssd.is_some()
+            && m.gen_state() == (gen, VALID | crate::meta::WB)
+            && seq_at_or_after(m.seq(), seq32(self.sb_seq.load(Ordering::Acquire)))
+        {
+            self.media.clear_entry(b);
+        }
+    }
+
     /// A block taken out of the index while an in-place overwrite held it
     /// (ssd mode): it is freed after the next commit, which covers its
     /// successor if it has one.

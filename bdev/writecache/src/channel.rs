@@ -758,6 +758,8 @@ impl Writecache {
                 let gen = self.meta.get(b).gen();
                 if self.meta.begin_free(b, gen) {
                     to_free.push(b);
+                } else {
+                    self.forget_held_entry(b, gen);
                 }
             }
         };

@@ -477,12 +477,8 @@ impl Local {
         if seq_at_or_after(m.seq(), seq32(my_seq)) {
             if wc.meta.begin_free(old, ogen) {
                 self.to_free.borrow_mut().push(old);
-            } else if m.gen_state() == (ogen, VALID | crate::meta::WB) {
-                // An in-place overwrite holds it (and frees it when done,
-                // after a commit). Its entry — same sector, maybe the same
-                // sequence as ours — must not be committed with ours:
-                // clear it now (before this core acknowledges a commit).
-                wc.media.clear_entry(old);
+            } else {
+                wc.forget_held_entry(old, ogen);
             }
         } else {
             self.superseded.borrow_mut().push(LogEntry {
