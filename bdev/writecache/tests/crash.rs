@@ -156,7 +156,7 @@ impl Cache {
     }
 
     /// "Reboots" from a crash image.
-    fn from_image(&self, img: Vec<u8>) -> Cache {
+    fn rebooted(&self, img: Vec<u8>) -> Cache {
         match self {
             Cache::Pmem(_) => Cache::Pmem(Arc::new(SimPmem::from_image(img))),
             Cache::Disk(_) => {
@@ -616,7 +616,7 @@ fn run_once(mode: Mode, seed: u64, crash_at: Option<u64>) -> Result<Outcome, Str
         Arc::new(d)
     };
     if rng2.gen_bool(0.5) {
-        let pmem = template.from_image(pimg);
+        let pmem = template.rebooted(pimg);
         let disk = reboot_disk(dimg);
         let points = Arc::new(AtomicU64::new(0));
         arm_media(&pmem, &disk, &points, Some(rng2.gen_range(1..=12)));
@@ -658,7 +658,7 @@ fn run_once(mode: Mode, seed: u64, crash_at: Option<u64>) -> Result<Outcome, Str
         }
     }
     // Reboot and recover.
-    let pmem = template.from_image(pimg);
+    let pmem = template.rebooted(pimg);
     let disk = reboot_disk(dimg);
     let rig = build(
         Harness::new(1),
