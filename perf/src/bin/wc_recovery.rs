@@ -1,10 +1,12 @@
-//! Benchmark: recovery time of a full pmem-mode cache and the RAM the cache
-//! keeps per block. Fills a cache of N blocks (default 4 Mi blocks of 512
-//! bytes, in /dev/shm) through the writecache bdev, deletes the instance
-//! (commit only), then times re-creating it (recovery) and reports the
-//! anonymous memory the instance holds per cache block.
+//! Benchmark: recovery time of a full cache and the RAM the cache keeps
+//! per block. Fills a cache of N blocks (default 4 Mi blocks of 512 bytes,
+//! in /dev/shm) through the writecache bdev, deletes the instance (commit
+//! only), then times re-creating it (recovery) and reports the anonymous
+//! memory the instance holds per cache block. pmem mode maps the cache
+//! file (a pmem bdev); ssd mode reads it through a uring bdev (the
+//! metadata region is read into RAM at attach).
 //!
-//! Usage: wc_recovery [blocks] [block_size] [dir]
+//! Usage: wc_recovery [blocks] [block_size] [dir] [pmem|ssd]
 
 use std::time::Instant;
 
@@ -34,6 +36,14 @@ fn main() {
     let blocks: u64 = args.get(1).and_then(|s| s.parse().ok()).unwrap_or(4 << 20);
     let bs: u32 = args.get(2).and_then(|s| s.parse().ok()).unwrap_or(512);
     let dir = args.get(3).cloned().unwrap_or_else(|| "/dev/shm".into());
+    let mode = match args.get(4).map(String::as_str) {
+        None | Some("pmem") => wc_writecache::Mode::Pmem,
+        Some("ssd") => wc_writecache::Mode::Ssd,
+        Some(m) => {
+            eprintln!("wc_recovery: mode must be pmem or ssd, not {m}");
+            std::process::exit(2);
+        }
+    };
     let file = format!("{dir}/wc-recovery-{}.pmem", std::process::id());
     let meta = (64 + 16 * blocks).div_ceil(bs as u64) * bs as u64;
     let size = meta + blocks * bs as u64;
@@ -41,23 +51,41 @@ fn main() {
     let (f2, bsz) = (file.clone(), bs);
     run_on(rt.main(), move || async move {
         wc_bdev_null::create(wc_bdev_null::NullOpts::new("RecO", blocks * 2, bsz)).unwrap();
-        let mut po = wc_bdev_pmem::PmemOpts::new("RecC", &f2);
-        po.size = Some(size);
-        po.block_size = Some(bsz);
-        wc_bdev_pmem::create(po).unwrap();
+        if mode == wc_writecache::Mode::Ssd {
+            std::fs::File::create(&f2)
+                .and_then(|f| f.set_len(size))
+                .expect("cache file");
+            let mut uo = wc_bdev_uring::UringOpts::new("RecC", &f2);
+            uo.block_size = Some(bsz);
+            wc_bdev_uring::create(uo).unwrap();
+        } else {
+            let mut po = wc_bdev_pmem::PmemOpts::new("RecC", &f2);
+            po.size = Some(size);
+            po.block_size = Some(bsz);
+            wc_bdev_pmem::create(po).unwrap();
+        }
     });
+    let main = rt.main().clone();
     let create = move || {
         let mut o = wc_writecache::CreateOpts::new("RecWC", "RecO", "RecC");
+        o.mode = Some(mode);
         o.block_size = Some(bs);
         o.high_watermark = Some(100);
         o.low_watermark = Some(100);
         o.autocommit_blocks = Some(1 << 30);
-        wc_writecache::create(o)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        let (tx, rx) = std::sync::mpsc::channel();
+        main.send(move || {
+            wc_writecache::create_async(
+                o,
+                Box::new(move |r| {
+                    let _ = tx.send(r.map(|_| ()).map_err(|e| e.to_string()));
+                }),
+            )
+        });
+        rx.recv().unwrap_or_else(|e| Err(e.to_string()))
     };
     let before = rss_anon_kib();
-    run_on(rt.main(), move || async move { create() }).unwrap();
+    create().unwrap();
     let per_block_fresh = (rss_anon_kib().saturating_sub(before)) as f64 * 1024.0 / blocks as f64;
     let n = wc_writecache::stats("RecWC").unwrap().blocks;
     let t = Instant::now();
@@ -86,12 +114,12 @@ fn main() {
     });
     assert!(rx.recv().unwrap());
     let t = Instant::now();
-    run_on(rt.main(), move || async move { create() }).unwrap();
+    create().unwrap();
     let recovery = t.elapsed();
     let s = wc_writecache::stats("RecWC").unwrap();
     let after_recovery = rss_anon_kib();
     println!(
-        "cache: {n} blocks of {bs} bytes; filled in {:.2}s; recovery of {} committed blocks: {:.3}s",
+        "{mode:?} mode cache: {n} blocks of {bs} bytes; filled in {:.2}s; recovery of {} committed blocks: {:.3}s",
         fill.as_secs_f64(),
         s.dirty,
         recovery.as_secs_f64()
