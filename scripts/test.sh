@@ -29,6 +29,9 @@ cargo test --workspace --locked --no-fail-fast -- --test-threads=2
 echo "== vhost-user-blk: a QEMU guest (TCG, 2 queues) writes through a writecache bdev, read back over NBD; bdev deleted under the live controller"
 bash exports/vhost/tests/qemu_vm.sh target/debug/writecache_tgt
 
+echo "== dm-writecache interop: Linux's dm-writecache in a QEMU guest (TCG) and ours read and write each other's caches; stats parity (§3.11)"
+bash tests/vm/dm_writecache.sh target/debug/writecache_tgt
+
 echo "== python plugin syntax"
 python3 -m py_compile scripts/writecache_rpc.py
 
