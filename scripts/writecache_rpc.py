@@ -150,7 +150,8 @@ def spdk_rpc_plugin_initialize(subparsers):
         p.add_argument('-c', '--cache-bdev', dest='cache_bdev', required=True,
                        help='Cache (fast) bdev: a pmem bdev or an SSD')
         p.add_argument('--mode', choices=['pmem', 'ssd'],
-                       help='Cache mode (default: pmem if the cache bdev is byte-addressable, else ssd)')
+                       help='Cache mode: pmem (default; the cache bdev must be byte-addressable) '
+                            'or ssd (any block bdev)')
         p.add_argument('--block-size', dest='block_size', type=int,
                        help='Cache block size in bytes (512-4096, power of two; default 4096)')
         p.add_argument('--start-sector', dest='start_sector', type=int,
