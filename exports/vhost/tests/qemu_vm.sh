@@ -158,7 +158,7 @@ start_vm() { # start_vm STEP: boots in the background, console in $TMP/console.l
     -object memory-backend-memfd,id=mem,size=256M,share=on -numa node,memdev=mem \
     -kernel "$KERNEL" -initrd "$TMP/initrd.gz" \
     -append "console=ttyS0 panic=-1 loglevel=4 wc_step=$1" \
-    -chardev socket,id=c0,path="$TMP/vhost.0" -device vhost-user-blk-pci,chardev=c0,num-queues=2 \
+    -chardev socket,id=c0,path="$TMP/vhost.0" -device vhost-user-blk-pci,chardev=c0,num-queues=2,queue-size=1024 \
     -nographic -no-reboot -nodefaults -serial stdio > "$TMP/console.log" 2>&1 &
   QEMU_PID=$!
 }
