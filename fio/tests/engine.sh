@@ -68,7 +68,7 @@ run_fio() {
   shift 2
   local pre=()
   [ "${PRELOAD:-0}" = 1 ] && pre=(env "LD_PRELOAD=$SO")
-  timeout 60 "${pre[@]}" fio "$JOBS/$job" --output-format=json "$@" \
+  (cd "$TMP" && timeout 60 "${pre[@]}" fio "$JOBS/$job" --output-format=json "$@") \
     >"$TMP/$name.json" 2>"$TMP/$name.err"
 }
 
@@ -156,8 +156,8 @@ bad() {
   local name=$1 msg=$2
   shift 2
   local t0=$SECONDS
-  timeout 30 fio --name="$name" --ioengine="$EXT" --direct=1 --rw=randwrite --size=1m "$@" \
-    >"$TMP/$name.out" 2>"$TMP/$name.err"
+  (cd "$TMP" && timeout 30 fio --name="$name" --ioengine="$EXT" --direct=1 --rw=randwrite --size=1m "$@" \
+    ) >"$TMP/$name.out" 2>"$TMP/$name.err"
   local rc=$?
   [ "$rc" -ne 0 ] || fail "$name: fio exited 0"
   [ "$rc" -ne 124 ] || fail "$name: fio hung (killed after 30 s)"
