@@ -47,6 +47,14 @@ int wc_fio_job_getevents(void *job, uint32_t min, uint32_t max, int64_t timeout_
 void *wc_fio_job_event(void *job, int i, int *err);
 void wc_fio_job_free(void *job);
 
+/*
+ * Weak: LD_PRELOAD reaches every program a shell starts, not only fio.
+ * Elsewhere these are NULL, and the library registers nothing.
+ */
+#pragma weak thread_number
+#pragma weak register_ioengine
+#pragma weak unregister_ioengine
+
 #define ENGINE "writecache_bdev"
 #define ERRLEN 512
 
@@ -308,11 +316,14 @@ void get_ioengine(struct ioengine_ops **ops)
 
 static void fio_init wc_fio_register(void)
 {
-	register_ioengine(&ioengine);
+	if (register_ioengine)
+		register_ioengine(&ioengine);
 }
 
 static void fio_exit wc_fio_unregister(void)
 {
+	if (!unregister_ioengine)
+		return;
 	/* Stop bdevs (a writecache commits) and reactors before fio is gone. */
 	wc_fio_env_stop();
 	unregister_ioengine(&ioengine);

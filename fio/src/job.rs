@@ -202,8 +202,11 @@ impl Job {
         self.delivered = 0;
         let min = min.min(max);
         let mut deadline: Option<Instant> = None;
-        // At least one iteration, so min = 0 still reaps what is done.
-        self.reactor.poll();
+        // Poll at least once unless completions are already waiting (the
+        // usual case: `commit` ran an iteration), so min = 0 still reaps.
+        if self.done.ready.borrow().len() < min.max(1) {
+            self.reactor.poll();
+        }
         while self.done.ready.borrow().len() < min {
             if self.reactor.poll() {
                 continue;

@@ -102,6 +102,8 @@ print(f"  {mode}: " + ", ".join(f"{x['write']['iops'] + x['read']['iops']:.0f} I
 EOF
 }
 
+LD_PRELOAD=$SO /bin/true || fail "preloading the engine into a program other than fio breaks it"
+
 export QD=16
 EXT="external:$SO"
 
