@@ -110,6 +110,7 @@ impl App {
         rcfg.main_core = args.main_core;
         rcfg.idle = args.idle_mode();
         rcfg.pin = !args.no_pin;
+        rcfg.hosted = args.hosted_reactors;
         let runtime = Runtime::start(rcfg).map_err(|e| e.to_string())?;
         let registry = wc_rpc::registry().clone();
         register_modules(&registry)?;
@@ -199,6 +200,15 @@ impl App {
         self.runtime
             .as_ref()
             .map(|r| r.handles().to_vec())
+            .unwrap_or_default()
+    }
+
+    /// The hosted reactors (`AppArgs::hosted_reactors`), for the threads
+    /// of an embedding program to attach to.
+    pub fn hosted(&self) -> Vec<wc_reactor::HostedReactor> {
+        self.runtime
+            .as_ref()
+            .map(|r| r.hosted().to_vec())
             .unwrap_or_default()
     }
 
