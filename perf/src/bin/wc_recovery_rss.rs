@@ -145,7 +145,7 @@ struct Target {
 
 impl Target {
     fn start(dir: &Path) -> Target {
-        let sock = dir.join("rss.sock");
+        let sock = dir.join(format!("wc-rss-{}.sock", std::process::id()));
         let child = Command::new(tgt_binary())
             .args([
                 "--interrupt-mode",
@@ -187,6 +187,19 @@ impl Drop for Target {
     fn drop(&mut self) {
         let _ = self.child.kill();
         let _ = self.child.wait();
+        let _ = std::fs::remove_file(&self.sock);
+        let mut lock = self.sock.clone().into_os_string();
+        lock.push(".lock");
+        let _ = std::fs::remove_file(lock);
+    }
+}
+
+/// Removes the cache image, also when a measurement panics.
+struct Image(PathBuf);
+
+impl Drop for Image {
+    fn drop(&mut self) {
+        let _ = std::fs::remove_file(&self.0);
     }
 }
 
@@ -203,8 +216,8 @@ struct Figures {
 
 fn measure(dir: &Path, mi: u64, empty: bool) -> Figures {
     let n = mi << 20;
-    let image = dir.join(format!("wc-rss-{}-{mi}.pmem", std::process::id()));
-    write_image(&image, n, empty).expect("write cache image");
+    let image = Image(dir.join(format!("wc-rss-{}-{mi}.pmem", std::process::id())));
+    write_image(&image.0, n, empty).expect("write cache image");
     let t = Target::start(dir);
     let pid = t.child.id();
     t.call(
@@ -213,7 +226,7 @@ fn measure(dir: &Path, mi: u64, empty: bool) -> Figures {
     );
     t.call(
         "bdev_pmem_create",
-        json!({"name": "RssCache", "filename": image, "block_size": BLOCK_SIZE}),
+        json!({"name": "RssCache", "filename": image.0, "block_size": BLOCK_SIZE}),
     );
     // The image is mapped (and populated) by now: file and shared pages do
     // not change during the create, so the peak of RssAnon is VmHWM less
@@ -267,7 +280,7 @@ fn measure(dir: &Path, mi: u64, empty: bool) -> Figures {
         instance: s["metadata_ram_bytes"].as_u64().unwrap_or(0) as f64 / n as f64,
     };
     drop(t);
-    let _ = std::fs::remove_file(&image);
+    drop(image);
     f
 }
 
