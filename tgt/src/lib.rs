@@ -56,13 +56,16 @@ pub fn register_modules(reg: &Registry) -> Result<(), String> {
     Ok(())
 }
 
-/// Sets up `tracing` on stderr from the log options.
+/// Sets up `tracing` on stderr from the log options: coloured on a terminal
+/// only, so that logs written to a file or a pipe carry no escape codes.
 pub fn init_logging(args: &AppArgs) {
+    use std::io::IsTerminal;
     let level = args.effective_log_level();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .with_target(false)
         .try_init();
