@@ -68,14 +68,15 @@ debian_src_lines() {
 
 fetch_fio_source() {
   local apt="$OUT/apt" dl="$OUT/dl"
-  mkdir -p "$apt/lists/partial" "$apt/archives/partial" "$dl"
+  mkdir -p "$apt/lists/partial" "$apt/archives/partial" "$apt/cache" "$dl"
   debian_src_lines | sort -u >"$apt/sources.list"
   if [[ ! -s "$apt/sources.list" ]]; then
     echo "no Debian apt source entries found to derive deb-src lines from" >&2
     return 1
   fi
   local opts=(-o "Dir::Etc::sourcelist=$apt/sources.list" -o "Dir::Etc::sourceparts=-"
-    -o "Dir::State::lists=$apt/lists" -o "Dir::Cache::archives=$apt/archives"
+    -o "Dir::State::lists=$apt/lists" -o "Dir::Cache=$apt/cache"
+    -o "Dir::Cache::archives=$apt/archives"
     -o "APT::Sandbox::User=root" -qq)
   echo "fetching fio $FIO_DEB_VERSION source (private apt lists in $apt)..." >&2
   apt-get "${opts[@]}" update >&2 || return 1

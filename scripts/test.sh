@@ -30,14 +30,14 @@ cargo test --workspace --locked --no-fail-fast -- --test-threads=2
 
 echo "== fio in-process engine (writecache_bdev): built against fio's source; malloc and writecache jobs, both loading ways, bad input"
 fio_rc=0
-bash scripts/build_fio_engine.sh || fio_rc=$?
+fio_so=$(bash scripts/build_fio_engine.sh) || fio_rc=$?
 if [ "$fio_rc" -eq 3 ] && [ "${WC_REQUIRE_FIO_ENGINE:-0}" != 1 ]; then
   echo "SKIP: fio's source could not be fetched (no network?); WC_REQUIRE_FIO_ENGINE=1 makes this fail"
 elif [ "$fio_rc" -ne 0 ]; then
   echo "FAIL: scripts/build_fio_engine.sh (exit $fio_rc)"
   exit 1
 else
-  bash fio/tests/engine.sh target/fio/libwritecache_fio.so
+  bash fio/tests/engine.sh "$fio_so"
 fi
 
 echo "== vhost-user-blk: a QEMU guest (TCG, 2 queues) writes through a writecache bdev, read back over NBD; bdev deleted under the live controller"

@@ -21,7 +21,7 @@
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 ROOT=$PWD
-SO=$(realpath -m "${1:-target/fio/libwritecache_fio.so}")
+SO=$(realpath -m "${1:-${CARGO_TARGET_DIR:-target}/fio/libwritecache_fio.so}")
 JOBS=$ROOT/fio/tests/jobs
 TMP=$(mktemp -d)
 SHM=/dev/shm
@@ -44,7 +44,9 @@ RPC=$(command -v spdk-rpc || true)
 cat >"$TMP/malloc.json" <<EOF
 {"subsystems": [{"subsystem": "bdev", "config": [
   {"method": "bdev_malloc_create",
-   "params": {"name": "Malloc0", "num_blocks": 65536, "block_size": 512}}]}]}
+   "params": {"name": "Malloc0", "num_blocks": 65536, "block_size": 512}},
+  {"method": "bdev_malloc_create",
+   "params": {"name": "Malloc1", "num_blocks": 65536, "block_size": 512}}]}]}
 EOF
 # Watermarks at 100%: no writeback, so everything written stays in the
 # cache file and only the cache can give it back to the second process.
@@ -74,7 +76,7 @@ run_fio() {
 
 # check NAME MODE: fio's JSON report. MODE write|read|verify.
 check() {
-  python3 - "$TMP/$1.json" "$2" <<'EOF' || fail "$1: fio's report"
+  python3 - "$TMP/$1.json" "$2" "$QD" <<'EOF' || fail "$1: fio's report"
 import json, sys
 text = open(sys.argv[1]).read()
 # fio may print warnings before the JSON document.
@@ -85,10 +87,14 @@ assert len(jobs) == 2, f"{len(jobs)} jobs in the report, want 2"
 for x in jobs:
     assert x["error"] == 0, f"job error {x['error']}"
     w, r = x["write"], x["read"]
-    if mode == "write":
-        assert w["iops"] > 0 and w["io_bytes"] > 0, "no writes"
-    elif mode == "read":
-        assert r["iops"] > 0 and r["io_bytes"] > 0, "no reads"
+    if mode in ("write", "read"):
+        d = w if mode == "write" else r
+        assert d["iops"] > 0 and d["io_bytes"] > 0, f"no {mode}s"
+        # iodepth honoured: most of the time QD I/O were in flight.
+        qd = int(sys.argv[3])
+        at_depth = sum(v for k, v in x["iodepth_level"].items()
+                       if k.lstrip(">=").isdigit() and int(k.lstrip(">=")) >= qd)
+        assert at_depth > 50, f"only {at_depth:.0f}% of the time at depth {qd}: {x['iodepth_level']}"
     elif mode == "verify":
         assert w["io_bytes"] > 0, "no writes"
         # do_verify reads back every block written.
@@ -116,6 +122,11 @@ echo "== malloc: randread (ioengine=external:)"
 ENGINE=$EXT CONF=$TMP/malloc.json BDEV=Malloc0 SIZE=8m \
   run_fio mr randread.fio || fail "randread on malloc (rc $?)"
 check mr read
+
+echo "== two bdevs in one job (filename=Malloc0:Malloc1)"
+ENGINE=$EXT CONF=$TMP/malloc.json BDEV=Malloc0:Malloc1 SIZE=8m \
+  run_fio m2 randwrite.fio || fail "randwrite on Malloc0:Malloc1 (rc $?)"
+check m2 write
 
 echo "== malloc: verify crc32c"
 ENGINE=$EXT CONF=$TMP/malloc.json BDEV=Malloc0 SIZE=8m \
