@@ -2,6 +2,8 @@
 # The whole test suite: installs what it needs, then lint, build and every
 # test. CI (.ci/run) calls exactly this.  Opt-in slow suites:
 #   WC_SOAK=1    longer crash/stress runs
+#   WC_REQUIRE_FIO_ENGINE=1  fail (instead of skip) when fio's source
+#                cannot be fetched for the fio engine build
 set -euo pipefail
 cd "$(dirname "$0")/.."
 
@@ -25,6 +27,18 @@ cargo build --workspace --locked --bins
 
 echo "== cargo test"
 cargo test --workspace --locked --no-fail-fast -- --test-threads=2
+
+echo "== fio in-process engine (writecache_bdev): built against fio's source; malloc and writecache jobs, both loading ways, bad input"
+fio_rc=0
+fio_so=$(bash scripts/build_fio_engine.sh) || fio_rc=$?
+if [ "$fio_rc" -eq 3 ] && [ "${WC_REQUIRE_FIO_ENGINE:-0}" != 1 ]; then
+  echo "SKIP: fio's source could not be fetched (no network?); WC_REQUIRE_FIO_ENGINE=1 makes this fail"
+elif [ "$fio_rc" -ne 0 ]; then
+  echo "FAIL: scripts/build_fio_engine.sh (exit $fio_rc)"
+  exit 1
+else
+  bash fio/tests/engine.sh "$fio_so"
+fi
 
 echo "== vhost-user-blk: a QEMU guest (TCG, 2 queues) writes through a writecache bdev, read back over NBD; bdev deleted under the live controller"
 bash exports/vhost/tests/qemu_vm.sh target/debug/writecache_tgt

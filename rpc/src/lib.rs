@@ -17,19 +17,21 @@
 //! - [`RpcServer`]: the socket server; [`client::Client`]: a small blocking client.
 //!
 //! # Threading model
-//! The RPC path is not the I/O hot path, so the server uses plain threads and blocking I/O:
-//! one acceptor thread (polling the listener and a wake-up socket used by
-//! [`RpcServer::stop`]), and per connection one reader thread (reads, frames, validates) and
-//! one writer thread (sends replies in completion order). Handlers do **not** run on these
-//! threads unless you ask for it: every validated request becomes a job handed to the
-//! [`Dispatcher`] given to [`RpcServer::start`]. The target's dispatcher sends the job to the
-//! main reactor, so, as in SPDK, all handlers run on the app thread and never need locks
-//! against each other; tests use [`inline_dispatcher`], which runs the job on the reader
-//! thread. A handler answers through its [`Responder`], at once or later from any thread;
-//! the reply is queued to the connection's writer, so a slow handler never blocks other
-//! connections. A `Responder` dropped without answering replies `-32603 "Internal error"`.
-//! While the server is paused ([`RpcServer::pause`], [`PauseHandle`]) jobs are held in
-//! arrival order and dispatched on resume.
+//! One event loop (epoll through `mio`, on one thread of its own) serves the listener and
+//! every connection, as SPDK's single `spdk_rpc_accept` poller does: no thread per
+//! connection. It reads, frames and validates requests, sends replies, and reaps a
+//! connection in the same loop iteration that sees it finish (EOF with nothing
+//! outstanding, peer gone, or a parse error answered), so a burst of short-lived clients
+//! never keeps a later one out of the 64 slots. Handlers do **not** run on the loop unless
+//! you ask for it: every validated request becomes a job handed to the [`Dispatcher`] given
+//! to [`RpcServer::start`]. The target's dispatcher sends the job to the main reactor, so,
+//! as in SPDK, all handlers run on the app thread and never need locks against each other;
+//! tests use [`inline_dispatcher`], which runs the job on the loop thread. A handler answers
+//! through its [`Responder`], at once or later from any thread: the reply is queued for the
+//! loop, which wakes and sends it, so a slow handler never blocks other connections. A
+//! `Responder` dropped without answering replies `-32603 "Internal error"`. While the
+//! server is paused ([`RpcServer::pause`], [`PauseHandle`]) jobs are held in arrival order
+//! and dispatched on resume.
 
 #![warn(missing_docs)]
 

@@ -3,18 +3,17 @@
 use std::collections::{HashMap, VecDeque};
 use std::ffi::OsString;
 use std::fs::{self, File, OpenOptions};
-use std::io::{self, Read, Write};
-use std::net::Shutdown;
-use std::os::fd::AsRawFd;
+use std::io::{self, Read};
+use std::os::fd::{AsRawFd, RawFd};
 use std::os::unix::fs::{FileTypeExt, OpenOptionsExt, PermissionsExt};
-use std::os::unix::net::{UnixListener, UnixStream};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::{AtomicBool, AtomicUsize, Ordering};
-use std::sync::mpsc::{self, Receiver, Sender};
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::thread::{self, JoinHandle};
 use std::time::Duration;
 
+use mio::net::{UnixListener, UnixStream};
+use mio::{Events, Interest, Poll, Token, Waker};
 use serde_json::value::RawValue;
 
 use crate::envelope::{format_error, format_reply, parse_incoming, Id, Incoming, Request};
@@ -36,7 +35,8 @@ pub type Job = Box<dyn FnOnce() + Send>;
 /// running it makes the request answer `-32603`.
 pub type Dispatcher = Arc<dyn Fn(Job) + Send + Sync>;
 
-/// A dispatcher that runs handlers right away on the connection's reader thread.
+/// A dispatcher that runs handlers right away on the server's event-loop thread (handlers
+/// must then answer later, not block, if they wait for anything).
 pub fn inline_dispatcher() -> Dispatcher {
     Arc::new(|job: Job| job())
 }
@@ -172,83 +172,69 @@ impl PauseHandle {
 // ---------------------------------------------------------------------------------------
 // Connections
 
+/// What handlers (on any thread) and the parser hand to the event loop, per connection,
+/// in the order they happened.
 enum Outgoing {
-    Data(String),
+    /// One outstanding request finished; its reply text, if it has one (a successful
+    /// notification has none).
+    Finished(Option<String>),
+    /// An error reply that answers no outstanding request (`-32600`, `-32700`).
+    Error(String),
     /// Flush what came before, then close the connection.
     Close,
 }
 
+/// State shared by the event loop, the [`RpcServer`] handle and reply paths.
 struct Shared {
     registry: Registry,
     gate: PauseHandle,
     opts: ServerOptions,
+    /// Open connections, as last counted by the loop.
     active: AtomicUsize,
     stopping: AtomicBool,
-    conns: Mutex<ConnTable>,
+    /// Replies and closes waiting for the loop, tagged with their connection id.
+    outbox: Mutex<Vec<(u64, Outgoing)>>,
+    waker: Waker,
 }
 
-#[derive(Default)]
-struct ConnTable {
-    next_id: u64,
-    /// A handle on each live connection, so that `stop` can shut it down.
-    live: HashMap<u64, UnixStream>,
-}
-
-/// Held by a connection's reader and writer threads; the slot is freed when both are done.
-struct ConnGuard {
-    shared: Arc<Shared>,
-    id: u64,
-}
-
-impl Drop for ConnGuard {
-    fn drop(&mut self) {
-        lock(&self.shared.conns).live.remove(&self.id);
-        self.shared.active.fetch_sub(1, Ordering::AcqRel);
-        tracing::debug!(conn = self.id, "RPC connection closed");
+impl Shared {
+    /// Queues `msg` for connection `conn` and wakes the loop if it may be asleep.
+    fn post(&self, conn: u64, msg: Outgoing) {
+        if self.stopping.load(Ordering::Acquire) {
+            return;
+        }
+        let was_empty = {
+            let mut q = lock(&self.outbox);
+            let was_empty = q.is_empty();
+            q.push((conn, msg));
+            was_empty
+        };
+        // A non-empty outbox has a wake-up on its way already.
+        if was_empty {
+            if let Err(e) = self.waker.wake() {
+                tracing::error!("RPC event loop wake-up failed: {e}");
+            }
+        }
     }
 }
 
 #[cfg(target_os = "linux")]
-const SEND_FLAGS: libc::c_int = libc::MSG_NOSIGNAL;
+const SEND_FLAGS: libc::c_int = libc::MSG_NOSIGNAL | libc::MSG_DONTWAIT;
 #[cfg(not(target_os = "linux"))]
-const SEND_FLAGS: libc::c_int = 0;
+const SEND_FLAGS: libc::c_int = libc::MSG_DONTWAIT;
 
-/// Writes all of `buf`, without raising SIGPIPE if the peer is gone.
-fn send_all(stream: &UnixStream, mut buf: &[u8]) -> io::Result<()> {
-    let fd = stream.as_raw_fd();
-    while !buf.is_empty() {
-        // SAFETY: `fd` is a socket owned by `stream`, which outlives the call, and `buf`
-        // points to `buf.len()` initialised bytes that `send` only reads.
+/// Sends what the socket takes of `buf` now, without raising SIGPIPE if the peer is gone.
+fn send_some(fd: RawFd, buf: &[u8]) -> io::Result<usize> {
+    loop {
+        // SAFETY: `fd` is a socket owned by the caller's stream for the duration of the
+        // call, and `buf` points to `buf.len()` initialised bytes that `send` only reads.
         let n = unsafe { libc::send(fd, buf.as_ptr().cast(), buf.len(), SEND_FLAGS) };
-        if n < 0 {
-            let e = io::Error::last_os_error();
-            if e.kind() == io::ErrorKind::Interrupted {
-                continue;
-            }
+        if n >= 0 {
+            return Ok(n.unsigned_abs());
+        }
+        let e = io::Error::last_os_error();
+        if e.kind() != io::ErrorKind::Interrupted {
             return Err(e);
-        }
-        if n == 0 {
-            return Err(io::ErrorKind::WriteZero.into());
-        }
-        buf = buf.get(n.unsigned_abs()..).unwrap_or_default();
-    }
-    Ok(())
-}
-
-fn writer_main(stream: UnixStream, rx: Receiver<Outgoing>, guard: Arc<ConnGuard>) {
-    while let Ok(msg) = rx.recv() {
-        match msg {
-            Outgoing::Data(text) => {
-                if let Err(e) = send_all(&stream, text.as_bytes()) {
-                    tracing::debug!(conn = guard.id, "RPC send failed: {e}");
-                    let _ = stream.shutdown(Shutdown::Both);
-                    break;
-                }
-            }
-            Outgoing::Close => {
-                let _ = stream.shutdown(Shutdown::Both);
-                break;
-            }
         }
     }
 }
@@ -258,24 +244,24 @@ enum Flow {
     Close,
 }
 
-struct Conn {
-    shared: Arc<Shared>,
-    tx: Sender<Outgoing>,
+/// Parses and submits a connection's requests. Everything it says goes through the
+/// outbox, so that replies, errors and the close keep their order.
+struct Requests<'a> {
+    shared: &'a Arc<Shared>,
     id: u64,
+    /// Requests (or batches) submitted; each posts exactly one `Finished`.
+    submitted: usize,
 }
 
-impl Conn {
-    fn send(&self, text: String) {
-        let _ = self.tx.send(Outgoing::Data(text));
-    }
-
+impl Requests<'_> {
     fn parse_error_and_close(&self) {
-        self.send(format_error(&Id::Null, &RpcError::parse_error()) + "\n");
-        let _ = self.tx.send(Outgoing::Close);
+        let text = format_error(&Id::Null, &RpcError::parse_error()) + "\n";
+        self.shared.post(self.id, Outgoing::Error(text));
+        self.shared.post(self.id, Outgoing::Close);
     }
 
     /// Parses every complete JSON value at the front of `buf` and drops the consumed bytes.
-    fn process(&self, buf: &mut Vec<u8>) -> Flow {
+    fn process(&mut self, buf: &mut Vec<u8>) -> Flow {
         let mut consumed = 0;
         let mut flow = Flow::Continue;
         {
@@ -310,7 +296,7 @@ impl Conn {
         flow
     }
 
-    fn handle(&self, raw: &str) -> Flow {
+    fn handle(&mut self, raw: &str) -> Flow {
         match parse_incoming(raw) {
             Err(_) => {
                 tracing::debug!(conn = self.id, "RPC request could not be decoded");
@@ -318,28 +304,31 @@ impl Conn {
                 Flow::Close
             }
             Ok(Incoming::Single(Err(e))) => {
-                self.send(format_error(&Id::Null, &e) + "\n");
+                self.shared
+                    .post(self.id, Outgoing::Error(format_error(&Id::Null, &e) + "\n"));
                 Flow::Continue
             }
             Ok(Incoming::Single(Ok(req))) => {
-                let tx = self.tx.clone();
-                let id = req.id.clone();
+                let shared = Arc::clone(self.shared);
+                let (conn, id) = (self.id, req.id.clone());
                 let responder = Responder::new(move |result| {
-                    if let Some(text) = format_reply(&id, &result) {
-                        let _ = tx.send(Outgoing::Data(text + "\n"));
-                    }
+                    let text = format_reply(&id, &result).map(|t| t + "\n");
+                    shared.post(conn, Outgoing::Finished(text));
                 });
+                self.submitted += 1;
                 self.submit(req, responder);
                 Flow::Continue
             }
             Ok(Incoming::Batch(items)) => {
+                self.submitted += 1;
                 let batch = Arc::new(Batch {
                     slots: Mutex::new(BatchSlots {
                         replies: vec![None; items.len()],
                         // +1: the batch cannot complete before every element is submitted.
                         remaining: items.len() + 1,
                     }),
-                    tx: self.tx.clone(),
+                    shared: Arc::clone(self.shared),
+                    conn: self.id,
                 });
                 for (index, item) in items.into_iter().enumerate() {
                     match item {
@@ -378,7 +367,8 @@ struct BatchSlots {
 /// Collects a batch's replies; sends `[...]` once every element has answered.
 struct Batch {
     slots: Mutex<BatchSlots>,
-    tx: Sender<Outgoing>,
+    shared: Arc<Shared>,
+    conn: u64,
 }
 
 impl Batch {
@@ -402,168 +392,342 @@ impl Batch {
         if let Some(replies) = done {
             let parts: Vec<String> = replies.into_iter().flatten().collect();
             // An all-notification batch gets no reply at all.
-            if !parts.is_empty() {
-                let _ = self
-                    .tx
-                    .send(Outgoing::Data(format!("[{}]\n", parts.join(","))));
-            }
+            let text = (!parts.is_empty()).then(|| format!("[{}]\n", parts.join(",")));
+            self.shared.post(self.conn, Outgoing::Finished(text));
         }
     }
 }
 
-fn reader_main(conn: Conn, mut stream: UnixStream, _guard: Arc<ConnGuard>) {
-    let mut buf: Vec<u8> = Vec::new();
-    let mut chunk = vec![0u8; 64 * 1024];
-    loop {
-        let n = match stream.read(&mut chunk) {
-            Ok(0) => {
-                if !buf.iter().all(u8::is_ascii_whitespace) {
-                    tracing::debug!(conn = conn.id, "RPC peer closed with a partial request");
-                }
-                break;
-            }
-            Ok(n) => n,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
-            Err(e) => {
-                tracing::debug!(conn = conn.id, "RPC recv failed: {e}");
-                break;
-            }
-        };
-        buf.extend_from_slice(chunk.get(..n).unwrap_or_default());
-        if let Flow::Close = conn.process(&mut buf) {
-            break;
-        }
-        if buf.len() >= conn.shared.opts.max_request_bytes {
-            tracing::error!(
-                conn = conn.id,
-                "RPC request exceeds {} bytes; closing connection",
-                conn.shared.opts.max_request_bytes
-            );
-            conn.parse_error_and_close();
-            break;
+/// One client connection, owned by the event loop.
+struct Conn {
+    id: u64,
+    stream: UnixStream,
+    /// Bytes read but not yet parsed (an incomplete request).
+    inbuf: Vec<u8>,
+    /// Replies not yet sent, from `out_pos` on.
+    out: Vec<u8>,
+    out_pos: usize,
+    /// Requests submitted whose reply has not come back yet.
+    outstanding: usize,
+    /// The peer sent EOF: answer what is outstanding, then close.
+    read_closed: bool,
+    /// A parse error or an oversized request was seen: nothing more is read.
+    read_stopped: bool,
+    /// Its `Close` came through the outbox: nothing more is queued, and the connection
+    /// closes once what is queued has been sent.
+    closing: bool,
+    /// The peer closed both directions: once its last bytes are read, nobody is left to
+    /// answer.
+    peer_gone: bool,
+    /// The connection is dead (send or recv failed): reap it.
+    dead: bool,
+}
+
+/// Reads per readiness event before other connections get their turn.
+const READS_PER_TURN: usize = 16;
+const READ_CHUNK: usize = 64 * 1024;
+
+enum ReadOutcome {
+    /// Read until the socket had nothing more (or the connection is done reading).
+    Drained,
+    /// Stopped after [`READS_PER_TURN`] reads with more possibly waiting.
+    More,
+}
+
+impl Conn {
+    fn new(id: u64, stream: UnixStream) -> Conn {
+        Conn {
+            id,
+            stream,
+            inbuf: Vec::new(),
+            out: Vec::new(),
+            out_pos: 0,
+            outstanding: 0,
+            read_closed: false,
+            read_stopped: false,
+            closing: false,
+            peer_gone: false,
+            dead: false,
         }
     }
-    // Dropping `conn.tx` lets the writer finish once outstanding requests have answered.
+
+    fn read(&mut self, shared: &Arc<Shared>, chunk: &mut [u8]) -> ReadOutcome {
+        for _ in 0..READS_PER_TURN {
+            if self.read_closed || self.read_stopped || self.dead {
+                return ReadOutcome::Drained;
+            }
+            let n = match self.stream.read(chunk) {
+                Ok(0) => {
+                    if !self.inbuf.iter().all(u8::is_ascii_whitespace) {
+                        tracing::debug!(conn = self.id, "RPC peer closed with a partial request");
+                    }
+                    self.read_closed = true;
+                    return ReadOutcome::Drained;
+                }
+                Ok(n) => n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return ReadOutcome::Drained,
+                Err(e) if e.kind() == io::ErrorKind::Interrupted => continue,
+                Err(e) => {
+                    tracing::debug!(conn = self.id, "RPC recv failed: {e}");
+                    self.dead = true;
+                    return ReadOutcome::Drained;
+                }
+            };
+            self.inbuf
+                .extend_from_slice(chunk.get(..n).unwrap_or_default());
+            let mut requests = Requests {
+                shared,
+                id: self.id,
+                submitted: 0,
+            };
+            let flow = requests.process(&mut self.inbuf);
+            self.outstanding += requests.submitted;
+            if let Flow::Close = flow {
+                self.read_stopped = true;
+                self.inbuf = Vec::new();
+            } else if self.inbuf.len() >= shared.opts.max_request_bytes {
+                tracing::error!(
+                    conn = self.id,
+                    "RPC request exceeds {} bytes; closing connection",
+                    shared.opts.max_request_bytes
+                );
+                requests.parse_error_and_close();
+                self.read_stopped = true;
+                self.inbuf = Vec::new();
+            }
+        }
+        ReadOutcome::More
+    }
+
+    /// Takes one message from the outbox.
+    fn deliver(&mut self, msg: Outgoing) {
+        match msg {
+            Outgoing::Finished(text) => {
+                self.outstanding = self.outstanding.saturating_sub(1);
+                if let Some(t) = text {
+                    self.queue(&t);
+                }
+            }
+            Outgoing::Error(text) => self.queue(&text),
+            Outgoing::Close => self.closing = true,
+        }
+    }
+
+    fn queue(&mut self, text: &str) {
+        // After a parse error nothing else is sent, as in SPDK.
+        if !self.closing {
+            self.out.extend_from_slice(text.as_bytes());
+        }
+    }
+
+    /// Sends queued replies until done or the socket is full.
+    fn flush(&mut self) {
+        while self.out_pos < self.out.len() && !self.dead {
+            let pending = self.out.get(self.out_pos..).unwrap_or_default();
+            match send_some(self.stream.as_raw_fd(), pending) {
+                Ok(0) => self.dead = true,
+                Ok(n) => self.out_pos += n,
+                Err(e) if e.kind() == io::ErrorKind::WouldBlock => return,
+                Err(e) => {
+                    tracing::debug!(conn = self.id, "RPC send failed: {e}");
+                    self.dead = true;
+                }
+            }
+        }
+        if self.out_pos >= self.out.len() {
+            self.out.clear();
+            self.out_pos = 0;
+            // Do not keep a large reply's buffer around for an idle connection.
+            if self.out.capacity() > READ_CHUNK {
+                self.out = Vec::new();
+            }
+        }
+    }
+
+    /// Whether the loop should close the connection now.
+    fn finished(&self) -> bool {
+        let flushed = self.out_pos >= self.out.len();
+        self.dead
+            || (self.closing && flushed)
+            || (self.read_closed && (self.peer_gone || (self.outstanding == 0 && flushed)))
+    }
 }
 
 // ---------------------------------------------------------------------------------------
-// Listener
+// The event loop
 
-fn poll_readable(fds: &mut [libc::pollfd]) -> io::Result<()> {
-    let nfds = libc::nfds_t::try_from(fds.len()).unwrap_or(0);
-    // SAFETY: `fds` is a valid, exclusively borrowed slice of `nfds` pollfd structs for the
-    // duration of the call; poll only writes their `revents` fields.
-    let rc = unsafe { libc::poll(fds.as_mut_ptr(), nfds, -1) };
-    if rc < 0 {
-        Err(io::Error::last_os_error())
-    } else {
-        Ok(())
-    }
+const LISTENER: Token = Token(0);
+const WAKER: Token = Token(1);
+/// Connection ids start here, so that a connection's token is its id.
+const FIRST_CONN_ID: u64 = 2;
+
+struct EventLoop {
+    poll: Poll,
+    listener: UnixListener,
+    shared: Arc<Shared>,
+    conns: HashMap<u64, Conn>,
+    next_id: u64,
+    /// Connections that stopped reading after their turn with data possibly left.
+    again: Vec<u64>,
+    /// Accepting failed for lack of resources: retry after a pause.
+    accept_backoff: bool,
+    chunk: Vec<u8>,
 }
 
-fn acceptor_main(listener: UnixListener, wake: UnixStream, shared: Arc<Shared>) {
-    let mut fds = [
-        libc::pollfd {
-            fd: listener.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-        libc::pollfd {
-            fd: wake.as_raw_fd(),
-            events: libc::POLLIN,
-            revents: 0,
-        },
-    ];
-    loop {
-        for p in fds.iter_mut() {
-            p.revents = 0;
-        }
-        if let Err(e) = poll_readable(&mut fds) {
-            if e.kind() != io::ErrorKind::Interrupted {
-                tracing::error!("RPC listener poll failed: {e}");
-                thread::sleep(Duration::from_millis(10));
+fn token_of(id: u64) -> Token {
+    Token(usize::try_from(id).unwrap_or(usize::MAX))
+}
+
+impl EventLoop {
+    fn run(mut self) {
+        let mut events = Events::with_capacity(256);
+        while !self.shared.stopping.load(Ordering::Acquire) {
+            let timeout = if !self.again.is_empty() {
+                Some(Duration::ZERO)
+            } else if self.accept_backoff {
+                Some(Duration::from_millis(10))
+            } else {
+                None
+            };
+            if let Err(e) = self.poll.poll(&mut events, timeout) {
+                if e.kind() != io::ErrorKind::Interrupted {
+                    tracing::error!("RPC event loop poll failed: {e}");
+                    thread::sleep(Duration::from_millis(10));
+                }
+                continue;
             }
-            continue;
+            if self.shared.stopping.load(Ordering::Acquire) {
+                break;
+            }
+            let mut touched: Vec<u64> = std::mem::take(&mut self.again);
+            let mut accept = self.accept_backoff;
+            for ev in events.iter() {
+                match ev.token() {
+                    LISTENER => accept = true,
+                    WAKER => {}
+                    Token(t) => {
+                        let id = t as u64;
+                        if let Some(c) = self.conns.get_mut(&id) {
+                            // The peer closed both directions: nobody is left to answer.
+                            if ev.is_read_closed() && ev.is_write_closed() {
+                                c.peer_gone = true;
+                            }
+                            touched.push(id);
+                        }
+                    }
+                }
+            }
+            // Connections first, so that slots of finished ones are free for new clients.
+            for id in &touched {
+                self.service(*id);
+            }
+            self.deliver_and_reap(&touched);
+            if accept {
+                self.accept();
+            }
         }
-        if shared.stopping.load(Ordering::Acquire) || fds[1].revents != 0 {
-            break;
+        let n = self.conns.len();
+        self.conns.clear();
+        self.shared.active.store(0, Ordering::Release);
+        tracing::debug!(closed = n, "RPC event loop finished");
+    }
+
+    /// Reads what a connection sent (until the socket is drained or its turn is over).
+    fn service(&mut self, id: u64) {
+        let Some(c) = self.conns.get_mut(&id) else {
+            return;
+        };
+        if let ReadOutcome::More = c.read(&self.shared, &mut self.chunk) {
+            self.again.push(id);
         }
+    }
+
+    /// Hands queued replies to their connections, sends them, and closes the connections
+    /// that are done (`extra`: ones with news of their own, such as an EOF).
+    fn deliver_and_reap(&mut self, extra: &[u64]) {
+        let queued = std::mem::take(&mut *lock(&self.shared.outbox));
+        let mut dirty: Vec<u64> = extra.to_vec();
+        for (id, msg) in queued {
+            // Replies for a connection that is gone are dropped, as in SPDK.
+            if let Some(c) = self.conns.get_mut(&id) {
+                c.deliver(msg);
+                dirty.push(id);
+            }
+        }
+        dirty.sort_unstable();
+        dirty.dedup();
+        for id in dirty {
+            let done = match self.conns.get_mut(&id) {
+                Some(c) => {
+                    c.flush();
+                    c.finished()
+                }
+                None => false,
+            };
+            if done {
+                self.close(id);
+            }
+        }
+        self.shared
+            .active
+            .store(self.conns.len(), Ordering::Release);
+    }
+
+    fn close(&mut self, id: u64) {
+        if let Some(mut c) = self.conns.remove(&id) {
+            let _ = self.poll.registry().deregister(&mut c.stream);
+            self.again.retain(|&a| a != id);
+            tracing::debug!(conn = id, "RPC connection closed");
+        }
+    }
+
+    fn accept(&mut self) {
+        self.accept_backoff = false;
         loop {
-            match listener.accept() {
-                Ok((stream, _)) => start_connection(&shared, stream),
+            match self.listener.accept() {
+                Ok((stream, _)) => self.admit(stream),
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e)
                     if e.kind() == io::ErrorKind::Interrupted
-                        || e.kind() == io::ErrorKind::ConnectionAborted =>
-                {
-                    continue
-                }
+                        || e.kind() == io::ErrorKind::ConnectionAborted => {}
                 Err(e) => {
                     // EMFILE and friends: back off instead of spinning.
                     tracing::error!("RPC accept failed: {e}");
-                    thread::sleep(Duration::from_millis(10));
+                    self.accept_backoff = true;
                     break;
                 }
             }
         }
     }
-}
 
-fn start_connection(shared: &Arc<Shared>, stream: UnixStream) {
-    if shared.active.load(Ordering::Acquire) >= shared.opts.max_connections {
-        tracing::error!(
-            "Could not accept RPC connection: too many open connections (max {})",
-            shared.opts.max_connections
-        );
-        let _ = stream.shutdown(Shutdown::Both);
-        return;
-    }
-    if let Err(e) = stream.set_nonblocking(false) {
-        tracing::error!("RPC connection setup failed: {e}");
-        return;
-    }
-    let (writer_stream, table_stream) = match (stream.try_clone(), stream.try_clone()) {
-        (Ok(w), Ok(t)) => (w, t),
-        (Err(e), _) | (_, Err(e)) => {
+    fn admit(&mut self, mut stream: UnixStream) {
+        if self.conns.len() >= self.shared.opts.max_connections {
+            // Replies may have finished some connections since the last look.
+            self.deliver_and_reap(&[]);
+        }
+        if self.conns.len() >= self.shared.opts.max_connections {
+            tracing::error!(
+                "Could not accept RPC connection: too many open connections (max {})",
+                self.shared.opts.max_connections
+            );
+            return;
+        }
+        let id = self.next_id;
+        self.next_id += 1;
+        if let Err(e) = self.poll.registry().register(
+            &mut stream,
+            token_of(id),
+            Interest::READABLE | Interest::WRITABLE,
+        ) {
             tracing::error!("RPC connection setup failed: {e}");
             return;
         }
-    };
-    let id = {
-        let mut t = lock(&shared.conns);
-        t.next_id += 1;
-        let id = t.next_id;
-        t.live.insert(id, table_stream);
-        id
-    };
-    shared.active.fetch_add(1, Ordering::AcqRel);
-    // From here on, dropping the last guard frees the slot and the table entry.
-    let guard = Arc::new(ConnGuard {
-        shared: Arc::clone(shared),
-        id,
-    });
-    tracing::debug!(conn = id, "RPC connection accepted");
-
-    let (tx, rx) = mpsc::channel();
-    let g = Arc::clone(&guard);
-    let spawned = thread::Builder::new()
-        .name(format!("wc-rpc-w{id}"))
-        .spawn(move || writer_main(writer_stream, rx, g))
-        .and_then(|_| {
-            let conn = Conn {
-                shared: Arc::clone(shared),
-                tx,
-                id,
-            };
-            thread::Builder::new()
-                .name(format!("wc-rpc-r{id}"))
-                .spawn(move || reader_main(conn, stream, guard))
-        });
-    if let Err(e) = spawned {
-        tracing::error!("RPC connection thread spawn failed: {e}");
-        if let Some(s) = lock(&shared.conns).live.get(&id) {
-            let _ = s.shutdown(Shutdown::Both);
-        }
+        tracing::debug!(conn = id, "RPC connection accepted");
+        self.conns.insert(id, Conn::new(id, stream));
+        // Serve what it already sent (often everything, up to its close) right away:
+        // a burst of short-lived clients then never holds slots a later one needs.
+        self.service(id);
+        self.deliver_and_reap(&[id]);
     }
 }
 
@@ -575,8 +739,7 @@ pub struct RpcServer {
     path: PathBuf,
     lock_path: PathBuf,
     lock_file: Option<File>,
-    wake: Option<UnixStream>,
-    acceptor: Option<JoinHandle<()>>,
+    event_loop: Option<JoinHandle<()>>,
 }
 
 impl std::fmt::Debug for RpcServer {
@@ -658,8 +821,9 @@ impl RpcServer {
     /// Starts listening on `path`.
     ///
     /// Takes `<path>.lock` (fails with `ErrorKind::AddrInUse` and "RPC Unix domain socket
-    /// path `<p>` in use. Specify another." if another process holds it), removes a stale socket file, binds, sets the
-    /// socket's mode (0600 unless overridden) and starts the acceptor thread.
+    /// path `<p>` in use. Specify another." if another process holds it), removes a stale
+    /// socket file, binds, sets the socket's mode (0600 unless overridden) and starts the
+    /// event-loop thread that serves every connection.
     pub fn start_with_options(
         path: impl AsRef<Path>,
         registry: Registry,
@@ -674,7 +838,7 @@ impl RpcServer {
             e
         };
         remove_stale_socket(&path).map_err(cleanup_lock)?;
-        let listener = UnixListener::bind(&path).map_err(|e| {
+        let listener = std::os::unix::net::UnixListener::bind(&path).map_err(|e| {
             cleanup_lock(io::Error::new(
                 e.kind(),
                 format!("Cannot listen on RPC socket {}: {e}", path.display()),
@@ -687,7 +851,12 @@ impl RpcServer {
         let mode = opts.socket_mode.unwrap_or(DEFAULT_SOCKET_MODE);
         fs::set_permissions(&path, fs::Permissions::from_mode(mode)).map_err(cleanup_all)?;
         listener.set_nonblocking(true).map_err(cleanup_all)?;
-        let (wake_tx, wake_rx) = UnixStream::pair().map_err(cleanup_all)?;
+        let mut listener = UnixListener::from_std(listener);
+        let poll = Poll::new().map_err(cleanup_all)?;
+        poll.registry()
+            .register(&mut listener, LISTENER, Interest::READABLE)
+            .map_err(cleanup_all)?;
+        let waker = Waker::new(poll.registry(), WAKER).map_err(cleanup_all)?;
 
         let shared = Arc::new(Shared {
             registry,
@@ -695,12 +864,22 @@ impl RpcServer {
             opts,
             active: AtomicUsize::new(0),
             stopping: AtomicBool::new(false),
-            conns: Mutex::new(ConnTable::default()),
+            outbox: Mutex::new(Vec::new()),
+            waker,
         });
-        let s = Arc::clone(&shared);
-        let acceptor = thread::Builder::new()
-            .name("wc-rpc-accept".into())
-            .spawn(move || acceptor_main(listener, wake_rx, s))
+        let event_loop = EventLoop {
+            poll,
+            listener,
+            shared: Arc::clone(&shared),
+            conns: HashMap::new(),
+            next_id: FIRST_CONN_ID,
+            again: Vec::new(),
+            accept_backoff: false,
+            chunk: vec![0; READ_CHUNK],
+        };
+        let event_loop = thread::Builder::new()
+            .name("wc-rpc".into())
+            .spawn(move || event_loop.run())
             .map_err(cleanup_all)?;
         tracing::info!("RPC server listening on {} (mode {mode:o})", path.display());
         Ok(RpcServer {
@@ -708,8 +887,7 @@ impl RpcServer {
             path,
             lock_path,
             lock_file: Some(lock_file),
-            wake: Some(wake_tx),
-            acceptor: Some(acceptor),
+            event_loop: Some(event_loop),
         })
     }
 
@@ -752,15 +930,16 @@ impl RpcServer {
     /// and lock files. Idempotent. Handlers still running may answer; those replies are
     /// discarded.
     pub fn stop(&mut self) {
-        let Some(acceptor) = self.acceptor.take() else {
+        let Some(event_loop) = self.event_loop.take() else {
             return;
         };
         self.shared.stopping.store(true, Ordering::Release);
-        if let Some(mut w) = self.wake.take() {
-            let _ = w.write_all(b"x");
+        if let Err(e) = self.shared.waker.wake() {
+            tracing::error!("RPC event loop wake-up failed: {e}");
         }
-        if acceptor.join().is_err() {
-            tracing::error!("RPC acceptor thread panicked");
+        // The loop closes every connection on its way out.
+        if event_loop.join().is_err() {
+            tracing::error!("RPC event loop thread panicked");
         }
         if let Err(e) = fs::remove_file(&self.path) {
             tracing::warn!("Cannot remove RPC socket {}: {e}", self.path.display());
@@ -768,14 +947,7 @@ impl RpcServer {
         let _ = fs::remove_file(&self.lock_path);
         // Closing the file releases the flock.
         self.lock_file = None;
-        let live: Vec<UnixStream> = lock(&self.shared.conns)
-            .live
-            .drain()
-            .map(|(_, s)| s)
-            .collect();
-        for s in &live {
-            let _ = s.shutdown(Shutdown::Both);
-        }
+        lock(&self.shared.outbox).clear();
         self.shared.gate.discard_held();
         tracing::info!("RPC server on {} stopped", self.path.display());
     }

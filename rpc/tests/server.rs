@@ -541,7 +541,7 @@ fn dropped_responder_and_panicking_handler_give_32603() {
         c.call("panic", None),
         Err(RpcError::new(-32603, "Internal error"))
     );
-    // The connection (whose reader thread ran the handler inline) still works.
+    // The connection (whose handler ran inline on the event loop) still works.
     assert_eq!(c.call("echo", Some(json!({"a": 1}))), Ok(json!({"a": 1})));
 }
 

@@ -73,6 +73,10 @@ pub struct AppArgs {
     /// writecache_tgt (bdevperf uses `-S` for its stats interval).
     #[arg(long = "vhost-dir")]
     pub vhost_dir: Option<PathBuf>,
+    /// Reactors driven by threads of an embedding program (the fio
+    /// engine's job threads), beyond those of the core mask. Not a flag.
+    #[arg(skip)]
+    pub hosted_reactors: usize,
 }
 
 impl AppArgs {

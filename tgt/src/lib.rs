@@ -56,13 +56,16 @@ pub fn register_modules(reg: &Registry) -> Result<(), String> {
     Ok(())
 }
 
-/// Sets up `tracing` on stderr from the log options.
+/// Sets up `tracing` on stderr from the log options: coloured on a terminal
+/// only, so that logs written to a file or a pipe carry no escape codes.
 pub fn init_logging(args: &AppArgs) {
+    use std::io::IsTerminal;
     let level = args.effective_log_level();
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(level));
     let _ = tracing_subscriber::fmt()
         .with_env_filter(filter)
+        .with_ansi(std::io::stderr().is_terminal())
         .with_writer(std::io::stderr)
         .with_target(false)
         .try_init();
@@ -107,6 +110,7 @@ impl App {
         rcfg.main_core = args.main_core;
         rcfg.idle = args.idle_mode();
         rcfg.pin = !args.no_pin;
+        rcfg.hosted = args.hosted_reactors;
         let runtime = Runtime::start(rcfg).map_err(|e| e.to_string())?;
         let registry = wc_rpc::registry().clone();
         register_modules(&registry)?;
@@ -196,6 +200,15 @@ impl App {
         self.runtime
             .as_ref()
             .map(|r| r.handles().to_vec())
+            .unwrap_or_default()
+    }
+
+    /// The hosted reactors (`AppArgs::hosted_reactors`), for the threads
+    /// of an embedding program to attach to.
+    pub fn hosted(&self) -> Vec<wc_reactor::HostedReactor> {
+        self.runtime
+            .as_ref()
+            .map(|r| r.hosted().to_vec())
             .unwrap_or_default()
     }
 

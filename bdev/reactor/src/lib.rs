@@ -17,18 +17,24 @@
 //! [`IdleMode::Sleep`] spins briefly, then parks the thread until a message
 //! arrives or a timer is due (tests, CI on small machines).
 //!
+//! A runtime may also have **hosted** reactors ([`HostedReactor`]): full
+//! members that a thread the runtime did not start (a fio job) attaches to
+//! and polls itself; a standby thread runs them while nobody is attached.
+//!
 //! [`Harness`] builds N logical reactors on the calling thread and lets a
 //! test choose which polls next: interleavings across "cores" become exact
 //! schedules instead of sleeps.
 
 #![warn(missing_docs)]
 
+mod hosted;
 mod mask;
 mod reactor;
 mod runtime;
 pub mod tick;
 pub mod topology;
 
+pub use hosted::{AttachError, AttachedReactor, HostedReactor};
 pub use mask::{CoreMask, MaskError};
 pub use reactor::{
     current, try_current, IdleMode, Message, PollStatus, PollerHandle, Reactor, ReactorHandle,

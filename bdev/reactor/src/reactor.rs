@@ -7,7 +7,7 @@ use std::collections::HashMap;
 use std::future::Future;
 use std::rc::{Rc, Weak};
 use std::sync::atomic::{fence, AtomicBool, AtomicU64, Ordering};
-use std::sync::{Arc, OnceLock};
+use std::sync::{Arc, Mutex, OnceLock};
 use std::thread::Thread;
 use std::time::Duration;
 
@@ -67,7 +67,10 @@ pub(crate) struct Shared {
     inbox: SegQueue<Message>,
     tasks: SegQueue<async_task::Runnable>,
     sleeping: CachePadded<AtomicBool>,
-    thread: OnceLock<Thread>,
+    /// The thread that polls the reactor now (a hosted reactor changes
+    /// hands: standby thread, then its host, then standby again). Only
+    /// read when the reactor sleeps, so the lock is off the I/O path.
+    thread: Mutex<Option<Thread>>,
     pub(crate) stop: AtomicBool,
     pub(crate) busy_ticks: AtomicU64,
     pub(crate) idle_ticks: AtomicU64,
@@ -76,6 +79,27 @@ pub(crate) struct Shared {
     pub(crate) active_pollers: AtomicU64,
     pub(crate) timed_pollers: AtomicU64,
     pub(crate) runtime: OnceLock<Arc<RuntimeShared>>,
+}
+
+impl Shared {
+    pub(crate) fn new(index: usize, core: u32) -> Arc<Shared> {
+        Arc::new(Shared {
+            index,
+            core,
+            inbox: SegQueue::new(),
+            tasks: SegQueue::new(),
+            sleeping: CachePadded::new(AtomicBool::new(false)),
+            thread: Mutex::new(None),
+            stop: AtomicBool::new(false),
+            busy_ticks: AtomicU64::new(0),
+            idle_ticks: AtomicU64::new(0),
+            tid: AtomicU64::new(0),
+            interrupt: AtomicBool::new(false),
+            active_pollers: AtomicU64::new(0),
+            timed_pollers: AtomicU64::new(0),
+            runtime: OnceLock::new(),
+        })
+    }
 }
 
 /// What all reactors of one runtime share: the handles of each other.
@@ -177,7 +201,8 @@ impl ReactorHandle {
         // our push, or we see its `sleeping` flag and unpark it.
         fence(Ordering::SeqCst);
         if self.0.sleeping.load(Ordering::Relaxed) {
-            if let Some(t) = self.0.thread.get() {
+            let t = self.0.thread.lock().unwrap_or_else(|p| p.into_inner());
+            if let Some(t) = t.as_ref() {
                 t.unpark();
             }
         }
@@ -213,7 +238,7 @@ pub struct Reactor {
 }
 
 thread_local! {
-    static CURRENT: RefCell<Option<Rc<Reactor>>> = const { RefCell::new(None) };
+    pub(crate) static CURRENT: RefCell<Option<Rc<Reactor>>> = const { RefCell::new(None) };
 }
 
 /// The reactor running on this thread. Panics when called off a reactor:
@@ -260,22 +285,16 @@ impl PollerHandle {
 
 impl Reactor {
     pub(crate) fn new(index: usize, core: u32, idle: IdleMode) -> Rc<Reactor> {
-        let shared = Arc::new(Shared {
-            index,
-            core,
-            inbox: SegQueue::new(),
-            tasks: SegQueue::new(),
-            sleeping: CachePadded::new(AtomicBool::new(false)),
-            thread: OnceLock::new(),
-            stop: AtomicBool::new(false),
-            busy_ticks: AtomicU64::new(0),
-            idle_ticks: AtomicU64::new(0),
-            tid: AtomicU64::new(0),
-            interrupt: AtomicBool::new(matches!(idle, IdleMode::Sleep { .. })),
-            active_pollers: AtomicU64::new(0),
-            timed_pollers: AtomicU64::new(0),
-            runtime: OnceLock::new(),
-        });
+        Reactor::with_shared(Shared::new(index, core), idle)
+    }
+
+    /// A reactor over existing shared state: its inbox, counters and
+    /// runtime membership survive, its pollers and locals start empty
+    /// (a hosted reactor changing hands).
+    pub(crate) fn with_shared(shared: Arc<Shared>, idle: IdleMode) -> Rc<Reactor> {
+        shared
+            .interrupt
+            .store(matches!(idle, IdleMode::Sleep { .. }), Ordering::Relaxed);
         let r = Rc::new(Reactor {
             handle: ReactorHandle(shared.clone()),
             shared,
@@ -292,7 +311,8 @@ impl Reactor {
     }
 
     pub(crate) fn bind_thread(&self) {
-        let _ = self.shared.thread.set(std::thread::current());
+        *self.shared.thread.lock().unwrap_or_else(|p| p.into_inner()) =
+            Some(std::thread::current());
         // SAFETY: gettid has no preconditions.
         let tid = unsafe { libc::gettid() };
         self.shared.tid.store(tid as u64, Ordering::Relaxed);
@@ -606,6 +626,23 @@ impl Reactor {
                 .fetch_add(ticks().wrapping_sub(t0), Ordering::Relaxed);
         }
         self.shared.sleeping.store(false, Ordering::Relaxed);
+    }
+
+    /// Drops the pollers and reactor-local state of this owner of the
+    /// reactor (a hosted reactor changing threads); messages stay queued.
+    pub(crate) fn clear_thread_state(&self) {
+        for _ in 0..4 {
+            let locals = std::mem::take(&mut *self.locals.borrow_mut());
+            let pollers = std::mem::take(&mut *self.pollers.borrow_mut());
+            if locals.is_empty() && pollers.is_empty() {
+                break;
+            }
+            // Destructors may touch the reactor: no borrow is held here.
+            drop(locals);
+            drop(pollers);
+        }
+        self.removed.borrow_mut().clear();
+        self.update_poller_counts();
     }
 
     pub(crate) fn reset_idle_streak(&self) {

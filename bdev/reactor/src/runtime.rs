@@ -6,8 +6,9 @@ use std::sync::atomic::Ordering;
 use std::sync::{mpsc, Arc};
 use std::thread::JoinHandle;
 
+use crate::hosted::HostedReactor;
 use crate::mask::CoreMask;
-use crate::reactor::{enter, IdleMode, Reactor, ReactorHandle, RuntimeShared};
+use crate::reactor::{enter, IdleMode, Reactor, ReactorHandle, RuntimeShared, Shared};
 use crate::topology;
 
 /// Options for [`Runtime::start`].
@@ -22,6 +23,9 @@ pub struct RuntimeConfig {
     /// Pin reactor threads to their core (off in unit tests that create many
     /// runtimes on a 2-core machine).
     pub pin: bool,
+    /// Extra reactors, after those of the mask, that outside threads drive
+    /// ([`Runtime::hosted`]); nominal cores follow the mask's last core.
+    pub hosted: usize,
 }
 
 impl RuntimeConfig {
@@ -32,6 +36,7 @@ impl RuntimeConfig {
             main_core: None,
             idle: IdleMode::sleep(),
             pin: true,
+            hosted: 0,
         }
     }
 }
@@ -60,6 +65,7 @@ pub struct Runtime {
     handles: Vec<ReactorHandle>,
     main_index: usize,
     threads: Vec<JoinHandle<()>>,
+    hosted: Vec<HostedReactor>,
 }
 
 impl Runtime {
@@ -118,7 +124,12 @@ impl Runtime {
         for (index, h) in handle_rx.iter().take(cfg.cores.len()) {
             handles[index] = Some(h);
         }
-        let handles: Vec<ReactorHandle> = handles.into_iter().flatten().collect();
+        let mut handles: Vec<ReactorHandle> = handles.into_iter().flatten().collect();
+        let last_core = cfg.cores.cores().iter().copied().max().unwrap_or(0);
+        let hosted_shared: Vec<_> = (0..cfg.hosted)
+            .map(|i| Shared::new(handles.len() + i, last_core + 1 + i as u32))
+            .collect();
+        handles.extend(hosted_shared.iter().map(|s| ReactorHandle(s.clone())));
         let shared = Arc::new(RuntimeShared {
             handles: handles.clone(),
             main_index,
@@ -129,6 +140,22 @@ impl Runtime {
         for tx in rt_txs {
             let _ = tx.send(shared.clone());
         }
+        let mut hosted = Vec::with_capacity(hosted_shared.len());
+        for s in hosted_shared {
+            match HostedReactor::new(s) {
+                Ok(h) => hosted.push(h),
+                Err(e) => {
+                    let mut rt = Runtime {
+                        handles,
+                        main_index,
+                        threads,
+                        hosted,
+                    };
+                    rt.stop_and_join();
+                    return Err(RuntimeError::Spawn(e));
+                }
+            }
+        }
         tracing::info!(
             "Total cores available: {}; main core {}",
             handles.len(),
@@ -138,6 +165,7 @@ impl Runtime {
             handles,
             main_index,
             threads,
+            hosted,
         })
     }
 
@@ -149,6 +177,11 @@ impl Runtime {
     /// The main reactor.
     pub fn main(&self) -> &ReactorHandle {
         &self.handles[self.main_index]
+    }
+
+    /// The hosted reactors (see [`RuntimeConfig::hosted`]), in index order.
+    pub fn hosted(&self) -> &[HostedReactor] {
+        &self.hosted
     }
 
     /// Asks every reactor to stop after its current iteration and joins them.
@@ -163,6 +196,9 @@ impl Runtime {
         }
         for t in self.threads.drain(..) {
             let _ = t.join();
+        }
+        for h in self.hosted.drain(..) {
+            h.join_standby();
         }
     }
 }

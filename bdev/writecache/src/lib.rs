@@ -36,6 +36,7 @@ mod media;
 mod meta;
 mod options;
 pub mod rpc;
+mod scratch;
 mod ssd;
 mod stats;
 

@@ -2,8 +2,6 @@
 //! formatting and recovery. All stores go through `PersistentMemory`, so the
 //! crash simulator sees every one of them.
 
-use std::collections::HashMap;
-use std::hash::{BuildHasherDefault, Hasher};
 use std::sync::Arc;
 
 use wc_bdev::PersistentMemory;
@@ -11,6 +9,8 @@ use wc_writecache_format::{
     Entry, FormatError, Geometry, Superblock, SuperblockState, ENTRY_SIZE, SECTOR_SIZE,
     SUPERBLOCK_SIZE,
 };
+
+use crate::scratch::ScratchVec;
 
 /// The cache's persistent media plus its geometry.
 pub(crate) struct Media {
@@ -48,6 +48,7 @@ impl AttachError {
 }
 
 /// A committed block found by recovery.
+#[derive(Clone, Copy)]
 pub(crate) struct Recovered {
     pub(crate) block: u32,
     pub(crate) lba: u64,
@@ -59,9 +60,10 @@ pub(crate) struct Attached {
     pub(crate) media: Media,
     pub(crate) sb_seq: u64,
     /// Committed winners, sorted by (seq, lba): the writeback order.
-    pub(crate) committed: Vec<Recovered>,
-    /// Free blocks.
-    pub(crate) free: Vec<u32>,
+    /// Scratch memory, returned to the OS once the instance is built.
+    pub(crate) committed: ScratchVec<Recovered>,
+    /// Free blocks (scratch memory too).
+    pub(crate) free: ScratchVec<u32>,
     pub(crate) formatted: bool,
 }
 
@@ -205,7 +207,11 @@ fn format(
         .pmem
         .write_nt(media.geo.superblock_offset() as usize, &sb.encode());
     media.pmem.fence();
-    let free = (0..media.geo.n_blocks() as u32).collect();
+    let n = media.geo.n_blocks() as usize;
+    let mut free = scratch(n)?;
+    for b in 0..n as u32 {
+        let _ = free.push(b);
+    }
     tracing::info!(
         "writecache: formatted cache with {} blocks of {} bytes",
         media.geo.n_blocks(),
@@ -214,29 +220,16 @@ fn format(
     Ok(Attached {
         media,
         sb_seq: sb.seq_count,
-        committed: Vec::new(),
+        committed: scratch(0)?,
         free,
         formatted: true,
     })
 }
 
-/// One multiply per key: LBAs come from entries already range-checked
-/// against the origin, and recovery needs speed, not DoS resistance.
-#[derive(Default)]
-struct LbaHasher(u64);
-
-impl Hasher for LbaHasher {
-    fn finish(&self) -> u64 {
-        self.0
-    }
-    fn write(&mut self, bytes: &[u8]) {
-        for &b in bytes {
-            self.0 = (self.0.rotate_left(8) ^ b as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        }
-    }
-    fn write_u64(&mut self, i: u64) {
-        self.0 = (self.0 ^ i).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-    }
+/// A scratch array for `n` values (address space only until filled).
+pub(crate) fn scratch<T: Copy>(n: usize) -> Result<ScratchVec<T>, AttachError> {
+    ScratchVec::with_capacity(n)
+        .map_err(|e| AttachError::Corrupt(format!("no memory for recovery of {n} blocks: {e}")))
 }
 
 fn recover(
@@ -263,15 +256,16 @@ pub(crate) fn recover_media(
 ) -> Result<Attached, AttachError> {
     let block_size = media.geo.block_size();
     let sectors_per_block = block_size as u64 / SECTOR_SIZE;
-    // Pass 1: validate everything before changing anything.
-    // Sized for a full cache up front: rehashing millions of entries would
-    // be a good part of the recovery time.
-    let mut winners: HashMap<u64, (u32, u64), BuildHasherDefault<LbaHasher>> =
-        HashMap::with_capacity_and_hasher(media.geo.n_blocks() as usize, Default::default());
-    let mut losers: Vec<u32> = Vec::new();
-    let mut uncommitted: Vec<u32> = Vec::new();
-    let mut free: Vec<u32> = Vec::new();
-    for b in 0..media.geo.n_blocks() as u32 {
+    // Pass 1: validate everything before changing anything. Committed
+    // entries are collected as they are; the newest copy of each sector is
+    // found by sorting them (no table sized for the whole cache).
+    let n = media.geo.n_blocks() as usize;
+    let mut committed: ScratchVec<Recovered> = scratch(n)?;
+    let mut free: ScratchVec<u32> = scratch(n)?;
+    // Uncommitted and superseded blocks, whose entries pass 2 clears.
+    let mut cleared: ScratchVec<u32> = scratch(n)?;
+    let mut uncommitted = 0usize;
+    for b in 0..n as u32 {
         let e = media.read_entry(b);
         // A free writes all-ones to seq, then sector, fenced only once the
         // block is to be reused: a crash in between can persist just the
@@ -279,14 +273,16 @@ pub(crate) fn recover_media(
         // so such an entry is an interrupted free.
         if e.is_unused() || e.original_sector == u64::MAX {
             if !e.is_unused() {
-                uncommitted.push(b);
+                let _ = cleared.push(b);
+                uncommitted += 1;
             } else {
-                free.push(b);
+                let _ = free.push(b);
             }
             continue;
         }
         if !e.is_committed(sb.seq_count) {
-            uncommitted.push(b);
+            let _ = cleared.push(b);
+            uncommitted += 1;
             continue;
         }
         if e.original_sector % sectors_per_block != 0 {
@@ -302,41 +298,59 @@ pub(crate) fn recover_media(
                 e.original_sector, origin_blocks
             )));
         }
-        match winners.get(&lba).copied() {
-            None => {
-                winners.insert(lba, (b, e.seq_count));
-            }
-            Some((ob, oseq)) if oseq == e.seq_count => {
+        let _ = committed.push(Recovered {
+            block: b,
+            lba,
+            seq: e.seq_count,
+        });
+    }
+    // Copies of one sector end up side by side, in block order: judged
+    // as a scan of the entries would, the newest wins and a copy as new
+    // as the newest seen so far is corruption.
+    committed.sort_unstable_by_key(|r| (r.lba, r.block));
+    let mut kept = 0;
+    let mut i = 0;
+    while i < committed.len() {
+        let mut win = committed[i];
+        let mut j = i + 1;
+        while let Some(&r) = committed.get(j).filter(|r| r.lba == win.lba) {
+            if r.seq == win.seq {
                 return Err(AttachError::Corrupt(format!(
-                    "blocks {ob} and {b} both hold sector {} with sequence {oseq}",
-                    e.original_sector
+                    "blocks {} and {} both hold sector {} with sequence {}",
+                    win.block,
+                    r.block,
+                    r.lba * sectors_per_block,
+                    r.seq
                 )));
             }
-            Some((ob, oseq)) if oseq < e.seq_count => {
-                losers.push(ob);
-                winners.insert(lba, (b, e.seq_count));
-            }
-            Some(_) => losers.push(b),
+            let loser = if r.seq > win.seq {
+                std::mem::replace(&mut win, r)
+            } else {
+                r
+            };
+            let _ = cleared.push(loser.block);
+            j += 1;
         }
+        committed[kept] = win;
+        kept += 1;
+        i = j;
     }
+    committed.truncate(kept);
+    let losers = cleared.len() - uncommitted;
     // Pass 2: clear uncommitted and superseded entries, durably.
-    for &b in uncommitted.iter().chain(losers.iter()) {
+    for &b in cleared.iter() {
         media.clear_entry(b);
+        let _ = free.push(b);
     }
     media.pmem.fence();
-    free.extend(uncommitted.iter().copied());
-    free.extend(losers.iter().copied());
+    drop(cleared);
     free.sort_unstable();
-    let mut committed: Vec<Recovered> = winners
-        .into_iter()
-        .map(|(lba, (block, seq))| Recovered { block, lba, seq })
-        .collect();
     committed.sort_unstable_by_key(|r| (r.seq, r.lba));
     tracing::info!(
         "writecache: recovered {} committed blocks (cleared {} uncommitted, {} superseded), seq {}",
         committed.len(),
-        uncommitted.len(),
-        losers.len(),
+        uncommitted,
+        losers,
         sb.seq_count
     );
     Ok(Attached {

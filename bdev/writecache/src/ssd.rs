@@ -26,7 +26,7 @@ use wc_bdev::{BdevChannel, DmaBuf, FnCompletion, Io, IoCompletion, PersistentMem
 use wc_writecache_format::{Geometry, Superblock, SuperblockState, SECTOR_SIZE, SUPERBLOCK_SIZE};
 
 use crate::cache::Waiter;
-use crate::media::{recover_media, AttachError, Attached, Media};
+use crate::media::{recover_media, scratch, AttachError, Attached, Media};
 
 /// Metadata is written back in regions of this size (dm-writecache's
 /// `BITMAP_GRANULARITY`).
@@ -699,12 +699,20 @@ fn format(
                                 pmem: meta as Arc<dyn PersistentMemory>,
                                 geo,
                             };
+                            let n = geo.n_blocks() as usize;
+                            let (committed, mut free) = match (scratch(0), scratch(n)) {
+                                (Ok(c), Ok(f)) => (c, f),
+                                (Err(e), _) | (_, Err(e)) => return done(Err(e)),
+                            };
+                            for b in 0..n as u32 {
+                                let _ = free.push(b);
+                            }
                             done(Ok(SsdAttached {
                                 attached: Attached {
                                     media,
                                     sb_seq: sb.seq_count,
-                                    committed: Vec::new(),
-                                    free: (0..geo.n_blocks() as u32).collect(),
+                                    committed,
+                                    free,
                                     formatted: true,
                                 },
                                 ssd,

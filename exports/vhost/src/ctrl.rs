@@ -14,7 +14,7 @@ use serde::Serialize;
 use serde_json::{json, Value};
 use vhost::vhost_user::message::{VhostUserProtocolFeatures, VhostUserVirtioFeatures};
 use vhost::vhost_user::Listener;
-use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringRwLock, VringT};
+use vhost_user_backend::{ShutdownHandle, VhostUserBackend, VhostUserDaemon, VringT};
 use virtio_bindings::virtio_blk::*;
 use virtio_bindings::virtio_config::VIRTIO_F_VERSION_1;
 use virtio_bindings::virtio_ring::{VIRTIO_RING_F_EVENT_IDX, VRING_AVAIL_F_NO_INTERRUPT};
@@ -28,6 +28,7 @@ use vmm_sys_util::event::{
 use wc_reactor::{PollStatus, ReactorHandle};
 
 use crate::blk::{config_space, Chains, Geometry, Mem, QueueEngine, QueueOps};
+use crate::vring::{SizedVring, MAX_QUEUE_SIZE};
 
 /// Errors of the controller RPCs.
 #[derive(Debug)]
@@ -119,7 +120,6 @@ pub fn socket_dir() -> PathBuf {
         .unwrap_or_else(|| PathBuf::from("."))
 }
 
-const MAX_QUEUE_SIZE: usize = 256;
 /// Queues offered to the driver (`GET_QUEUE_NUM`); QEMU's `num-queues`
 /// picks how many it uses.
 pub(crate) const MAX_QUEUES: usize = 16;
@@ -317,12 +317,14 @@ impl Backend {
 
 impl VhostUserBackend for Backend {
     type Bitmap = ();
-    type Vring = VringRwLock;
+    type Vring = SizedVring;
 
     fn num_queues(&self) -> usize {
         self.0.num_queues
     }
 
+    /// Every ring size virtio allows: nothing here is sized by it (a
+    /// queue's in-flight table grows with what the driver submits).
     fn max_queue_size(&self) -> usize {
         MAX_QUEUE_SIZE
     }
@@ -382,7 +384,7 @@ impl VhostUserBackend for Backend {
         &self,
         device_event: u16,
         _evset: EventSet,
-        vrings: &[VringRwLock],
+        vrings: &[SizedVring],
         _thread_id: usize,
     ) -> std::io::Result<()> {
         // Queues are polled by reactors; a kick tells us the vrings (the
@@ -457,7 +459,7 @@ pub(crate) fn set_notification(q: &mut Queue, mem: &Mem, enable: bool) -> bool {
 
 /// A vring of the vhost-user backend.
 struct VringQ {
-    vring: VringRwLock,
+    vring: SizedVring,
     ctl: Arc<QueueCtl>,
 }
 
@@ -623,6 +625,7 @@ pub fn create_controller(o: CreateOpts) -> Result<String, VhostError> {
     };
     let mut daemon = Some(new_daemon()?);
     let sh = shared.clone();
+    let ctrlr_name = o.ctrlr.clone();
     let thread = std::thread::Builder::new()
         .name(format!("vhost-{}", o.ctrlr))
         .spawn(move || loop {
@@ -649,7 +652,7 @@ pub fn create_controller(o: CreateOpts) -> Result<String, VhostError> {
                 d.request_shutdown();
             }
             if let Err(e) = d.wait() {
-                tracing::info!("vhost connection ended: {e}");
+                tracing::info!("vhost {}: connection closed: {e}", ctrlr_name);
             }
             *lock(&sh.shutdown) = None;
             // Dropping the daemon stops (joins) its vring worker first.

@@ -14,12 +14,16 @@
 //! are waited for; when the VM disconnects, the daemon accepts the next
 //! connection (a VM restart reconnects) and completions of requests of the
 //! old connection are dropped.
+//! Rings of every size virtio allows (powers of two up to 32768) are
+//! accepted; a size it does not allow is refused with a log line naming
+//! `SET_VRING_NUM` and the value, and that connection is closed.
 
 #![warn(missing_docs)]
 
 pub mod blk;
 mod ctrl;
 pub mod rpc;
+mod vring;
 
 pub use ctrl::{
     config_entries, controllers, create_controller, delete_controller, set_socket_dir, shutdown,

@@ -97,7 +97,7 @@ export VM_MEM=256M
 start_vm() { # start_vm STEP: boots in the background, console in $TMP/console.log
   vm_start "$TMP/console.log" "$TMP/initrd.gz" "wc_step=$1" \
     -object memory-backend-memfd,id=mem,size=256M,share=on -numa node,memdev=mem \
-    -chardev socket,id=c0,path="$TMP/vhost.0" -device vhost-user-blk-pci,chardev=c0,num-queues=2
+    -chardev socket,id=c0,path="$TMP/vhost.0" -device vhost-user-blk-pci,chardev=c0,num-queues=2,queue-size=1024
 }
 wait_vm() { # wait_vm BOOT: waits for QEMU to exit, reports, checks the target
   vm_wait; local rc=$?

@@ -4,12 +4,15 @@
 //! deleted under the live controller: the controller lets go of it (the
 //! delete is not held up), fails requests with `VIRTIO_BLK_S_IOERR`,
 //! reports the bdev as gone, and is still deleted normally; the target
-//! keeps serving.
+//! keeps serving. Rings of every size up to 32768 entries carry I/O, and a
+//! size virtio does not allow is refused (logged, connection closed) with
+//! other controllers untouched.
 
 use std::fs::File;
 use std::os::fd::{AsRawFd, FromRawFd};
 use std::path::{Path, PathBuf};
 use std::sync::atomic::Ordering;
+use std::sync::{Arc, Mutex, OnceLock};
 use std::time::{Duration, Instant};
 
 use vhost::vhost_user::message::{
@@ -29,12 +32,16 @@ use vmm_sys_util::eventfd::EventFd;
 type GuestMem = GuestMemoryMmap<()>;
 
 const MEM_SIZE: usize = 16 << 20;
-/// Ring size of every queue.
+/// Default ring size.
 const N: u16 = 64;
 /// Where request headers, status bytes and data buffers live.
 const HDRS: u64 = 0x10_0000;
 const STATS: u64 = 0x18_0000;
 const DATA: u64 = 0x20_0000;
+/// Queue `i`'s rings start at `RINGS + i * RING_SPAN` (room for 32768
+/// entries: 512 KiB of descriptors, 64 KiB avail, 256 KiB used).
+const RINGS: u64 = 0x40_0000;
+const RING_SPAN: u64 = 0x10_0000;
 /// Bounds a wait for the backend; only a hang reaches it.
 const WAIT: Duration = Duration::from_secs(60);
 
@@ -49,6 +56,8 @@ const F_WRITE: u16 = 2;
 struct DriverQueue {
     /// Guest address of the descriptor table (avail and used follow).
     base: u64,
+    /// Ring size (entries).
+    size: u16,
     kick: EventFd,
     _call: EventFd,
     avail_idx: u16,
@@ -60,10 +69,10 @@ impl DriverQueue {
         self.base
     }
     fn avail(&self) -> u64 {
-        self.base + 16 * u64::from(N)
+        self.base + 16 * u64::from(self.size)
     }
     fn used(&self) -> u64 {
-        (self.avail() + 6 + 2 * u64::from(N) + 3) & !3
+        (self.avail() + 6 + 2 * u64::from(self.size) + 3) & !3
     }
 }
 
@@ -87,9 +96,18 @@ fn memfd(size: usize) -> File {
     f
 }
 
-impl Guest {
-    /// Connects and sets up `queues` virtqueues, as QEMU does.
-    fn connect(sock: &Path, queues: usize) -> Guest {
+/// A connection up to its memory table, before any ring is set up.
+struct Handshake {
+    fe: Frontend,
+    mem: GuestMem,
+    file: File,
+    /// Our address of guest address 0 (vring addresses are in it).
+    host: u64,
+}
+
+impl Handshake {
+    /// Connects, negotiates features as QEMU does and sends the memory table.
+    fn new(sock: &Path, queues: usize) -> Handshake {
         let file = memfd(MEM_SIZE);
         let region =
             MmapRegion::from_file(FileOffset::new(file.try_clone().expect("dup"), 0), MEM_SIZE)
@@ -126,21 +144,54 @@ impl Guest {
             mmap_handle: file.as_raw_fd(),
         };
         fe.set_mem_table(&[region]).expect("SET_MEM_TABLE");
+        Handshake {
+            fe,
+            mem,
+            file,
+            host,
+        }
+    }
+}
+
+impl Guest {
+    /// Connects and sets up `queues` virtqueues of [`N`] entries, as QEMU
+    /// does.
+    fn connect(sock: &Path, queues: usize) -> Guest {
+        Guest::connect_sized(sock, queues, N, 0)
+    }
+
+    /// Connects and sets up `queues` virtqueues of `size` entries whose
+    /// indexes start at `base` (near 65535 to see them wrap early), as a
+    /// driver that already used its rings that far.
+    fn connect_sized(sock: &Path, queues: usize, size: u16, base: u16) -> Guest {
+        let Handshake {
+            mut fe,
+            mem,
+            file,
+            host,
+        } = Handshake::new(sock, queues);
         let mut qs = Vec::new();
         for i in 0..queues {
             let q = DriverQueue {
-                base: 0x1_0000 * i as u64,
+                base: RINGS + RING_SPAN * i as u64,
+                size,
                 kick: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
                 _call: EventFd::new(libc::EFD_NONBLOCK).expect("eventfd"),
-                avail_idx: 0,
-                used_seen: 0,
+                avail_idx: base,
+                used_seen: base,
             };
-            fe.set_vring_num(i, N).expect("SET_VRING_NUM");
+            // The driver's indexes, which SET_VRING_BASE (avail) and
+            // SET_VRING_ADDR (used, read from the ring) take over.
+            mem.write_obj(base.to_le(), GuestAddress(q.avail() + 2))
+                .unwrap();
+            mem.write_obj(base.to_le(), GuestAddress(q.used() + 2))
+                .unwrap();
+            fe.set_vring_num(i, size).expect("SET_VRING_NUM");
             fe.set_vring_addr(
                 i,
                 &VringConfigData {
-                    queue_max_size: N,
-                    queue_size: N,
+                    queue_max_size: size,
+                    queue_size: size,
                     flags: 0,
                     desc_table_addr: host + q.desc(),
                     used_ring_addr: host + q.used(),
@@ -149,7 +200,7 @@ impl Guest {
                 },
             )
             .expect("SET_VRING_ADDR");
-            fe.set_vring_base(i, 0).expect("SET_VRING_BASE");
+            fe.set_vring_base(i, base).expect("SET_VRING_BASE");
             fe.set_vring_call(i, &q._call).expect("SET_VRING_CALL");
             fe.set_vring_kick(i, &q.kick).expect("SET_VRING_KICK");
             fe.set_vring_enable(i, true).expect("SET_VRING_ENABLE");
@@ -191,8 +242,9 @@ impl Guest {
         }
         chain.push((status, 1, true));
         let dq = &mut self.queues[q];
+        let n = dq.size;
         // Descriptors: 3 slots per request, reused round the table.
-        let slot0 = (dq.avail_idx % (N / 3)) * 3;
+        let slot0 = (dq.avail_idx % (n / 3)) * 3;
         for (i, &(addr, len, w)) in chain.iter().enumerate() {
             let last = i + 1 == chain.len();
             let flags = if w { F_WRITE } else { 0 } | if last { 0 } else { F_NEXT };
@@ -209,7 +261,7 @@ impl Guest {
                 .write_obj(next.to_le(), at.unchecked_add(14))
                 .unwrap();
         }
-        let ring = GuestAddress(dq.avail() + 4 + 2 * u64::from(dq.avail_idx % N));
+        let ring = GuestAddress(dq.avail() + 4 + 2 * u64::from(dq.avail_idx % n));
         self.mem.write_obj(slot0.to_le(), ring).unwrap();
         dq.avail_idx = dq.avail_idx.wrapping_add(1);
         self.mem
@@ -230,7 +282,7 @@ impl Guest {
             assert!(Instant::now() < deadline, "no completion on queue {q}");
             std::thread::sleep(Duration::from_millis(1));
         }
-        let elem = GuestAddress(dq.used() + 4 + 8 * u64::from(dq.used_seen % N));
+        let elem = GuestAddress(dq.used() + 4 + 8 * u64::from(dq.used_seen % n));
         let id: u32 = u32::from_le(self.mem.read_obj(elem).unwrap());
         let len: u32 = u32::from_le(self.mem.read_obj(elem.unchecked_add(4)).unwrap());
         dq.used_seen = dq.used_seen.wrapping_add(1);
@@ -268,6 +320,12 @@ fn socket_dir() -> PathBuf {
     d
 }
 
+/// The tests look at every controller of the process: one at a time.
+fn serial() -> std::sync::MutexGuard<'static, ()> {
+    static SERIAL: Mutex<()> = Mutex::new(());
+    SERIAL.lock().unwrap_or_else(|e| e.into_inner())
+}
+
 fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
     let deadline = Instant::now() + WAIT;
     while !cond() {
@@ -278,6 +336,7 @@ fn wait_for(what: &str, mut cond: impl FnMut() -> bool) {
 
 #[test]
 fn two_queues_then_bdev_deleted_under_a_live_controller() {
+    let _serial = serial();
     let dir = socket_dir();
     let rt = wc_bdev::testing::test_runtime(2);
     let main = rt.handles()[0].clone();
@@ -401,4 +460,143 @@ fn delete_once_disconnected(name: &str) {
             Err(e) => panic!("delete {name}: {e}"),
         }
     }
+}
+
+/// Everything logged by this test binary (installed once).
+fn captured_logs() -> Arc<Mutex<Vec<u8>>> {
+    static LOGS: OnceLock<Arc<Mutex<Vec<u8>>>> = OnceLock::new();
+    LOGS.get_or_init(|| {
+        let buf = Arc::new(Mutex::new(Vec::new()));
+        let sink = buf.clone();
+        let _ = tracing_subscriber::fmt()
+            .with_ansi(false)
+            .with_max_level(tracing::Level::INFO)
+            .with_writer(move || LogSink(sink.clone()))
+            .try_init();
+        buf
+    })
+    .clone()
+}
+
+struct LogSink(Arc<Mutex<Vec<u8>>>);
+
+impl std::io::Write for LogSink {
+    fn write(&mut self, b: &[u8]) -> std::io::Result<usize> {
+        self.0
+            .lock()
+            .unwrap_or_else(|e| e.into_inner())
+            .extend_from_slice(b);
+        Ok(b.len())
+    }
+    fn flush(&mut self) -> std::io::Result<()> {
+        Ok(())
+    }
+}
+
+fn create_controller(main: &wc_reactor::ReactorHandle, ctrlr: &str, bdev: &str) {
+    let (c, b) = (ctrlr.to_string(), bdev.to_string());
+    let created = wc_bdev::testing::run_on(main, move || async move {
+        wc_vhost::create_controller(wc_vhost::CreateOpts {
+            ctrlr: c,
+            dev_name: b,
+            ..Default::default()
+        })
+        .map_err(|e| e.to_string())
+    });
+    assert_eq!(created.unwrap(), ctrlr);
+}
+
+/// Writes a pattern through queue 0 and reads it back, `rounds` times.
+fn write_read_rounds(g: &mut Guest, rounds: u64, tag: u8) {
+    for k in 0..rounds {
+        let pat: Vec<u8> = (0..4096u32)
+            .map(|i| (i as u8).wrapping_mul(tag).wrapping_add(k as u8))
+            .collect();
+        let sector = (k % 64) * 8;
+        assert_eq!(g.write(0, sector, &pat), S_OK, "write {k}");
+        assert_eq!(g.read(0, sector, pat.len()), (S_OK, pat), "read {k}");
+    }
+}
+
+#[test]
+fn rings_of_every_allowed_size_carry_io_and_others_are_refused() {
+    let _serial = serial();
+    let logs = captured_logs();
+    let dir = socket_dir();
+    let rt = wc_bdev::testing::test_runtime(1);
+    let main = rt.handles()[0].clone();
+    wc_bdev_malloc::create(wc_bdev_malloc::MallocOpts::new("VhRs", 2048, 512)).unwrap();
+    wc_bdev_malloc::create(wc_bdev_malloc::MallocOpts::new("VhRs2", 2048, 512)).unwrap();
+    create_controller(&main, "vhost.rs", "VhRs");
+    create_controller(&main, "vhost.rs2", "VhRs2");
+    let sock = dir.join("vhost.rs");
+    // Another controller with a live VM throughout.
+    let mut other = Guest::connect(&dir.join("vhost.rs2"), 1);
+    write_read_rounds(&mut other, 2, 3);
+
+    // Indexes start 8 short of 65536: both the 16-bit index and the ring
+    // position wrap within the first rounds; the 128-entry ring also
+    // wraps its used ring several times.
+    for (size, rounds) in [(128u16, 300u64), (512, 24), (1024, 24), (32768, 24)] {
+        let mut g = Guest::connect_sized(&sock, 1, size, 0u16.wrapping_sub(8));
+        write_read_rounds(&mut g, rounds, size.trailing_zeros() as u8);
+        drop(g);
+        wait_for("the controller to see the VM go", || {
+            wc_vhost::controllers()
+                .iter()
+                .any(|c| c.ctrlr == "vhost.rs" && c.sessions == serde_json::json!([]))
+        });
+    }
+
+    // A ring size that is not a power of two: refused with a log line
+    // naming the message and the value, and the connection closed (the
+    // frontend did not negotiate REPLY_ACK, so it learns it from the
+    // socket).
+    let Handshake { fe, host, .. } = Handshake::new(&sock, 1);
+    fe.set_vring_num(0, 1000).expect("SET_VRING_NUM is sent");
+    let _ = fe.set_vring_addr(
+        0,
+        &VringConfigData {
+            queue_max_size: 1000,
+            queue_size: 1000,
+            flags: 0,
+            desc_table_addr: host + RINGS,
+            used_ring_addr: host + RINGS + 0x8000,
+            avail_ring_addr: host + RINGS + 0x4000,
+            log_addr: None,
+        },
+    );
+    assert!(
+        fe.get_features().is_err(),
+        "the connection is closed after the refused ring size"
+    );
+    let text = String::from_utf8_lossy(&logs.lock().unwrap()).into_owned();
+    assert!(
+        text.contains("vhost-vhost.rs: vhost-user SET_VRING_NUM 1000 refused: ring size is not a power of two"),
+        "{text}"
+    );
+    drop(fe);
+
+    // The other controller's VM never noticed; the refused controller
+    // serves the next VM.
+    write_read_rounds(&mut other, 2, 5);
+    wait_for("the refused connection to end", || {
+        wc_vhost::controllers()
+            .iter()
+            .any(|c| c.ctrlr == "vhost.rs" && c.sessions == serde_json::json!([]))
+    });
+    let mut g = Guest::connect_sized(&sock, 1, 256, 0);
+    write_read_rounds(&mut g, 2, 7);
+
+    drop(g);
+    drop(other);
+    delete_once_disconnected("vhost.rs");
+    delete_once_disconnected("vhost.rs2");
+    wc_bdev::testing::run_on(&main, || async {
+        wc_bdev_malloc::delete("VhRs")
+            .and_then(|_| wc_bdev_malloc::delete("VhRs2"))
+            .map_err(|e| e.to_string())
+    })
+    .unwrap();
+    rt.shutdown();
 }

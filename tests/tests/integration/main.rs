@@ -11,6 +11,7 @@ mod bdevperf;
 mod config;
 mod errors;
 mod fuzz;
+mod hardening;
 mod nbd;
 mod perf_scripts;
 mod plugin;
