@@ -69,6 +69,12 @@ pub(crate) struct Local {
     poller: RefCell<Option<wc_reactor::PollerHandle>>,
     /// I/O submitted while suspended, resubmitted on resume.
     held: RefCell<VecDeque<Io>>,
+    /// Reads accepted since the poller last ran: their index slots are
+    /// being fetched; the poller looks them up and copies them as a batch
+    /// (see [`Local::run_reads`]).
+    reads: RefCell<Vec<Io>>,
+    /// The batch the poller is working on (kept to reuse its allocation).
+    reads_batch: RefCell<Vec<Io>>,
 }
 
 struct ChildDone(Weak<Local>);
@@ -92,6 +98,8 @@ impl Drop for WcChannel {
             p.unregister();
         }
         let l = &self.0;
+        // Reads still queued: served now, while the cache is mapped.
+        l.run_reads();
         l.free_displaced();
         // Blocks written here and not yet committed: make their entries
         // durable now and hand the logs to home, or no commit would cover
@@ -130,6 +138,8 @@ pub(crate) fn create_channel(wc: &Arc<Writecache>) -> Result<WcChannel, wc_bdev:
         child_cb: Rc::new(ChildDone(weak.clone())),
         poller: RefCell::new(None),
         held: RefCell::new(VecDeque::new()),
+        reads: RefCell::new(Vec::with_capacity(64)),
+        reads_batch: RefCell::new(Vec::with_capacity(64)),
     });
     r.local(Locals::default)
         .0
@@ -138,10 +148,11 @@ pub(crate) fn create_channel(wc: &Arc<Writecache>) -> Result<WcChannel, wc_bdev:
     let weak = Rc::downgrade(&local);
     let p = r.register_poller("writecache_waiters", None, move || match weak.upgrade() {
         Some(l) => {
+            let r = l.run_reads();
             let a = l.release_held();
             let b = l.retry_waiting();
             l.free_displaced();
-            PollStatus::from(a == PollStatus::Busy || b == PollStatus::Busy)
+            PollStatus::from(r || a == PollStatus::Busy || b == PollStatus::Busy)
         }
         None => PollStatus::Idle,
     });
@@ -169,7 +180,7 @@ impl Local {
     fn dispatch(self: &Rc<Self>, io: Io) {
         let l = self;
         match io.io_type() {
-            IoType::Read => l.read(io),
+            IoType::Read => l.queue_read(io),
             IoType::Write => {
                 if l.wc.error() != 0 {
                     return io.complete(IoStatus::Failed(libc::EIO));
@@ -286,6 +297,61 @@ impl Local {
 
     // ------------------------------------------------------------------ read
 
+    /// Accepts a read: starts fetching the index slot of its first block
+    /// and leaves the rest to the poller, which runs in this reactor
+    /// iteration. A read hit is an index probe (two dependent cache
+    /// misses: the slot, then the block's state) and a copy out of the
+    /// mapping (a TLB miss and the data); done one read at a time these
+    /// wait for memory one after the other, done for the batch of reads a
+    /// reactor iteration brings they overlap.
+    fn queue_read(&self, io: Io) {
+        self.wc.index.prefetch_slot(io.offset_blocks());
+        inc(&self.stats().inflight, 1);
+        self.reads.borrow_mut().push(io);
+    }
+
+    /// Serves the queued reads: first fetches every candidate block's
+    /// state and data (their slots have arrived meanwhile), then looks
+    /// each read up and copies it. True if there were any.
+    pub(crate) fn run_reads(&self) -> bool {
+        let mut batch = std::mem::replace(
+            &mut *self.reads.borrow_mut(),
+            std::mem::take(&mut *self.reads_batch.borrow_mut()),
+        );
+        if batch.is_empty() {
+            *self.reads_batch.borrow_mut() = batch;
+            return false;
+        }
+        let wc = &self.wc;
+        let bs = wc.block_size as usize;
+        if batch.len() > 1 {
+            let guard = crossbeam::epoch::pin();
+            for io in &batch {
+                // Small reads only: a large one streams on its own.
+                if io.num_blocks() <= PREFETCH_BLOCKS {
+                    for lba in io.offset_blocks()..io.offset_blocks() + io.num_blocks() {
+                        wc.index.prefetch_candidates(lba, &guard, |b| {
+                            prefetch_line(wc.meta.get(b) as *const _ as *const u8);
+                            prefetch_block(wc.media.data_ptr(b), bs);
+                        });
+                    }
+                }
+            }
+        }
+        let st = self.stats();
+        st.inflight.store(
+            st.inflight
+                .load(Ordering::Relaxed)
+                .saturating_sub(batch.len() as u64),
+            Ordering::Relaxed,
+        );
+        for io in batch.drain(..) {
+            self.read(io);
+        }
+        *self.reads_batch.borrow_mut() = batch;
+        true
+    }
+
     fn read(&self, io: Io) {
         let n = io.num_blocks();
         let first = io.offset_blocks();
@@ -294,9 +360,17 @@ impl Local {
         let mut io = io;
         {
             // Blocks found in the index cannot be reused until we unpin.
-            let _guard = crossbeam::epoch::pin();
+            let guard = crossbeam::epoch::pin();
+            let media = &self.wc.media;
             for i in 0..n {
-                match self.wc.index.get(&self.wc.meta, first + i) {
+                // The candidate's data is fetched while the index compares
+                // its LBA: both wait for memory at once, not one by one.
+                let prefetch = |b| prefetch_block(media.data_ptr(b), bs);
+                match self
+                    .wc
+                    .index
+                    .lookup(&self.wc.meta, first + i, &guard, prefetch)
+                {
                     Some(b) => {
                         let src = self.wc.media.data_ptr(b);
                         // SAFETY: src points at one cache block (bs bytes)
@@ -751,6 +825,45 @@ fn for_each_piece(io: &Io, start: usize, len: usize, mut f: impl FnMut(usize, &[
         let b = end.min(seg_end);
         f(a - start, &seg[a - seg_off..b - seg_off]);
     });
+}
+
+/// Lines of a block prefetched ahead of its copy: enough to cover the
+/// copy's start until the hardware prefetcher follows the stream, few
+/// enough not to queue behind the line fill buffers.
+const PREFETCH_LINES: usize = 8;
+
+/// Largest read (in blocks) whose blocks the batch prefetches.
+const PREFETCH_BLOCKS: u64 = 8;
+
+/// Starts loading the cache line at `p` (a hint).
+#[inline]
+fn prefetch_line(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetch never faults and reads nothing observable.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch(p as *const i8, std::arch::x86_64::_MM_HINT_T0)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
+/// Starts loading the first lines of the `len`-byte block at `p` into the
+/// cache (a hint: no fault, no effect on results).
+#[inline]
+fn prefetch_block(p: *const u8, len: usize) {
+    #[cfg(target_arch = "x86_64")]
+    for k in 0..PREFETCH_LINES.min(len / 64) {
+        // SAFETY: prefetch never faults and reads nothing observable; the
+        // address is inside the block (k * 64 < len).
+        unsafe {
+            std::arch::x86_64::_mm_prefetch(
+                p.add(k * 64) as *const i8,
+                std::arch::x86_64::_MM_HINT_T0,
+            )
+        };
+    }
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = (p, len);
 }
 
 /// Copies `data` into the I/O's segments at byte offset `at`.
