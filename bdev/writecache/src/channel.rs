@@ -2,7 +2,7 @@
 //! publish in the index without any global lock; reads copy hits out of the
 //! mapping under an epoch pin and send misses to the origin.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::rc::{Rc, Weak};
 use std::sync::atomic::Ordering;
@@ -29,6 +29,9 @@ pub(crate) fn local_of(id: u64) -> Option<Rc<Local>> {
     v
 }
 
+/// Blocks of a write published in the index at once at most (a 128 KiB
+/// I/O of 4 KiB blocks: one index group).
+const RUN_MAX: usize = 32;
 /// Largest batch a core takes from the pool at once.
 const REFILL_MAX: usize = 64;
 /// Displaced blocks a core frees at once at most.
@@ -75,6 +78,11 @@ pub(crate) struct Local {
     reads: RefCell<Vec<Io>>,
     /// The batch the poller is working on (kept to reuse its allocation).
     reads_batch: RefCell<Vec<Io>>,
+    /// Reads accepted since the poller last ran.
+    reads_seen: Cell<u32>,
+    /// Whether reads come several per reactor iteration (then they are
+    /// batched; one at a time, as at queue depth 1, they run at once).
+    batch_reads: Cell<bool>,
 }
 
 struct ChildDone(Weak<Local>);
@@ -140,6 +148,8 @@ pub(crate) fn create_channel(wc: &Arc<Writecache>) -> Result<WcChannel, wc_bdev:
         held: RefCell::new(VecDeque::new()),
         reads: RefCell::new(Vec::with_capacity(64)),
         reads_batch: RefCell::new(Vec::with_capacity(64)),
+        reads_seen: Cell::new(0),
+        batch_reads: Cell::new(false),
     });
     r.local(Locals::default)
         .0
@@ -299,12 +309,17 @@ impl Local {
 
     /// Accepts a read: starts fetching the index slot of its first block
     /// and leaves the rest to the poller, which runs in this reactor
-    /// iteration. A read hit is an index probe (two dependent cache
+    /// iteration (while reads come one per iteration, it reads at once). A read hit is an index probe (two dependent cache
     /// misses: the slot, then the block's state) and a copy out of the
     /// mapping (a TLB miss and the data); done one read at a time these
     /// wait for memory one after the other, done for the batch of reads a
     /// reactor iteration brings they overlap.
     fn queue_read(&self, io: Io) {
+        self.reads_seen.set(self.reads_seen.get() + 1);
+        if !self.batch_reads.get() && self.reads.borrow().is_empty() {
+            // Reads come one per iteration: a batch would only add one.
+            return self.read(io);
+        }
         self.wc.index.prefetch_slot(io.offset_blocks());
         inc(&self.stats().inflight, 1);
         self.reads.borrow_mut().push(io);
@@ -314,6 +329,7 @@ impl Local {
     /// state and data (their slots have arrived meanwhile), then looks
     /// each read up and copies it. True if there were any.
     pub(crate) fn run_reads(&self) -> bool {
+        self.batch_reads.set(self.reads_seen.replace(0) > 1);
         let mut batch = std::mem::replace(
             &mut *self.reads.borrow_mut(),
             std::mem::take(&mut *self.reads_batch.borrow_mut()),
@@ -443,8 +459,15 @@ impl Local {
 
         let start = io.driver_ctx()[PROGRESS];
         let mut i = start;
+        // Blocks written and not yet in the index: published a run at a
+        // time (one shard lock per group of neighbouring LBAs).
+        let mut run: SmallVec<[(u64, u32); RUN_MAX]> = SmallVec::new();
+        let mut logs: SmallVec<[LogEntry; RUN_MAX]> = SmallVec::new();
         while i < n {
             let Some(b) = self.alloc() else {
+                // What is written so far is published: the write resumes
+                // at block `i`.
+                self.publish(&run, &logs);
                 io.driver_ctx()[PROGRESS] = i;
                 if io.driver_ctx()[BLOCKED] == 0 {
                     io.driver_ctx()[BLOCKED] = 1;
@@ -494,15 +517,16 @@ impl Local {
             m.lba.store(lba, Ordering::Relaxed);
             m.set_seq(seq);
             m.set(gen, VALID);
-            let displaced = wc.index.insert(&wc.meta, lba, b);
-            self.write_log
-                .borrow_mut()
-                .push(LogEntry { block: b, gen, seq });
-            if let Some(old) = displaced {
-                self.displace(old, seq);
-            }
+            run.push((lba, b));
+            logs.push(LogEntry { block: b, gen, seq });
             i += 1;
+            if run.len() == RUN_MAX {
+                self.publish(&run, &logs);
+                run.clear();
+                logs.clear();
+            }
         }
+        self.publish(&run, &logs);
         io.driver_ctx()[PROGRESS] = n;
         let st = self.stats();
         st.uncommitted
@@ -520,6 +544,22 @@ impl Local {
             wc.request_commit(Some(w));
         } else {
             self.finish(io, IoStatus::Success);
+        }
+    }
+
+    /// Inserts written blocks (`run[k]` written as `logs[k]`) in the index,
+    /// logs them for the next commit, and handles the blocks they displace.
+    fn publish(&self, run: &[(u64, u32)], logs: &[LogEntry]) {
+        if run.is_empty() {
+            return;
+        }
+        let mut displaced: SmallVec<[(usize, u32); RUN_MAX]> = SmallVec::new();
+        self.wc
+            .index
+            .insert_run(&self.wc.meta, run, |k, old| displaced.push((k, old)));
+        self.write_log.borrow_mut().extend_from_slice(logs);
+        for (k, old) in displaced {
+            self.displace(old, logs[k].seq);
         }
     }
 

@@ -232,7 +232,8 @@ enum Probe {
 
 impl Slots {
     fn with_capacity(cap: usize) -> Slots {
-        let cap = cap.max(8);
+        // At least a group's worth, so a group's homes never wrap twice.
+        let cap = cap.max(GROUP as usize);
         Slots {
             ids: (0..cap).map(|_| AtomicU32::new(EMPTY)).collect(),
             disp: (0..cap).map(|_| AtomicU8::new(0)).collect(),
@@ -244,11 +245,19 @@ impl Slots {
         self.ids.len()
     }
 
+    /// The home slot of `lba` (whose group hashes to `h`): the group's
+    /// home plus the LBA's place in the group, so the blocks of one
+    /// sequential I/O sit in neighbouring slots.
     #[inline]
-    fn home(&self, h: u32) -> usize {
+    fn home(&self, h: u32, lba: u64) -> usize {
         // Fast range reduction: the table size need not be a power of two,
         // so the index can be sized close to the cache.
-        ((h as u64 * self.cap() as u64) >> 32) as usize
+        let i = ((h as u64 * self.cap() as u64) >> 32) as usize + (lba % GROUP) as usize;
+        if i >= self.cap() {
+            i - self.cap()
+        } else {
+            i
+        }
     }
 
     #[inline]
@@ -283,7 +292,7 @@ impl Slots {
     /// (distances never exceed `MAX_DISP`).
     #[inline]
     fn probe(&self, meta: &Meta, lba: u64, h: u32, mut candidate: impl FnMut(u32)) -> Probe {
-        let mut i = self.home(h);
+        let mut i = self.home(h, lba);
         let mut d = 0;
         loop {
             let b = self.id(i);
@@ -449,6 +458,8 @@ pub(crate) struct Index {
     shards: Box<[CachePadded<Shard>]>,
 }
 
+/// LBAs per hash group (a 128 KiB I/O of 4 KiB blocks).
+const GROUP: u64 = 32;
 /// Shards in the index (a power of two; the top hash bits pick one).
 const SHARDS: usize = 256;
 /// Slots per expected entry: a full cache keeps its shards at 80% load.
@@ -467,12 +478,16 @@ impl Index {
         }
     }
 
-    /// Shard (top 8 bits) and in-shard hash (the next 32) of an LBA.
-    /// Fibonacci hashing spreads neighbouring LBAs over all shards, so
-    /// sequential writers on several cores do not meet on one lock.
+    /// Shard (top 8 bits) and in-shard hash (the next 32) of an LBA's
+    /// group of `GROUP` neighbouring LBAs: one I/O's blocks take one
+    /// shard's lock once (see [`Index::insert_run`]) and share slot cache
+    /// lines. Fibonacci hashing spreads neighbouring groups over all
+    /// shards, so sequential writers on several cores do not meet on one
+    /// lock.
     #[inline]
     fn hash(lba: u64) -> (usize, u32) {
-        let x = (lba ^ (lba >> 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let g = lba / GROUP;
+        let x = (g ^ (g >> 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         ((x >> 56) as usize, (x >> 24) as u32)
     }
 
@@ -540,7 +555,7 @@ impl Index {
                 .load(Ordering::Acquire, epoch::unprotected())
                 .deref()
         };
-        let i = slots.home(h);
+        let i = slots.home(h, lba);
         prefetch(slots.ids.as_ptr().wrapping_add(i) as *const u8);
         prefetch(slots.disp.as_ptr().wrapping_add(i) as *const u8);
     }
@@ -553,7 +568,7 @@ impl Index {
         let (s, h) = Self::hash(lba);
         // SAFETY: never null; `guard` keeps replaced slots alive.
         let slots = unsafe { self.shards[s].slots.load(Ordering::Acquire, guard).deref() };
-        let mut i = slots.home(h);
+        let mut i = slots.home(h, lba);
         for d in 0..=MAX_DISP {
             let b = slots.id(i);
             let di = slots.dist(i);
@@ -571,22 +586,68 @@ impl Index {
     /// the block it displaced.
     #[inline]
     pub(crate) fn insert(&self, meta: &Meta, lba: u64, b: u32) -> Option<u32> {
-        debug_assert_eq!(meta.get(b).lba.load(Ordering::Relaxed), lba);
-        let (s, h) = Self::hash(lba);
-        let shard = &self.shards[s];
-        let mut len = shard.lock();
+        let mut old = None;
+        self.insert_run(meta, &[(lba, b)], |_, o| old = Some(o));
+        old
+    }
+
+    /// Maps each `(lba, block)` of `run` (the blocks' `lba` fields already
+    /// say so; the LBAs distinct), taking each shard's lock once for the
+    /// entries next to each other in `run` that hash to it — one lock for
+    /// the blocks of one I/O of up to `GROUP` aligned blocks. Calls
+    /// `displaced(k, old)` for each entry `k` that replaced a block.
+    pub(crate) fn insert_run(
+        &self,
+        meta: &Meta,
+        run: &[(u64, u32)],
+        mut displaced: impl FnMut(usize, u32),
+    ) {
+        let mut k = 0;
+        while k < run.len() {
+            let (s, _) = Self::hash(run[k].0);
+            let shard = &self.shards[s];
+            let mut len = shard.lock();
+            while k < run.len() {
+                let (lba, b) = run[k];
+                let (s2, h) = Self::hash(lba);
+                if s2 != s {
+                    break;
+                }
+                debug_assert_eq!(meta.get(b).lba.load(Ordering::Relaxed), lba);
+                if let Some(old) = Self::insert_locked(shard, &mut len, meta, lba, h, b) {
+                    displaced(k, old);
+                }
+                k += 1;
+            }
+        }
+    }
+
+    /// One insert into `shard`, whose lock the caller holds (`len`).
+    #[inline]
+    fn insert_locked(
+        shard: &Shard,
+        len: &mut MutexGuard<'_, usize>,
+        meta: &Meta,
+        lba: u64,
+        h: u32,
+        b: u32,
+    ) -> Option<u32> {
         loop {
-            let slots = shard.slots_locked(&len);
+            let slots = shard.slots_locked(len);
             match slots.probe(meta, lba, h, |_| {}) {
-                // One atomic store: a reader sees the old block or the new
-                // one, both mapped to `lba` (the old one is not reused
-                // before the reader unpins), so no version change.
-                Probe::Found(i, _) => return Some(slots.ids[i].swap(b, Ordering::Relaxed)),
+                // One store: a reader sees the old block or the new one,
+                // both mapped to `lba` (the old one is not reused before
+                // the reader unpins), so no version change. Writers are
+                // serialized by the lock: no read-modify-write needed.
+                Probe::Found(i, old) => {
+                    slots.ids[i].store(b, Ordering::Relaxed);
+                    return Some(old);
+                }
                 Probe::Vacant(i, d) => {
-                    if (*len + 1) * 100 <= slots.cap() * MAX_LOAD_PCT {
-                        let mut n = *len;
+                    if (**len + 1) * 100 <= slots.cap() * MAX_LOAD_PCT {
+                        let mut n = **len;
                         if shard.moving(|| slots.insert_at(&mut n, i, d, b)) {
-                            *len = n;
+                            **len = n;
                             return None;
                         }
                     }
@@ -936,6 +997,33 @@ mod tests {
             }
         });
         assert_eq!(index.len(), STABLE as usize);
+    }
+
+    /// A run of neighbouring LBAs (crossing groups, so several shards) is
+    /// mapped like one insert per entry, and each displaced block is named
+    /// with its entry.
+    #[test]
+    fn insert_run_maps_every_entry_and_names_what_it_displaced() {
+        let meta = Meta::new(400);
+        let index = Index::new(64);
+        let first: Vec<(u64, u32)> = (0..100u32).map(|k| (7 + k as u64, k)).collect();
+        // Every other LBA of the second run is new; the rest replace.
+        let second: Vec<(u64, u32)> = (0..100u32).map(|k| (7 + 2 * k as u64, 200 + k)).collect();
+        for &(l, b) in first.iter().chain(&second) {
+            meta.get(b).lba.store(l, Ordering::Relaxed);
+        }
+        index.insert_run(&meta, &first, |k, old| panic!("entry {k} displaced {old}"));
+        let mut got = Vec::new();
+        index.insert_run(&meta, &second, |k, old| got.push((k, old)));
+        let want: Vec<(usize, u32)> = (0..50).map(|k| (k, 2 * k as u32)).collect();
+        assert_eq!(got, want);
+        for &(l, b) in &second {
+            assert_eq!(index.get(&meta, l), Some(b));
+        }
+        for &(l, b) in first.iter().filter(|(l, _)| (l - 7) % 2 == 1) {
+            assert_eq!(index.get(&meta, l), Some(b));
+        }
+        assert_eq!(index.len(), 150);
     }
 
     #[test]
