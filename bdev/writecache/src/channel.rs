@@ -627,7 +627,10 @@ impl Local {
         let wc = &self.wc;
         let cores = self.cores;
         let limit = (wc.tunables.autocommit_blocks.load(Ordering::Relaxed) / cores).max(1);
+        // A plain load first: while a commit is pending every write gets
+        // here, and a swap on each would bounce the line between cores.
         if self.write_log.borrow().len() as u64 >= limit
+            && !wc.commit_requested.load(Ordering::Relaxed)
             && !wc.commit_requested.swap(true, Ordering::AcqRel)
         {
             wc.request_commit(None);
