@@ -806,15 +806,11 @@ impl Local {
         self.free_displaced();
 
         let mut w = self.write_log.borrow_mut();
-        let (done, keep): (Vec<LogEntry>, Vec<LogEntry>) = w.drain(..).partition(|e| e.seq < limit);
-        *w = keep;
+        let done = take_below(&mut w, limit);
         self.stats()
             .uncommitted
             .store(w.len() as u64, Ordering::Release);
-        let mut sup = self.superseded.borrow_mut();
-        let (ready, keep): (Vec<LogEntry>, Vec<LogEntry>) =
-            sup.drain(..).partition(|e| e.seq < limit);
-        *sup = keep;
+        let ready = take_below(&mut self.superseded.borrow_mut(), limit);
         (done, ready)
     }
 }
@@ -852,6 +848,24 @@ impl Writecache {
         }
         self.free_blocks(&to_free);
     }
+}
+
+/// Moves the entries stamped below `limit` out of `log` (order kept) into
+/// one exactly sized vector. `log` keeps its capacity: the writes after a
+/// commit do not grow it again from nothing (each growth copies the whole
+/// log inside some write, a latency spike).
+fn take_below(log: &mut Vec<LogEntry>, limit: u64) -> Vec<LogEntry> {
+    let n = log.iter().filter(|e| e.seq < limit).count();
+    let mut out = Vec::with_capacity(n);
+    log.retain(|e| {
+        if e.seq < limit {
+            out.push(*e);
+            false
+        } else {
+            true
+        }
+    });
+    out
 }
 
 /// Calls `f(offset_in_block, piece)` for the parts of the I/O's segments
@@ -947,6 +961,25 @@ fn slice_iovs(iovs: &[IoVec], start: usize, len: usize) -> SmallVec<[IoVec; 4]> 
 #[cfg(test)]
 mod tests {
     use super::*;
+
+    #[test]
+    fn take_below_keeps_order_and_capacity() {
+        let e = |seq| LogEntry {
+            block: seq as u32,
+            gen: 0,
+            seq,
+        };
+        let mut log: Vec<LogEntry> = [5, 1, 7, 2, 9, 3].into_iter().map(e).collect();
+        log.reserve(100);
+        let cap = log.capacity();
+        let done = take_below(&mut log, 5);
+        let seqs = |v: &[LogEntry]| v.iter().map(|x| x.seq).collect::<Vec<_>>();
+        assert_eq!(seqs(&done), vec![1, 2, 3]);
+        assert_eq!(done.capacity(), 3);
+        assert_eq!(seqs(&log), vec![5, 7, 9]);
+        assert_eq!(log.capacity(), cap);
+        assert!(take_below(&mut log, 0).is_empty());
+    }
 
     #[test]
     fn slicing_segments() {
