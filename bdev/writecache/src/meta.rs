@@ -15,7 +15,7 @@
 //! 32-bit block ids (the key is read back from the block's state), the free
 //! pool and the writeback queue 4 bytes per block each.
 
-use std::sync::atomic::{fence, AtomicU32, AtomicU64, AtomicU8, Ordering};
+use std::sync::atomic::{fence, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crossbeam::epoch::{self, Atomic, Guard, Owned};
@@ -250,14 +250,7 @@ impl Slots {
     /// sequential I/O sit in neighbouring slots.
     #[inline]
     fn home(&self, h: u32, lba: u64) -> usize {
-        // Fast range reduction: the table size need not be a power of two,
-        // so the index can be sized close to the cache.
-        let i = ((h as u64 * self.cap() as u64) >> 32) as usize + (lba % GROUP) as usize;
-        if i >= self.cap() {
-            i - self.cap()
-        } else {
-            i
-        }
+        home_of(h, lba, self.cap())
     }
 
     #[inline]
@@ -382,6 +375,19 @@ impl Slots {
     }
 }
 
+/// The home slot of `lba` (whose group hashes to `h`) among `cap` slots.
+#[inline]
+fn home_of(h: u32, lba: u64, cap: usize) -> usize {
+    // Fast range reduction: the table size need not be a power of two,
+    // so the index can be sized close to the cache.
+    let i = ((h as u64 * cap as u64) >> 32) as usize + (lba % GROUP) as usize;
+    if i >= cap {
+        i - cap
+    } else {
+        i
+    }
+}
+
 /// One shard: its slots, the writers' lock, and a version readers check.
 struct Shard {
     /// Serializes writers; holds the number of entries.
@@ -393,15 +399,38 @@ struct Shard {
     /// Replaced (and the old one freed after a grace period) when the
     /// shard grows.
     slots: Atomic<Slots>,
+    /// Where the current slots' arrays are and how many slots they have,
+    /// for prefetching without a pin: only ever used to compute an
+    /// address to prefetch (never dereferenced), so a stale or mismatched
+    /// triple costs a useless prefetch, nothing else.
+    ids_hint: AtomicPtr<AtomicU32>,
+    disp_hint: AtomicPtr<AtomicU8>,
+    cap_hint: AtomicUsize,
 }
 
 impl Shard {
     fn new(cap: usize) -> Shard {
-        Shard {
+        let shard = Shard {
             lock: Mutex::new(0),
             version: AtomicU64::new(0),
             slots: Atomic::new(Slots::with_capacity(cap)),
-        }
+            ids_hint: AtomicPtr::new(std::ptr::null_mut()),
+            disp_hint: AtomicPtr::new(std::ptr::null_mut()),
+            cap_hint: AtomicUsize::new(0),
+        };
+        let l = shard.lock();
+        shard.set_hints(shard.slots_locked(&l));
+        drop(l);
+        shard
+    }
+
+    /// Records where `slots` (now the current ones) live, for prefetches.
+    fn set_hints(&self, slots: &Slots) {
+        self.ids_hint
+            .store(slots.ids.as_ptr() as *mut AtomicU32, Ordering::Relaxed);
+        self.disp_hint
+            .store(slots.disp.as_ptr() as *mut AtomicU8, Ordering::Relaxed);
+        self.cap_hint.store(slots.cap(), Ordering::Relaxed);
     }
 
     /// The writers' lock (and the entry count).
@@ -546,18 +575,12 @@ impl Index {
     pub(crate) fn prefetch_slot(&self, lba: u64) {
         let (s, h) = Self::hash(lba);
         let shard = &self.shards[s];
-        // SAFETY: never null; the slots are only read for their address
-        // (a prefetch reads nothing observable), so a concurrent
-        // replacement does no harm even without a pin.
-        let slots = unsafe {
-            shard
-                .slots
-                .load(Ordering::Acquire, epoch::unprotected())
-                .deref()
-        };
-        let i = slots.home(h, lba);
-        prefetch(slots.ids.as_ptr().wrapping_add(i) as *const u8);
-        prefetch(slots.disp.as_ptr().wrapping_add(i) as *const u8);
+        // Without a pin the slots may be replaced and freed meanwhile: the
+        // hints are only turned into addresses to prefetch, never read.
+        let cap = shard.cap_hint.load(Ordering::Relaxed).max(1);
+        let i = home_of(h, lba, cap);
+        prefetch(shard.ids_hint.load(Ordering::Relaxed).wrapping_add(i) as *const u8);
+        prefetch(shard.disp_hint.load(Ordering::Relaxed).wrapping_add(i) as *const u8);
     }
 
     /// Calls `f` with each block a lookup of `lba` would compare, without
@@ -659,6 +682,7 @@ impl Index {
                             .slots
                             .swap(Owned::new(grown), Ordering::AcqRel, &guard)
                     });
+                    shard.set_hints(shard.slots_locked(len));
                     // SAFETY: unlinked above; readers that still see it
                     // are pinned, and it is freed after they unpin.
                     unsafe { guard.defer_destroy(old) };
