@@ -352,6 +352,63 @@ def run_steady(a, cfgs, raw):
                 bp.close()
 
 
+# ---------------------------------------------------------------- raw-copy limit
+
+# The copy each workload's I/O does, as copy_limit measures it alone.
+LIMIT_SIZES = (4096, 131072)
+
+
+def run_limit(a, raw):
+    """copy_limit: 4 KiB (and 128 KiB) non-temporal stores, memcpy in and
+    memcpy out at random block offsets of a mapping of the cache's size (a
+    file in the same tmpfs), one core, no framework."""
+    mib = -(-pmem_size(a.origin_blocks + 16384) // (1 << 20))
+    # The cache's mapping (a tmpfs file, 4 KiB pages), and for reference
+    # anonymous memory in transparent huge pages (a malloc bdev's kind).
+    kinds = [(size, []) for size in LIMIT_SIZES] + [(4096, ["--anon-huge"])]
+    for run in range(a.runs):
+        for size, extra in kinds:
+            log(f"run {run + 1}/{a.runs} raw-copy limit, {size // 1024} KiB copies "
+                f"{' '.join(extra)}")
+            try:
+                out = subprocess.run([a.copy_limit, "--dir", a.tmp, "--mib", str(mib),
+                                      "--secs", f"{a.secs:g}", "--io-size", str(size),
+                                      *extra],
+                                     capture_output=True, text=True, timeout=120,
+                                     check=True).stdout
+            except (subprocess.SubprocessError, OSError) as e:
+                log(f"  copy_limit failed: {e}")
+                continue
+            for m in re.finditer(r"copy_limit (\w+) (\d+): ([\d.]+) ops/s, ([\d.]+) GiB/s", out):
+                mode, ops = m.group(1), float(m.group(3))
+                cell = {"iops": ops, "mibps": ops * size / (1 << 20)}
+                raw["matrix"].setdefault(f"limit|1r|{mode}|{size}", []).append(cell)
+                log(f"  {mode:13} {size // 1024:4} KiB: {ops:12,.0f} copies/s")
+
+
+def limit_iops(med, wkey, mkey):
+    """The raw-copy limit of workload `wkey` in I/Os per second: the copy
+    its I/O does (non-temporal stores for writes, memcpy out of the mapping
+    for read hits; the 70/30 mix weighs the two), one core's rate times the
+    reactors. None for workloads that do not end in the cache (misses)."""
+    def g(mode, size):
+        c = med.get(f"limit|1r|{mode}|{size}")
+        return c.get("iops") if c else None
+
+    w4, r4, w128 = g("nt_write", 4096), g("memcpy_read", 4096), g("nt_write", 131072)
+    cores = 2 if mkey == "2r" else 1
+    one = None
+    if wkey == "randwrite":
+        one = w4
+    elif wkey == "randread_hit":
+        one = r4
+    elif wkey == "write128k":
+        one = w128
+    elif wkey == "randrw" and w4 and r4:
+        one = 1.0 / (0.7 / r4 + 0.3 / w4)
+    return one * cores if one else None
+
+
 # ---------------------------------------------------------------- recovery
 
 
@@ -537,9 +594,35 @@ def write_report(a, raw, med, path):
               f"p99 {q1['p99_us']:.1f} µs (target p99 ≤ 5 µs).")
             w("")
 
+    w("## Targets (issue 17)")
+    w("")
+    w(targets17_table(a, med))
+    w("")
     w("## Targets (issue 6)")
     w("")
     w(targets_table(a, med))
+    w("")
+    w("## Raw-copy limit")
+    w("")
+    w("`copy_limit`: the copy alone, one core, no framework: copies to (or from) random "
+      "block-aligned offsets of a file mapping of the cache's size in the same tmpfs, "
+      "sources/destinations rotating through 32 buffers. `nt_write`: 16-byte non-temporal "
+      "stores (the pmem cache's write), one `sfence` per 64 copies; `memcpy_write`/"
+      "`memcpy_read`: plain `memcpy` into / out of the mapping (a read hit's copy). The "
+      "workload tables' *limit* is the copy their I/O does (writes: `nt_write`; read hits: "
+      "`memcpy_read`; the 70/30 mix: both, weighted) at one core's rate, times the reactors.")
+    w("")
+    w("`_anon_thp`: the same copies into anonymous memory with transparent huge pages "
+      "(what a malloc bdev's buffer gets): no TLB miss per block.")
+    w("")
+    w("| copy | size | copies/s | MiB/s |")
+    w("|---|---:|---:|---:|")
+    for size in LIMIT_SIZES:
+        for mode in ("nt_write", "memcpy_write", "memcpy_read", "nt_write_anon_thp",
+                     "memcpy_write_anon_thp", "memcpy_read_anon_thp"):
+            c = med.get(f"limit|1r|{mode}|{size}")
+            if c:
+                w(f"| {mode} | {size // 1024} KiB | {fmt_i(c['iops'])} | {fmt_f(c['mibps'])} |")
     w("")
 
     for wkey, _, _, _, title in WORKLOADS:
@@ -571,15 +654,18 @@ def write_report(a, raw, med, path):
         hdr = "| QD |"
         sep = "|---:|"
         for m in MODES:
-            hdr += f" {m[0]} wc/malloc | {m[0]} wc/origin+delay | {m[0]} wc/origin (uring) |"
-            sep += "---:|---:|---:|"
+            hdr += (f" {m[0]} wc/malloc | {m[0]} wc/limit | {m[0]} malloc/limit |"
+                    f" {m[0]} wc/origin+delay | {m[0]} wc/origin (uring) |")
+            sep += "---:|---:|---:|---:|---:|"
         w(hdr)
         w(sep)
         for q in qds:
             row = f"| {q} |"
             for mkey, _, _ in MODES:
                 wc = g("wc", mkey, wkey, q)
+                lim = limit_iops(med, wkey, mkey)
                 row += (f" {ratio(wc, g('malloc', mkey, wkey, q))} |"
+                        f" {ratio(wc, lim)} | {ratio(g('malloc', mkey, wkey, q), lim)} |"
                         f" {ratio(wc, g('delay', mkey, wkey, q))} |"
                         f" {ratio(wc, g('uring', mkey, wkey, q))} |")
             w(row)
@@ -707,6 +793,63 @@ def targets_table(a, med):
     return "\n".join(L)
 
 
+def targets17_table(a, med):
+    """Issue 17's targets, measured in this run: met / not met."""
+    def g(b, m, wk, q, k="iops"):
+        c = med.get(f"{b}|{m}|{wk}|{q}")
+        return c.get(k) if c else None
+
+    def ratios(num, den, modes, wk, qds=None):
+        out = []
+        for m in modes:
+            for q in qds or a.qds:
+                n, d = g(num, m, wk, q), g(den, m, wk, q)
+                if n and d:
+                    out.append((m, q, n / d))
+        return out
+
+    def row(label, rs, goal, fmt="{:.2f}"):
+        if not rs:
+            return f"| {label} | not measured | – |"
+        txt = ", ".join(f"{m} QD{q} {fmt.format(r)}" for m, q, r in rs)
+        met = all(r >= goal for _, _, r in rs)
+        return f"| {label} | {txt} | {'yes' if met else '**no**'} |"
+
+    L = ["| target | measured | met |", "|---|---|---|"]
+    L.append(row("4 KiB randwrite, 1 reactor, wc/malloc ≥ 0.95",
+                 ratios("wc", "malloc", ["1r"], "randwrite"), 0.95))
+    L.append(row("4 KiB randwrite, 2 reactors, wc/malloc ≥ 0.9",
+                 ratios("wc", "malloc", ["2r"], "randwrite"), 0.9))
+    L.append(row("4 KiB read hits, 1 and 2 reactors, wc/malloc ≥ 0.9",
+                 ratios("wc", "malloc", ["1r", "2r"], "randread_hit"), 0.9))
+    L.append(row("128 KiB sequential write, wc/malloc ≥ 0.9",
+                 ratios("wc", "malloc", ["1r", "2r"], "write128k"), 0.9))
+    L.append(row("70/30 mix (all hits), wc/malloc ≥ 0.9",
+                 ratios("wc", "malloc", ["1r", "2r"], "randrw"), 0.9))
+    L.append(row("read misses, wc/origin+delay ≥ 0.97",
+                 ratios("wc", "delay", ["1r", "2r"], "randread_miss"), 0.97))
+    st = []
+    for m in ("1r", "2r"):
+        for q in a.qds:
+            n, d = g("wc_steady", m, "randwrite", q), g("delay", m, "randwrite", q)
+            if n and d:
+                st.append((m, q, n / d))
+    L.append(row("steady state with writeback, wc/origin+delay ≥ 1.0 everywhere", st, 1.0))
+    for q, goal in ((32, 12), (128, 9)):
+        rs = ratios("wc", "uring", ["1r"], "randwrite", [q]) if q in a.qds else []
+        L.append(row(f"burst (cache not full), wc/origin (uring) QD {q} ≥ {goal}×", rs, goal,
+                     "{:.1f}×"))
+    L.append("| null bdev, ours/SPDK v25.09 ≥ 1.0 | not measured this round (needs a local "
+             "SPDK build) | – |")
+    p99 = g("wc", "1r", "randwrite", 1, "p99_us") if 1 in a.qds else None
+    if p99 is None:
+        L.append("| QD1 write latency p99 ≤ 3 µs | not measured | – |")
+    else:
+        L.append(f"| QD1 write latency p99 ≤ 3 µs (bdevperf, in process) | {p99:.1f} µs | "
+                 f"{'yes' if p99 <= 3 else '**no**'} |")
+    return "\n".join(L)
+
+
 # ---------------------------------------------------------------- main
 
 
@@ -724,7 +867,8 @@ def estimate(a):
     rec = 0.0
     for b in a.recovery_sizes:
         rec += a.runs * (3.5 * b / (1 << 20))  # ~3.3 s per Mi blocks (fill + recovery)
-    return main + steady + rec
+    limit = a.runs * (len(LIMIT_SIZES) + 1) * (3 * a.secs + 1.5)
+    return main + steady + rec + limit
 
 
 def _on_term(signum, _frame):
@@ -758,6 +902,7 @@ def main():
     a.recovery_sizes = [int(x) << 20 for x in env.get("RECOVERY_MI", "1 4 16").split()]
     a.bdevperf = os.path.join(a.bin, "bdevperf")
     a.wc_recovery = os.path.join(a.bin, "wc_recovery")
+    a.copy_limit = os.path.join(a.bin, "copy_limit")
     a.origin_file = os.path.join(a.origin_dir, "origin.img")
     a.cache_file = os.path.join(a.tmp, "cache.pmem")
     a.tmp_parent = os.path.dirname(os.path.abspath(a.tmp))
@@ -790,6 +935,7 @@ def main():
                     f"count={a.origin_blocks * BS >> 20}", "oflag=direct", "status=none"],
                    check=True)
     cfgs = configs(a)
+    run_limit(a, raw)
     run_matrix(a, cfgs, raw)
     run_steady(a, cfgs, raw)
     run_recovery(a, raw)
@@ -804,7 +950,8 @@ def main():
         json.dump({"raw": raw, "median": med}, f, indent=1)
     write_report(a, raw, med, os.path.join(a.out, "report.md"))
     with open(os.path.join(a.out, "headline.md"), "w") as f:
-        f.write(headline_table(a, med) + "\n")
+        f.write(headline_table(a, med) + "\n\nTargets (issue 17):\n\n"
+                + targets17_table(a, med) + "\n")
     log(f"done in {raw['elapsed_s'] / 60:.1f} min (estimated {est / 60:.1f})")
     return 0
 

@@ -11,8 +11,11 @@
 # an NVMe) and writecache (pmem mode, cache file in /dev/shm) over that
 # origin -- plus writecache in the steady state (a small cache kept at the
 # high watermark while writeback runs) and wc_recovery (recovery time for
-# 1/4/16 Mi cache blocks of 512 B, RAM per cache block). Every cell is the
-# median of 3 runs (--quick: 1 run of 1 s, QD 1 and 32: a few minutes).
+# 1/4/16 Mi cache blocks of 512 B, RAM per cache block) and copy_limit (the
+# raw-copy limit: 4 KiB / 128 KiB non-temporal stores and memcpy in and out
+# of a mapping of the cache's size, one core, no framework; the report shows
+# writecache/limit next to writecache/malloc). Every cell is the median of 3
+# runs (--quick: 1 run of 1 s, QD 1 and 32: a few minutes).
 #
 # Writes perf/results/report.md, results.json, headline.md and PNG plots
 # (perf/plot.py, matplotlib: installed with pip when missing).
@@ -25,7 +28,7 @@ QUICK=()
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK=(--quick) ;;
-    -h|--help) sed -n '2,22p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "usage: $0 [--quick]" >&2; exit 2 ;;
   esac
 done
@@ -39,7 +42,7 @@ ORIGIN_PARENT=${ORIGIN_DIR_PARENT:-${TMPDIR:-/var/tmp}}
 # shellcheck source=perf/common.sh
 source "$ROOT/perf/common.sh"
 
-echo "building bdevperf and wc_recovery (release)..." >&2
+echo "building bdevperf, wc_recovery and copy_limit (release)..." >&2
 cargo build --release -p wc-perf -q
 BIN="$ROOT/target/release"
 

@@ -118,8 +118,11 @@ pub struct Writecache {
     pub(crate) tunables: Tunables,
     pub(crate) error: AtomicI32,
     pub(crate) home: ReactorHandle,
-    pub(crate) coord: Mutex<Coordinator>,
-    pub(crate) wb: Mutex<Writeback>,
+    /// Home locks these every reactor iteration (the retire poller): on
+    /// lines of their own, so the other cores' reads of the fields every
+    /// I/O looks at (sequence, flags, tunables) do not miss each time.
+    pub(crate) coord: CachePadded<Mutex<Coordinator>>,
+    pub(crate) wb: CachePadded<Mutex<Writeback>>,
     pub(crate) commit_requested: AtomicBool,
     pub(crate) last_write_around: AtomicU64,
     pub(crate) flush_on_suspend: AtomicBool,

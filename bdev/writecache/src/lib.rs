@@ -440,7 +440,9 @@ fn start(
         tunables,
         error: AtomicI32::new(0),
         home: wc_reactor::current().handle(),
-        coord: std::sync::Mutex::new(cache::Coordinator::new(n)),
+        coord: crossbeam::utils::CachePadded::new(std::sync::Mutex::new(cache::Coordinator::new(
+            n,
+        ))),
         wb: Default::default(),
         commit_requested: AtomicBool::new(false),
         last_write_around: AtomicU64::new(0),

@@ -15,9 +15,10 @@
 //! 32-bit block ids (the key is read back from the block's state), the free
 //! pool and the writeback queue 4 bytes per block each.
 
-use std::sync::atomic::{AtomicU32, AtomicU64, Ordering};
+use std::sync::atomic::{fence, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
+use crossbeam::epoch::{self, Atomic, Guard, Owned};
 use crossbeam::utils::CachePadded;
 
 /// Block state bits.
@@ -202,51 +203,72 @@ impl Meta {
     }
 }
 
+/// Starts loading the cache line at `p` into the cache (a hint).
+#[inline]
+fn prefetch(p: *const u8) {
+    #[cfg(target_arch = "x86_64")]
+    // SAFETY: prefetch never faults and reads nothing observable.
+    unsafe {
+        std::arch::x86_64::_mm_prefetch(p as *const i8, std::arch::x86_64::_MM_HINT_T0)
+    };
+    #[cfg(not(target_arch = "x86_64"))]
+    let _ = p;
+}
+
 /// The slot marker of an empty index slot (block ids are below it).
 const EMPTY: u32 = u32::MAX;
 /// Largest distance of an entry from its home slot; an insert that would
 /// go further grows the shard instead.
 const MAX_DISP: usize = u8::MAX as usize;
 
-/// One shard of the index: Robin Hood linear probing over 32-bit block
+/// The slots of one shard: Robin Hood linear probing over 32-bit block
 /// ids, with each entry's distance from its home slot in a parallel byte
 /// array. The key (the LBA) is not stored: it is the block's `lba`. The
 /// distance lets a probe skip entries of other home slots without reading
 /// their block's state, stop early on a miss (clusters are ordered by home
 /// slot), and lets a removal shift entries back without rehashing them.
-struct Table {
-    slots: Box<[u32]>,
-    disp: Box<[u8]>,
-    len: usize,
+///
+/// Readers probe without the shard's lock (every slot is an atomic, read
+/// relaxed, and the shard's version tells them whether a writer moved
+/// entries meanwhile); writers change slots only under the lock.
+struct Slots {
+    ids: Box<[AtomicU32]>,
+    disp: Box<[AtomicU8]>,
 }
 
-/// What a probe found: the slot holding the key, or the slot (and its
-/// distance from the key's home) where the key belongs.
+/// What a probe found: the slot holding the key and its block, or the slot
+/// (and its distance from the key's home) where the key belongs.
 enum Probe {
-    Found(usize),
+    Found(usize, u32),
     Vacant(usize, usize),
 }
 
-impl Table {
-    fn with_capacity(cap: usize) -> Table {
-        let cap = cap.max(8);
-        Table {
-            slots: vec![EMPTY; cap].into_boxed_slice(),
-            disp: vec![0; cap].into_boxed_slice(),
-            len: 0,
+impl Slots {
+    fn with_capacity(cap: usize) -> Slots {
+        // At least a group's worth, so a group's homes never wrap twice.
+        let cap = cap.max(GROUP as usize);
+        Slots {
+            ids: (0..cap).map(|_| AtomicU32::new(EMPTY)).collect(),
+            disp: (0..cap).map(|_| AtomicU8::new(0)).collect(),
         }
     }
 
     #[inline]
-    fn home(&self, h: u32) -> usize {
-        // Fast range reduction: the table size need not be a power of two,
-        // so the index can be sized close to the cache.
-        ((h as u64 * self.slots.len() as u64) >> 32) as usize
+    fn cap(&self) -> usize {
+        self.ids.len()
+    }
+
+    /// The home slot of `lba` (whose group hashes to `h`): the group's
+    /// home plus the LBA's place in the group, so the blocks of one
+    /// sequential I/O sit in neighbouring slots.
+    #[inline]
+    fn home(&self, h: u32, lba: u64) -> usize {
+        home_of(h, lba, self.cap())
     }
 
     #[inline]
     fn next(&self, i: usize) -> usize {
-        if i + 1 == self.slots.len() {
+        if i + 1 == self.cap() {
             0
         } else {
             i + 1
@@ -254,82 +276,101 @@ impl Table {
     }
 
     #[inline]
-    fn probe(&self, meta: &Meta, lba: u64, h: u32) -> Probe {
-        let mut i = self.home(h);
+    fn id(&self, i: usize) -> u32 {
+        self.ids[i].load(Ordering::Relaxed)
+    }
+
+    #[inline]
+    fn dist(&self, i: usize) -> usize {
+        self.disp[i].load(Ordering::Relaxed) as usize
+    }
+
+    /// Writes slot `i` (writers, under the shard's lock).
+    #[inline]
+    fn put(&self, i: usize, b: u32, d: usize) {
+        self.ids[i].store(b, Ordering::Relaxed);
+        self.disp[i].store(d as u8, Ordering::Relaxed);
+    }
+
+    /// Finds `lba`. `candidate` sees each block whose LBA is compared (a
+    /// reader prefetches its data while the comparison waits for memory).
+    /// Ends within `MAX_DISP + 1` steps even on slots a writer is moving
+    /// (distances never exceed `MAX_DISP`).
+    #[inline]
+    fn probe(&self, meta: &Meta, lba: u64, h: u32, mut candidate: impl FnMut(u32)) -> Probe {
+        let mut i = self.home(h, lba);
         let mut d = 0;
         loop {
-            let b = self.slots[i];
+            let b = self.id(i);
             // Entries closer to their home than we are to ours have homes
             // after ours: the key would sit before them.
-            if b == EMPTY || (self.disp[i] as usize) < d {
+            if b == EMPTY || self.dist(i) < d {
                 return Probe::Vacant(i, d);
             }
-            if self.disp[i] as usize == d && meta.get(b).lba.load(Ordering::Relaxed) == lba {
-                return Probe::Found(i);
+            if self.dist(i) == d {
+                candidate(b);
+                if meta.get(b).lba.load(Ordering::Relaxed) == lba {
+                    return Probe::Found(i, b);
+                }
             }
             i = self.next(i);
             d += 1;
-            // Terminates: the table always has an empty slot (kept below
-            // full by the load limit).
         }
     }
 
     /// Puts `b` at slot `i` (distance `d`), shifting the rest of the
     /// cluster one slot on; false (nothing changed) if a distance would
     /// overflow or no slot is empty.
-    fn insert_at(&mut self, i: usize, d: usize, b: u32) -> bool {
-        if d > MAX_DISP || self.len + 1 >= self.slots.len() {
+    fn insert_at(&self, len: &mut usize, i: usize, d: usize, b: u32) -> bool {
+        if d > MAX_DISP || *len + 1 >= self.cap() {
             return false;
         }
         let mut e = i;
-        while self.slots[e] != EMPTY {
-            if self.disp[e] as usize == MAX_DISP {
+        while self.id(e) != EMPTY {
+            if self.dist(e) == MAX_DISP {
                 return false;
             }
             e = self.next(e);
         }
         // Shift [i, e) one slot on, back to front.
         while e != i {
-            let p = if e == 0 { self.slots.len() - 1 } else { e - 1 };
-            self.slots[e] = self.slots[p];
-            self.disp[e] = self.disp[p] + 1;
+            let p = if e == 0 { self.cap() - 1 } else { e - 1 };
+            self.put(e, self.id(p), self.dist(p) + 1);
             e = p;
         }
-        self.slots[i] = b;
-        self.disp[i] = d as u8;
-        self.len += 1;
+        self.put(i, b, d);
+        *len += 1;
         true
     }
 
-    fn remove_at(&mut self, mut hole: usize) {
+    fn remove_at(&self, len: &mut usize, mut hole: usize) {
         let mut j = self.next(hole);
         // Shift the rest of the cluster back: each entry away from its
         // home moves one step closer (Robin Hood keeps homes in order, so
         // the first entry at its home ends the cluster).
-        while self.slots[j] != EMPTY && self.disp[j] > 0 {
-            self.slots[hole] = self.slots[j];
-            self.disp[hole] = self.disp[j] - 1;
+        while self.id(j) != EMPTY && self.dist(j) > 0 {
+            self.put(hole, self.id(j), self.dist(j) - 1);
             hole = j;
             j = self.next(j);
         }
-        self.slots[hole] = EMPTY;
-        self.disp[hole] = 0;
-        self.len -= 1;
+        self.put(hole, EMPTY, 0);
+        *len -= 1;
     }
 
-    /// Rebuilds with at least `cap` slots (rehashing every entry through
+    /// A copy with at least `cap` slots (rehashing every entry through
     /// `meta`).
-    fn regrow(&mut self, meta: &Meta, mut cap: usize) {
+    fn regrown(&self, meta: &Meta, mut cap: usize) -> Slots {
         loop {
-            let mut t = Table::with_capacity(cap);
+            let t = Slots::with_capacity(cap);
+            let mut len = 0;
             let fits = self
-                .slots
+                .ids
                 .iter()
-                .filter(|&&b| b != EMPTY)
-                .all(|&b| t.place(meta, b));
+                .map(|a| a.load(Ordering::Relaxed))
+                .filter(|&b| b != EMPTY)
+                .all(|b| t.place(meta, &mut len, b));
             if fits {
-                *self = t;
-                return;
+                return t;
             }
             // Only pathological hash clustering gets here: spread wider.
             cap *= 2;
@@ -337,23 +378,130 @@ impl Table {
     }
 
     /// Places `b` (whose LBA is not in the table).
-    fn place(&mut self, meta: &Meta, b: u32) -> bool {
+    fn place(&self, meta: &Meta, len: &mut usize, b: u32) -> bool {
         let lba = meta.get(b).lba.load(Ordering::Relaxed);
         let (_, h) = Index::hash(lba);
-        match self.probe(meta, lba, h) {
-            Probe::Vacant(i, d) => self.insert_at(i, d, b),
-            Probe::Found(_) => false,
+        match self.probe(meta, lba, h, |_| {}) {
+            Probe::Vacant(i, d) => self.insert_at(len, i, d, b),
+            Probe::Found(..) => false,
+        }
+    }
+}
+
+/// The home slot of `lba` (whose group hashes to `h`) among `cap` slots.
+#[inline]
+fn home_of(h: u32, lba: u64, cap: usize) -> usize {
+    // Fast range reduction: the table size need not be a power of two,
+    // so the index can be sized close to the cache.
+    let i = ((h as u64 * cap as u64) >> 32) as usize + (lba % GROUP) as usize;
+    if i >= cap {
+        i - cap
+    } else {
+        i
+    }
+}
+
+/// One shard: its slots, the writers' lock, and a version readers check.
+struct Shard {
+    /// Serializes writers; holds the number of entries.
+    lock: Mutex<usize>,
+    /// Even while the slots are stable, odd while a writer moves entries
+    /// (a seqlock: a reader whose probe saw two different versions, or an
+    /// odd one, probes again).
+    version: AtomicU64,
+    /// Replaced (and the old one freed after a grace period) when the
+    /// shard grows.
+    slots: Atomic<Slots>,
+    /// Where the current slots' arrays are and how many slots they have,
+    /// for prefetching without a pin: only ever used to compute an
+    /// address to prefetch (never dereferenced), so a stale or mismatched
+    /// triple costs a useless prefetch, nothing else.
+    ids_hint: AtomicPtr<AtomicU32>,
+    disp_hint: AtomicPtr<AtomicU8>,
+    cap_hint: AtomicUsize,
+}
+
+impl Shard {
+    fn new(cap: usize) -> Shard {
+        let shard = Shard {
+            lock: Mutex::new(0),
+            version: AtomicU64::new(0),
+            slots: Atomic::new(Slots::with_capacity(cap)),
+            ids_hint: AtomicPtr::new(std::ptr::null_mut()),
+            disp_hint: AtomicPtr::new(std::ptr::null_mut()),
+            cap_hint: AtomicUsize::new(0),
+        };
+        let l = shard.lock();
+        shard.set_hints(shard.slots_locked(&l));
+        drop(l);
+        shard
+    }
+
+    /// Records where `slots` (now the current ones) live, for prefetches.
+    fn set_hints(&self, slots: &Slots) {
+        self.ids_hint
+            .store(slots.ids.as_ptr() as *mut AtomicU32, Ordering::Relaxed);
+        self.disp_hint
+            .store(slots.disp.as_ptr() as *mut AtomicU8, Ordering::Relaxed);
+        self.cap_hint.store(slots.cap(), Ordering::Relaxed);
+    }
+
+    /// The writers' lock (and the entry count).
+    fn lock(&self) -> MutexGuard<'_, usize> {
+        // A poisoned lock only means a panic elsewhere; the slots
+        // themselves are consistent after every operation.
+        self.lock.lock().unwrap_or_else(|p| p.into_inner())
+    }
+
+    /// The current slots, for a writer holding the lock.
+    fn slots_locked<'a>(&'a self, _lock: &MutexGuard<'a, usize>) -> &'a Slots {
+        // SAFETY: only a lock holder replaces the slots, and the old ones
+        // are freed after a grace period, so they stay valid while the
+        // lock (which the caller holds, see `_lock`) is held; the pointer
+        // is never null.
+        unsafe {
+            self.slots
+                .load(Ordering::Acquire, epoch::unprotected())
+                .deref()
+        }
+    }
+
+    /// Runs `f`, which moves entries, as a seqlock write section.
+    #[inline]
+    fn moving<R>(&self, f: impl FnOnce() -> R) -> R {
+        let v = self.version.load(Ordering::Relaxed);
+        self.version.store(v.wrapping_add(1), Ordering::Relaxed);
+        // The odd version is visible before any slot changes.
+        fence(Ordering::Release);
+        let r = f();
+        self.version.store(v.wrapping_add(2), Ordering::Release);
+        r
+    }
+}
+
+impl Drop for Shard {
+    fn drop(&mut self) {
+        // SAFETY: `&mut self`: no reader or writer is left; the slots were
+        // allocated by `Atomic::new` / `Owned::new` and are freed once.
+        unsafe {
+            let s = self.slots.load(Ordering::Relaxed, epoch::unprotected());
+            if !s.is_null() {
+                drop(s.into_owned());
+            }
         }
     }
 }
 
 /// The concurrent sector index: LBA → cache block, sharded by LBA hash so
 /// that cores writing different sectors almost never meet on a lock. There
-/// is no global lock; each shard's critical section is one short probe.
+/// is no global lock; each shard's write section is one short probe, and
+/// readers take no lock at all (they probe and check the shard's version).
 pub(crate) struct Index {
-    shards: Box<[CachePadded<Mutex<Table>>]>,
+    shards: Box<[CachePadded<Shard>]>,
 }
 
+/// LBAs per hash group (a 128 KiB I/O of 4 KiB blocks).
+const GROUP: u64 = 32;
 /// Shards in the index (a power of two; the top hash bits pick one).
 const SHARDS: usize = 256;
 /// Slots per expected entry: a full cache keeps its shards at 80% load.
@@ -367,34 +515,106 @@ impl Index {
         let per = (expected as f64 / SHARDS as f64 * SLOTS_PER_ENTRY) as usize + 8;
         Index {
             shards: (0..SHARDS)
-                .map(|_| CachePadded::new(Mutex::new(Table::with_capacity(per))))
+                .map(|_| CachePadded::new(Shard::new(per)))
                 .collect(),
         }
     }
 
-    /// Shard (top 8 bits) and in-shard hash (the next 32) of an LBA.
-    /// Fibonacci hashing spreads neighbouring LBAs over all shards, so
-    /// sequential writers on several cores do not meet on one lock.
+    /// Shard (top 8 bits) and in-shard hash (the next 32) of an LBA's
+    /// group of `GROUP` neighbouring LBAs: one I/O's blocks take one
+    /// shard's lock once (see [`Index::insert_run`]) and share slot cache
+    /// lines. Fibonacci hashing spreads neighbouring groups over all
+    /// shards, so sequential writers on several cores do not meet on one
+    /// lock.
     #[inline]
     fn hash(lba: u64) -> (usize, u32) {
-        let x = (lba ^ (lba >> 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
+        let g = lba / GROUP;
+        let x = (g ^ (g >> 32)).wrapping_mul(0x9E37_79B9_7F4A_7C15);
         ((x >> 56) as usize, (x >> 24) as u32)
     }
 
-    #[inline]
-    fn shard(&self, i: usize) -> MutexGuard<'_, Table> {
-        // A poisoned lock only means a panic elsewhere; the table itself is
-        // consistent after every operation.
-        self.shards[i].lock().unwrap_or_else(|p| p.into_inner())
-    }
-
+    /// The block `lba` maps to (pins the epoch itself).
     #[inline]
     pub(crate) fn get(&self, meta: &Meta, lba: u64) -> Option<u32> {
+        self.lookup(meta, lba, &epoch::pin(), |_| {})
+    }
+
+    /// The block `lba` maps to, without a lock: probes the shard's slots
+    /// and probes again if a writer moved entries meanwhile. `guard` keeps
+    /// slots a writer replaced (and blocks freed) from being reused while
+    /// the caller looks at them. `candidate` sees each block compared on
+    /// the way (see [`Slots::probe`]).
+    #[inline]
+    pub(crate) fn lookup(
+        &self,
+        meta: &Meta,
+        lba: u64,
+        guard: &Guard,
+        mut candidate: impl FnMut(u32),
+    ) -> Option<u32> {
         let (s, h) = Self::hash(lba);
-        let t = self.shard(s);
-        match t.probe(meta, lba, h) {
-            Probe::Found(i) => Some(t.slots[i]),
-            Probe::Vacant(..) => None,
+        let shard = &self.shards[s];
+        let mut tries = 0u32;
+        loop {
+            let v = shard.version.load(Ordering::Acquire);
+            if v & 1 == 0 {
+                // SAFETY: never null; `guard` keeps slots a writer replaced
+                // after this load alive until the caller unpins.
+                let slots = unsafe { shard.slots.load(Ordering::Acquire, guard).deref() };
+                let found = slots.probe(meta, lba, h, &mut candidate);
+                // The probe's loads happen before the version re-check.
+                fence(Ordering::Acquire);
+                if shard.version.load(Ordering::Relaxed) == v {
+                    return match found {
+                        Probe::Found(_, b) => Some(b),
+                        Probe::Vacant(..) => None,
+                    };
+                }
+            }
+            // A writer moved entries (or is moving them): probe again. A
+            // writer preempted mid-change gets the core after a while.
+            tries += 1;
+            if tries % 64 == 0 {
+                std::thread::yield_now();
+            } else {
+                std::hint::spin_loop();
+            }
+        }
+    }
+
+    /// Starts loading the slots where `lba` would be (a hint: a later
+    /// lookup finds them in the cache).
+    #[inline]
+    pub(crate) fn prefetch_slot(&self, lba: u64) {
+        let (s, h) = Self::hash(lba);
+        let shard = &self.shards[s];
+        // Without a pin the slots may be replaced and freed meanwhile: the
+        // hints are only turned into addresses to prefetch, never read.
+        let cap = shard.cap_hint.load(Ordering::Relaxed).max(1);
+        let i = home_of(h, lba, cap);
+        prefetch(shard.ids_hint.load(Ordering::Relaxed).wrapping_add(i) as *const u8);
+        prefetch(shard.disp_hint.load(Ordering::Relaxed).wrapping_add(i) as *const u8);
+    }
+
+    /// Calls `f` with each block a lookup of `lba` would compare, without
+    /// comparing (no read of any block's state): for prefetching ahead of
+    /// the lookup. Racing writers may make it name other blocks; harmless.
+    #[inline]
+    pub(crate) fn prefetch_candidates(&self, lba: u64, guard: &Guard, mut f: impl FnMut(u32)) {
+        let (s, h) = Self::hash(lba);
+        // SAFETY: never null; `guard` keeps replaced slots alive.
+        let slots = unsafe { self.shards[s].slots.load(Ordering::Acquire, guard).deref() };
+        let mut i = slots.home(h, lba);
+        for d in 0..=MAX_DISP {
+            let b = slots.id(i);
+            let di = slots.dist(i);
+            if b == EMPTY || di < d {
+                return;
+            }
+            if di == d {
+                f(b);
+            }
+            i = slots.next(i);
         }
     }
 
@@ -402,19 +622,83 @@ impl Index {
     /// the block it displaced.
     #[inline]
     pub(crate) fn insert(&self, meta: &Meta, lba: u64, b: u32) -> Option<u32> {
-        debug_assert_eq!(meta.get(b).lba.load(Ordering::Relaxed), lba);
-        let (s, h) = Self::hash(lba);
-        let mut t = self.shard(s);
+        let mut old = None;
+        self.insert_run(meta, &[(lba, b)], |_, o| old = Some(o));
+        old
+    }
+
+    /// Maps each `(lba, block)` of `run` (the blocks' `lba` fields already
+    /// say so; the LBAs distinct), taking each shard's lock once for the
+    /// entries next to each other in `run` that hash to it — one lock for
+    /// the blocks of one I/O of up to `GROUP` aligned blocks. Calls
+    /// `displaced(k, old)` for each entry `k` that replaced a block.
+    pub(crate) fn insert_run(
+        &self,
+        meta: &Meta,
+        run: &[(u64, u32)],
+        mut displaced: impl FnMut(usize, u32),
+    ) {
+        let mut k = 0;
+        while k < run.len() {
+            let (s, _) = Self::hash(run[k].0);
+            let shard = &self.shards[s];
+            let mut len = shard.lock();
+            while k < run.len() {
+                let (lba, b) = run[k];
+                let (s2, h) = Self::hash(lba);
+                if s2 != s {
+                    break;
+                }
+                debug_assert_eq!(meta.get(b).lba.load(Ordering::Relaxed), lba);
+                if let Some(old) = Self::insert_locked(shard, &mut len, meta, lba, h, b) {
+                    displaced(k, old);
+                }
+                k += 1;
+            }
+        }
+    }
+
+    /// One insert into `shard`, whose lock the caller holds (`len`).
+    #[inline]
+    fn insert_locked(
+        shard: &Shard,
+        len: &mut MutexGuard<'_, usize>,
+        meta: &Meta,
+        lba: u64,
+        h: u32,
+        b: u32,
+    ) -> Option<u32> {
         loop {
-            match t.probe(meta, lba, h) {
-                Probe::Found(i) => return Some(std::mem::replace(&mut t.slots[i], b)),
+            let slots = shard.slots_locked(len);
+            match slots.probe(meta, lba, h, |_| {}) {
+                // One store: a reader sees the old block or the new one,
+                // both mapped to `lba` (the old one is not reused before
+                // the reader unpins), so no version change. Writers are
+                // serialized by the lock: no read-modify-write needed.
+                Probe::Found(i, old) => {
+                    slots.ids[i].store(b, Ordering::Relaxed);
+                    return Some(old);
+                }
                 Probe::Vacant(i, d) => {
-                    if (t.len + 1) * 100 <= t.slots.len() * MAX_LOAD_PCT && t.insert_at(i, d, b) {
-                        return None;
+                    if (**len + 1) * 100 <= slots.cap() * MAX_LOAD_PCT {
+                        let mut n = **len;
+                        if shard.moving(|| slots.insert_at(&mut n, i, d, b)) {
+                            **len = n;
+                            return None;
+                        }
                     }
                     // Too full (an unlucky LBA mix) or too clustered.
-                    let cap = t.slots.len() + t.slots.len() / 2;
-                    t.regrow(meta, cap);
+                    let grown = slots.regrown(meta, slots.cap() + slots.cap() / 2);
+                    let guard = epoch::pin();
+                    let old = shard.moving(|| {
+                        shard
+                            .slots
+                            .swap(Owned::new(grown), Ordering::AcqRel, &guard)
+                    });
+                    shard.set_hints(shard.slots_locked(len));
+                    // SAFETY: unlinked above; readers that still see it
+                    // are pinned, and it is freed after they unpin.
+                    unsafe { guard.defer_destroy(old) };
                 }
             }
         }
@@ -423,10 +707,12 @@ impl Index {
     /// Removes `lba` only if it still maps to `b`.
     pub(crate) fn remove_if(&self, meta: &Meta, lba: u64, b: u32) -> bool {
         let (s, h) = Self::hash(lba);
-        let mut t = self.shard(s);
-        match t.probe(meta, lba, h) {
-            Probe::Found(i) if t.slots[i] == b => {
-                t.remove_at(i);
+        let shard = &self.shards[s];
+        let mut len = shard.lock();
+        let slots = shard.slots_locked(&len);
+        match slots.probe(meta, lba, h, |_| {}) {
+            Probe::Found(i, found) if found == b => {
+                shard.moving(|| slots.remove_at(&mut len, i));
                 true
             }
             _ => false,
@@ -435,12 +721,18 @@ impl Index {
 
     /// Number of mapped LBAs.
     pub(crate) fn len(&self) -> usize {
-        (0..SHARDS).map(|i| self.shard(i).len).sum()
+        self.shards.iter().map(|s| *s.lock()).sum()
     }
 
     /// Bytes of RAM the index holds.
     pub(crate) fn ram_bytes(&self) -> usize {
-        (0..SHARDS).map(|i| self.shard(i).slots.len() * 5).sum()
+        self.shards
+            .iter()
+            .map(|s| {
+                let l = s.lock();
+                s.slots_locked(&l).cap() * 5
+            })
+            .sum()
     }
 }
 
@@ -769,6 +1061,81 @@ mod tests {
             }
         }
         assert_eq!(rig.index.len(), 0);
+    }
+
+    /// Lock-free lookups while a writer shifts entries (inserts and
+    /// removals around them) and grows the shards: a key that stays mapped
+    /// is always found, with its block, and a key never mapped never is.
+    #[test]
+    fn index_lookups_stay_exact_while_writers_move_entries() {
+        use std::sync::atomic::AtomicBool;
+        const STABLE: u64 = 512;
+        const CHURN: u64 = 4096;
+        // Sized small: the churn grows the shards several times.
+        let meta = Meta::new((STABLE + CHURN) as usize);
+        let index = Index::new(64);
+        for l in 0..STABLE {
+            meta.get(l as u32).lba.store(l * 3, Ordering::Relaxed);
+            assert_eq!(index.insert(&meta, l * 3, l as u32), None);
+        }
+        let stop = AtomicBool::new(false);
+        std::thread::scope(|s| {
+            let (meta, index, stop) = (&meta, &index, &stop);
+            s.spawn(move || {
+                // Churn LBAs interleave with the stable ones (3l + 1).
+                for round in 0..20u64 {
+                    for k in 0..CHURN {
+                        let b = (STABLE + k) as u32;
+                        let l = (k + round * 7) * 3 + 1;
+                        meta.get(b).lba.store(l, Ordering::Relaxed);
+                        index.insert(meta, l, b);
+                    }
+                    for k in 0..CHURN {
+                        let b = (STABLE + k) as u32;
+                        let l = meta.get(b).lba.load(Ordering::Relaxed);
+                        assert!(index.remove_if(meta, l, b));
+                    }
+                }
+                stop.store(true, Ordering::Release);
+            });
+            let mut rng = Rng(99);
+            let mut checks = 0u64;
+            while !stop.load(Ordering::Acquire) || checks < 10_000 {
+                let guard = epoch::pin();
+                let l = rng.below(STABLE);
+                assert_eq!(index.lookup(meta, l * 3, &guard, |_| {}), Some(l as u32));
+                assert_eq!(index.lookup(meta, l * 3 + 2, &guard, |_| {}), None);
+                checks += 1;
+            }
+        });
+        assert_eq!(index.len(), STABLE as usize);
+    }
+
+    /// A run of neighbouring LBAs (crossing groups, so several shards) is
+    /// mapped like one insert per entry, and each displaced block is named
+    /// with its entry.
+    #[test]
+    fn insert_run_maps_every_entry_and_names_what_it_displaced() {
+        let meta = Meta::new(400);
+        let index = Index::new(64);
+        let first: Vec<(u64, u32)> = (0..100u32).map(|k| (7 + k as u64, k)).collect();
+        // Every other LBA of the second run is new; the rest replace.
+        let second: Vec<(u64, u32)> = (0..100u32).map(|k| (7 + 2 * k as u64, 200 + k)).collect();
+        for &(l, b) in first.iter().chain(&second) {
+            meta.get(b).lba.store(l, Ordering::Relaxed);
+        }
+        index.insert_run(&meta, &first, |k, old| panic!("entry {k} displaced {old}"));
+        let mut got = Vec::new();
+        index.insert_run(&meta, &second, |k, old| got.push((k, old)));
+        let want: Vec<(usize, u32)> = (0..50).map(|k| (k, 2 * k as u32)).collect();
+        assert_eq!(got, want);
+        for &(l, b) in &second {
+            assert_eq!(index.get(&meta, l), Some(b));
+        }
+        for &(l, b) in first.iter().filter(|(l, _)| (l - 7) % 2 == 1) {
+            assert_eq!(index.get(&meta, l), Some(b));
+        }
+        assert_eq!(index.len(), 150);
     }
 
     #[test]

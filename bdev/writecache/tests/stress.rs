@@ -182,3 +182,125 @@ fn concurrent_writers_readers_flushers_and_writeback_agree() {
     );
     let _ = std::fs::remove_file(f);
 }
+
+/// Reads of cached blocks while another core overwrites them (committed
+/// and uncommitted versions, so both the displaced-block free and the
+/// superseded path run under the readers): every read returns one whole
+/// version of its own sector, never older than the newest write completed
+/// before the read was submitted. Readers keep several reads in flight so
+/// they are looked up and copied as a batch.
+#[test]
+fn reads_of_hits_stay_exact_while_they_are_overwritten() {
+    const LBAS: u64 = 4;
+    const READS_IN_FLIGHT: usize = 8;
+    let secs: u64 = std::env::var("WC_STRESS_SECONDS")
+        .ok()
+        .and_then(|s| s.parse().ok())
+        .unwrap_or(2);
+    let rt = test_runtime(2);
+    let f = std::env::temp_dir().join(format!("wc-overwrite-{}", std::process::id()));
+    let _ = std::fs::remove_file(&f);
+    wc_bdev_malloc::create(wc_bdev_malloc::MallocOpts::new("OvrO", 64, BS as u32)).unwrap();
+    let mut po = wc_bdev_pmem::PmemOpts::new("OvrC", f.to_str().unwrap());
+    po.size = Some(512 * BS as u64);
+    wc_bdev_pmem::create(po).unwrap();
+    run_on(rt.main(), || async {
+        let mut o = CreateOpts::new("OvrWC", "OvrO", "OvrC");
+        // Writeback never starts: every read is a hit.
+        o.high_watermark = Some(100);
+        o.low_watermark = Some(100);
+        o.autocommit_blocks = Some(64);
+        wc_writecache::create(o)
+            .map(|_| ())
+            .map_err(|e| e.to_string())
+    })
+    .unwrap();
+    // Every sector cached before the readers start.
+    run_on(rt.main(), || async {
+        let d = wc_bdev::open("OvrWC", true, None).unwrap();
+        let ch = d.channel().unwrap();
+        for lba in 0..LBAS {
+            ch.write_async(lba, block(lba, 1), false).await.unwrap();
+        }
+    });
+    // Newest version of each sector whose write has completed.
+    let done: Arc<Vec<AtomicU64>> = Arc::new((0..LBAS).map(|_| AtomicU64::new(1)).collect());
+    let deadline = Instant::now() + Duration::from_secs(secs);
+    let handles = rt.handles();
+    let writer = {
+        let (h, done) = (handles[0].clone(), done.clone());
+        std::thread::spawn(move || {
+            run_on(&h, move || async move {
+                let d = wc_bdev::open("OvrWC", true, None).unwrap();
+                let ch = d.channel().unwrap();
+                let mut n = 0u64;
+                while Instant::now() < deadline {
+                    let lba = n % LBAS;
+                    let v = 2 + n / LBAS;
+                    ch.write_async(lba, block(lba, v), false).await.unwrap();
+                    done[lba as usize].store(v, Ordering::Release);
+                    n += 1;
+                    if n % 32 == 0 {
+                        // Commit: later overwrites displace committed blocks.
+                        ch.io_async(IoType::Flush, 0, 0).await.unwrap();
+                    }
+                }
+                n
+            })
+        })
+    };
+    let reader = {
+        let (h, done) = (handles[1].clone(), done.clone());
+        std::thread::spawn(move || {
+            run_on(&h, move || async move {
+                let d = wc_bdev::open("OvrWC", true, None).unwrap();
+                let ch = d.channel().unwrap();
+                let mut reads = 0u64;
+                while Instant::now() < deadline {
+                    let batch = (0..READS_IN_FLIGHT).map(|k| {
+                        let lba = (reads + k as u64) % LBAS;
+                        let floor = done[lba as usize].load(Ordering::Acquire);
+                        let ch = &ch;
+                        async move {
+                            let b = ch.read_async(lba, DmaBuf::new(BS)).await.expect("read");
+                            (lba, floor, decode(&b))
+                        }
+                    });
+                    for (lba, floor, got) in futures::future::join_all(batch).await {
+                        let (l, v) = got.unwrap_or_else(|e| panic!("lba {lba}: {e}"));
+                        assert_eq!(l, lba, "read of {lba} returned another sector's data");
+                        assert!(
+                            v >= floor,
+                            "lba {lba}: read version {v}, older than {floor} written before"
+                        );
+                    }
+                    reads += READS_IN_FLIGHT as u64;
+                }
+                reads
+            })
+        })
+    };
+    let writes = writer.join().expect("writer");
+    let reads = reader.join().expect("reader");
+    let s = wc_writecache::stats("OvrWC").unwrap();
+    eprintln!("overwrite: {writes} writes, {reads} reads; {s:?}");
+    assert!(
+        writes > 100 && reads > 100,
+        "too little work: {writes} / {reads}"
+    );
+    assert_eq!(s.read_hits, s.read_blocks, "every read was a hit");
+    assert!(
+        s.write_hits_committed > 0 && s.write_hits_uncommitted > 0,
+        "both overwrite paths ran: {s:?}"
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    rt.main().send(move || {
+        wc_writecache::delete(
+            "OvrWC",
+            false,
+            Box::new(move |r| tx.send(r.map_err(|e| e.to_string())).unwrap()),
+        )
+    });
+    rx.recv_timeout(Duration::from_secs(30)).unwrap().unwrap();
+    let _ = std::fs::remove_file(f);
+}

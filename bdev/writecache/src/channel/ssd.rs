@@ -408,7 +408,7 @@ impl Local {
                     drop(free);
                     return self.child_done(run.key, libc::EIO);
                 }
-                self.publish(&run);
+                self.ssd_publish(&run);
                 self.child_done(run.key, 0);
             }
             Kind::InPlace => {
@@ -435,7 +435,7 @@ impl Local {
 
     /// The data of newly allocated blocks is on the cache device: stamp
     /// their entries, publish them, log them for the commit.
-    fn publish(&self, run: &Run) {
+    fn ssd_publish(&self, run: &Run) {
         let wc = &self.wc;
         // The stamp: a commit that bumps the sequence after this load runs
         // its per-core step here only after this (see `Writecache::start_commit`).

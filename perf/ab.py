@@ -1,0 +1,89 @@
+#!/usr/bin/env python3
+"""A/B of one matrix cell: the same bdevperf cell on several bdevs or
+binaries, alternating process by process, median of the runs — ratios in
+one run, which is what a shared, noisy machine allows.
+
+Usage: perf/ab.py WORKLOAD QD MODE [RUNS] [SECS] [BDEVS]
+
+  WORKLOAD  randwrite | randread_hit | randread_miss | write128k | randrw
+  MODE      1r | 2r
+  BDEVS     comma-separated, default malloc,wc; `wc:PATH` runs the wc
+            cell with the bdevperf binary at PATH (e.g. a copy of the base
+            build), so `malloc,wc:/tmp/bdevperf.base,wc` compares two builds
+Environment: MIB (bdev size, default 256), BIN (default target/release/bdevperf).
+
+Read cells pre-write the whole range first (hits); malloc is always
+pre-written (faulted in). Prints the medians and every wc*/malloc ratio.
+"""
+
+import os
+import shutil
+import statistics
+import sys
+import tempfile
+
+sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
+import bench  # noqa: E402
+
+
+def main():
+    if len(sys.argv) < 4:
+        print(__doc__, file=sys.stderr)
+        return 2
+    wk, qd, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
+    runs = int(sys.argv[4]) if len(sys.argv) > 4 else 3
+    secs = float(sys.argv[5]) if len(sys.argv) > 5 else 1
+    bdevs = sys.argv[6].split(",") if len(sys.argv) > 6 else ["malloc", "wc"]
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    binp = os.environ.get("BIN", os.path.join(root, "target/release/bdevperf"))
+    mib = int(os.environ.get("MIB", 256))
+    tmp = tempfile.mkdtemp(dir="/dev/shm", prefix="wc-ab-")
+    od = tempfile.mkdtemp(dir="/var/tmp", prefix="wc-ab-o-")
+
+    class A:
+        pass
+
+    a = A()
+    a.origin_blocks = mib * 256
+    a.origin_file = os.path.join(od, "origin.img")
+    a.cache_file = os.path.join(tmp, "cache.pmem")
+    a.steady_blocks = 16384
+    with open(a.origin_file, "wb") as f:
+        f.truncate(mib << 20)
+    cfgs = bench.configs(a)
+    margs = dict((m[0], m[1]) for m in bench.MODES)[mode]
+    target = {b[0]: b[1] for b in bench.BDEVS}
+    _, wl, size, mix, _ = bench.WL[wk]
+    res = {b: [] for b in bdevs}
+    try:
+        for r in range(runs):
+            for b in bdevs:
+                bd, _, exe = b.partition(":")
+                if os.path.exists(a.cache_file):
+                    os.unlink(a.cache_file)
+                bp = bench.Bdevperf(exe or binp, tmp, f"{bd}-{mode}", cfgs[bd], margs,
+                                    target[bd])
+                try:
+                    if bd == "malloc" or (bd == "wc" and wk in ("randread_hit", "randrw")):
+                        bench.prewrite(bp, 1, mode, a.origin_blocks)
+                    c = bench.summarize(bp.perform(wl, size, qd, secs, mix))
+                    res[b].append(c["iops"] if c else 0)
+                    if c:
+                        bench.log(f"{b} run {r + 1}: {c['iops']:,.0f} IOPS, p50 "
+                                  f"{c['p50_us']} us, p99 {c['p99_us']} us")
+                finally:
+                    bp.close()
+    finally:
+        shutil.rmtree(tmp)
+        shutil.rmtree(od)
+    med = {b: statistics.median(v) for b, v in res.items()}
+    out = " ".join(f"{b}={med[b]:,.0f}" for b in bdevs)
+    for k in bdevs:
+        if k.startswith("wc") and med.get("malloc"):
+            out += f" {k}/malloc={med[k] / med['malloc']:.3f}"
+    print(f"{wk} qd{qd} {mode}: {out}")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
