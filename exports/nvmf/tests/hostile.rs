@@ -69,18 +69,18 @@ fn hostile_hosts() {
 
         // Unknown PDU type after ICReq.
         let mut h = Host::connect(addr, false, false);
-        h.s.write_all(&[0x08, 0, 24, 0, 24, 0, 0, 0]).unwrap();
-        h.s.write_all(&[0u8; 16]).unwrap();
+        h.stream.write_all(&[0x08, 0, 24, 0, 24, 0, 0, 0]).unwrap();
+        h.stream.write_all(&[0u8; 16]).unwrap();
         expect_term(&mut h, TermFes::InvalidHeaderField);
 
         // A PDU type that only the controller sends.
         let mut h = Host::connect(addr, false, false);
-        h.s.write_all(&[0x05, 0, 24, 0, 24, 0, 0, 0]).unwrap();
+        h.stream.write_all(&[0x05, 0, 24, 0, 24, 0, 0, 0]).unwrap();
         expect_term(&mut h, TermFes::PduSequenceError);
 
         // Bad lengths: plen shorter than the header.
         let mut h = Host::connect(addr, false, false);
-        h.s.write_all(&[0x04, 0, 72, 0, 10, 0, 0, 0]).unwrap();
+        h.stream.write_all(&[0x04, 0, 72, 0, 10, 0, 0, 0]).unwrap();
         expect_term(&mut h, TermFes::InvalidHeaderField);
 
         // A second ICReq.
@@ -96,7 +96,7 @@ fn hostile_hosts() {
             },
         )
         .unwrap();
-        h.s.write_all(&b[..n]).unwrap();
+        h.stream.write_all(&b[..n]).unwrap();
         expect_term(&mut h, TermFes::PduSequenceError);
 
         // An unsupported PDU format version: the ICReq is refused.
@@ -121,7 +121,7 @@ fn hostile_hosts() {
         )
         .unwrap();
         hdr[n - 1] ^= 0xff;
-        h.s.write_all(&hdr[..n]).unwrap();
+        h.stream.write_all(&hdr[..n]).unwrap();
         expect_term(&mut h, TermFes::HeaderDigestError);
 
         // Wrong data digest: the command fails with a transient transport
@@ -133,7 +133,7 @@ fn hostile_hosts() {
         let mut wire = hdr[..n].to_vec();
         wire.extend_from_slice(&[7u8; 4096]);
         wire.extend_from_slice(&[0, 0, 0, 0]);
-        q.s.write_all(&wire).unwrap();
+        q.stream.write_all(&wire).unwrap();
         match q.recv().header {
             PduHeader::CapsuleResp(c) => assert_eq!(c.status, Status::TRANSIENT_TRANSPORT_ERROR),
             other => panic!("{other:?}"),
@@ -239,7 +239,7 @@ fn hostile_hosts() {
             let n = pdu::encode_capsule_cmd(&mut hdr, &sqe, 0, q.digests, 0).unwrap();
             out.extend_from_slice(&hdr[..n]);
         }
-        let _ = q.s.write_all(&out);
+        let _ = q.stream.write_all(&out);
         drop(q);
 
         // Random bytes after a good ICReq, and random bytes instead of one.
@@ -255,7 +255,7 @@ fn hostile_hosts() {
                 }
             }
             let mut s = if round % 2 == 0 {
-                Host::connect(addr, rng.gen(), rng.gen()).s
+                Host::connect(addr, rng.gen(), rng.gen()).0.stream
             } else {
                 TcpStream::connect(addr).unwrap()
             };

@@ -1,24 +1,15 @@
-//! A small blocking NVMe/TCP host built on `wc-nvme-wire`, for tests: it
-//! speaks the protocol the way a real initiator does (ICReq, Connect,
-//! properties, in-capsule or R2T/H2CData writes, C2HData reads) and lets a
-//! test break it on purpose.
+//! Test support: one runtime with the TCP transport, a subsystem maker,
+//! and the library's blocking test host (`wc_nvmf::host`) with its calls
+//! unwrapped, so tests can also break the protocol on purpose.
 
 #![allow(dead_code)]
 
-use std::io::{Read, Write};
-use std::net::{SocketAddr, TcpStream};
+use std::net::SocketAddr;
 use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
-use wc_nvme_wire::command::{IdentifyCommand, RwCommand};
-use wc_nvme_wire::fabrics::{
-    property, ConnectCommand, ConnectData, PropertyCommand, CNTLID_DYNAMIC,
-};
-use wc_nvme_wire::pdu::{self, dgst, flags, MAX_HEADER_LEN};
-use wc_nvme_wire::*;
+use wc_nvme_wire::{Cqe, Sqe};
 use wc_reactor::Runtime;
-
-pub const HOSTNQN: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-000000000001";
 
 /// One runtime for the whole test binary (the target's state is global).
 pub fn rt() -> &'static Runtime {
@@ -85,190 +76,66 @@ pub fn setup_subsystem(nqn: &str, bdev: &str, blocks: u64, allow_any: bool) -> S
     format!("127.0.0.1:{port}").parse().unwrap()
 }
 
-/// A PDU as the host received it.
-#[derive(Debug)]
-pub struct Rx {
-    pub header: PduHeader,
-    pub flags: u8,
-    pub data: Vec<u8>,
+pub use wc_nvmf::host::{Rx, HOSTNQN};
+
+/// The library's test host with every call unwrapped (a failure is the
+/// test's failure); [`Host::try_recv`] keeps the error for tests that
+/// expect the connection to close.
+pub struct Host(pub wc_nvmf::host::Host);
+
+impl std::ops::Deref for Host {
+    type Target = wc_nvmf::host::Host;
+    fn deref(&self) -> &Self::Target {
+        &self.0
+    }
 }
 
-pub struct Host {
-    pub s: TcpStream,
-    pub digests: Digests,
-    framer: Framer,
-    buf: Vec<u8>,
-    next_cid: u16,
-    pub icd: usize,
-    pub maxh2c: u32,
-    pub cpda: u8,
+impl std::ops::DerefMut for Host {
+    fn deref_mut(&mut self) -> &mut Self::Target {
+        &mut self.0
+    }
 }
 
 impl Host {
-    /// TCP connect plus ICReq/ICResp.
     pub fn connect(addr: SocketAddr, hdgst: bool, ddgst: bool) -> Host {
-        let s = TcpStream::connect(addr).unwrap();
-        s.set_nodelay(true).unwrap();
-        s.set_read_timeout(Some(Duration::from_secs(10))).unwrap();
-        let mut h = Host {
-            s,
-            digests: Digests::default(),
-            framer: Framer::new(Role::Host),
-            buf: Vec::new(),
-            next_cid: 1,
-            icd: 8192,
-            maxh2c: 0,
-            cpda: 0,
-        };
-        let mut b = [0u8; 128];
-        let d = (hdgst as u8 * dgst::HDGST_ENABLE) | (ddgst as u8 * dgst::DDGST_ENABLE);
-        let n = pdu::encode_ic_req(
-            &mut b,
-            &IcReq {
-                pfv: 0,
-                hpda: 0,
-                dgst: d,
-                maxr2t: 0,
-            },
-        )
-        .unwrap();
-        h.s.write_all(&b[..n]).unwrap();
-        match h.recv().header {
-            PduHeader::IcResp(r) => {
-                h.digests = Digests {
-                    header: r.dgst & dgst::HDGST_ENABLE != 0,
-                    data: r.dgst & dgst::DDGST_ENABLE != 0,
-                };
-                h.maxh2c = r.maxh2cdata;
-                h.cpda = r.cpda;
-                h.framer.initialized(h.digests, 16 << 20);
-            }
-            other => panic!("expected ICResp, got {other:?}"),
-        }
-        h
+        Host(wc_nvmf::host::Host::connect(addr, hdgst, ddgst).expect("ICReq/ICResp"))
     }
 
-    pub fn cid(&mut self) -> u16 {
-        self.next_cid = self.next_cid.wrapping_add(1).max(1);
-        self.next_cid
+    pub fn admin(addr: SocketAddr, subnqn: &str, digests: (bool, bool), kato: u32) -> (Host, u16) {
+        let (h, c) = wc_nvmf::host::Host::admin(addr, subnqn, digests, kato).expect("admin queue");
+        (Host(h), c)
     }
 
-    /// Reads one whole PDU (panics on a framing error: tests that expect
-    /// errors use [`Host::try_recv`]).
+    pub fn io(
+        addr: SocketAddr,
+        subnqn: &str,
+        digests: (bool, bool),
+        cntlid: u16,
+        qid: u16,
+    ) -> Host {
+        Host(wc_nvmf::host::Host::io(addr, subnqn, digests, cntlid, qid, 128).expect("I/O queue"))
+    }
+
     pub fn recv(&mut self) -> Rx {
-        self.try_recv().expect("a PDU")
+        self.0.recv().expect("a PDU")
     }
 
-    /// Reads one PDU; `Err` on EOF or a decode error.
     pub fn try_recv(&mut self) -> Result<Rx, String> {
-        loop {
-            match self.framer.poll(&self.buf) {
-                Ok(Frame::Need(n)) => {
-                    let mut tmp = vec![0u8; n.max(4096)];
-                    let got = self.s.read(&mut tmp).map_err(|e| e.to_string())?;
-                    if got == 0 {
-                        return Err("EOF".into());
-                    }
-                    self.buf.extend_from_slice(&tmp[..got]);
-                }
-                Ok(Frame::Header(l)) => {
-                    while self.buf.len() < l.plen {
-                        let mut tmp = vec![0u8; l.plen - self.buf.len()];
-                        let got = self.s.read(&mut tmp).map_err(|e| e.to_string())?;
-                        if got == 0 {
-                            return Err("EOF".into());
-                        }
-                        self.buf.extend_from_slice(&tmp[..got]);
-                    }
-                    let p = Pdu::decode(&self.buf[..l.plen], &l).map_err(|e| e.to_string())?;
-                    let rx = Rx {
-                        header: p.header,
-                        flags: l.ch.flags,
-                        data: p.data.to_vec(),
-                    };
-                    self.buf.drain(..l.plen);
-                    return Ok(rx);
-                }
-                Err(e) => return Err(e.to_string()),
-            }
-        }
+        self.0.recv().map_err(|e| e.to_string())
     }
 
-    /// Sends a command capsule with `data` in the capsule.
     pub fn send_capsule(&mut self, sqe: &Sqe, data: &[u8]) {
-        let mut h = [0u8; MAX_HEADER_LEN + 8];
-        let n = pdu::encode_capsule_cmd(&mut h, sqe, data.len(), self.digests, self.cpda).unwrap();
-        let mut out = h[..n].to_vec();
-        out.extend_from_slice(data);
-        if self.digests.data && !data.is_empty() {
-            out.extend_from_slice(&crc32c(data).to_le_bytes());
-        }
-        self.s.write_all(&out).unwrap();
+        self.0.send_capsule(sqe, data).expect("send capsule")
     }
 
     pub fn send_h2c(&mut self, cccid: u16, ttag: u16, datao: u32, data: &[u8], last: bool) {
-        let mut h = [0u8; 64];
-        let d = DataHeader {
-            cccid,
-            ttag,
-            datao,
-            datal: data.len() as u32,
-        };
-        let n = pdu::encode_h2c_data(&mut h, &d, last, self.digests, self.cpda).unwrap();
-        let mut out = h[..n].to_vec();
-        out.extend_from_slice(data);
-        if self.digests.data {
-            out.extend_from_slice(&crc32c(data).to_le_bytes());
-        }
-        self.s.write_all(&out).unwrap();
+        self.0
+            .send_h2c(cccid, ttag, datao, data, last)
+            .expect("send H2CData")
     }
 
-    /// Runs one command to completion: `out` is written (in the capsule up
-    /// to the in-capsule limit, else after R2T), `in_len` bytes are read.
     pub fn exec(&mut self, sqe: Sqe, out: &[u8], in_len: usize) -> (Cqe, Vec<u8>) {
-        let cid = sqe.cid;
-        let inline = !out.is_empty() && out.len() <= self.icd;
-        let len = if out.is_empty() { in_len } else { out.len() };
-        let sgl = if inline {
-            SglDescriptor::in_capsule(len as u32)
-        } else {
-            SglDescriptor::transport(len as u32)
-        };
-        let sqe = sqe.with_sgl(sgl);
-        self.send_capsule(&sqe, if inline { out } else { &[] });
-        let mut data = vec![0u8; in_len];
-        loop {
-            let rx = self.recv();
-            match rx.header {
-                PduHeader::R2T(r) => {
-                    assert_eq!(r.cccid, cid);
-                    let mut off = r.r2to;
-                    let end = r.r2to + r.r2tl;
-                    while off < end {
-                        let n = (end - off).min(self.maxh2c);
-                        let chunk = &out[off as usize..(off + n) as usize];
-                        self.send_h2c(cid, r.ttag, off, chunk, off + n == end);
-                        off += n;
-                    }
-                }
-                PduHeader::C2HData(d) => {
-                    assert_eq!(d.cccid, cid);
-                    data[d.datao as usize..(d.datao + d.datal) as usize].copy_from_slice(&rx.data);
-                    if rx.flags & flags::DATA_SUCCESS != 0 {
-                        let cqe = Cqe {
-                            cid,
-                            ..Cqe::default()
-                        };
-                        return (cqe, data);
-                    }
-                }
-                PduHeader::CapsuleResp(c) => {
-                    assert_eq!(c.cid, cid);
-                    return (c, data);
-                }
-                other => panic!("unexpected {other:?}"),
-            }
-        }
+        self.0.exec(sqe, out, in_len).expect("command completes")
     }
 
     pub fn fabric_connect(
@@ -280,129 +147,29 @@ impl Host {
         cntlid: u16,
         kato: u32,
     ) -> Cqe {
-        let cid = self.cid();
-        let sqe = ConnectCommand {
-            recfmt: 0,
-            qid,
-            sqsize,
-            cattr: 0,
-            kato,
-        }
-        .build(cid)
-        .unwrap();
-        let mut d = [0u8; 1024];
-        ConnectData {
-            hostid: [0x11; 16],
-            cntlid,
-            subnqn,
-            hostnqn,
-        }
-        .encode(&mut d)
-        .unwrap();
-        self.exec(sqe, &d, 0).0
+        self.0
+            .fabric_connect(qid, sqsize, subnqn, hostnqn, cntlid, kato)
+            .expect("Connect completes")
     }
 
     pub fn prop_get(&mut self, offset: u32, size8: bool) -> u64 {
-        let cid = self.cid();
-        let c = self
-            .exec(
-                PropertyCommand {
-                    size8,
-                    offset,
-                    value: 0,
-                }
-                .build_get(cid),
-                &[],
-                0,
-            )
-            .0;
-        assert!(c.status.is_success(), "{}", c.status);
-        c.result_u64()
+        self.0.prop_get(offset, size8).expect("Property Get")
     }
 
     pub fn prop_set(&mut self, offset: u32, value: u64) -> Cqe {
-        let cid = self.cid();
-        self.exec(
-            PropertyCommand {
-                size8: false,
-                offset,
-                value,
-            }
-            .build_set(cid),
-            &[],
-            0,
-        )
-        .0
-    }
-
-    /// Admin queue: Connect, enable (CC.EN, wait CSTS.RDY); returns cntlid.
-    pub fn admin(addr: SocketAddr, subnqn: &str, digests: (bool, bool), kato: u32) -> (Host, u16) {
-        let mut h = Host::connect(addr, digests.0, digests.1);
-        let c = h.fabric_connect(0, 32, subnqn, HOSTNQN, CNTLID_DYNAMIC, kato);
-        assert!(c.status.is_success(), "connect: {}", c.status);
-        let cntlid = c.dw0 as u16;
-        let cc = property::cc::EN
-            | (6 << property::cc::IOSQES_SHIFT)
-            | (4 << property::cc::IOCQES_SHIFT);
-        assert!(h.prop_set(property::CC, cc as u64).status.is_success());
-        assert_eq!(
-            h.prop_get(property::CSTS, false) as u32 & property::csts::RDY,
-            1
-        );
-        (h, cntlid)
-    }
-
-    /// An I/O queue of controller `cntlid`.
-    pub fn io(
-        addr: SocketAddr,
-        subnqn: &str,
-        digests: (bool, bool),
-        cntlid: u16,
-        qid: u16,
-    ) -> Host {
-        let mut h = Host::connect(addr, digests.0, digests.1);
-        h.icd = 4096;
-        let c = h.fabric_connect(qid, 128, subnqn, HOSTNQN, cntlid, 0);
-        assert!(c.status.is_success(), "io connect: {}", c.status);
-        h
+        self.0.prop_set(offset, value).expect("Property Set")
     }
 
     pub fn identify(&mut self, cns: u8, nsid: u32) -> (Cqe, Vec<u8>) {
-        let cid = self.cid();
-        self.exec(
-            IdentifyCommand {
-                cns,
-                cntid: 0,
-                csi: 0,
-                nsid,
-            }
-            .build(cid),
-            &[],
-            4096,
-        )
+        self.0.identify(cns, nsid).expect("Identify")
     }
 
     pub fn write(&mut self, nsid: u32, slba: u64, data: &[u8], fua: bool) -> Cqe {
-        let cid = self.cid();
-        let rw = RwCommand {
-            slba,
-            nlb: (data.len() / 512) as u32,
-            fua,
-            deac: false,
-        };
-        self.exec(rw.build(opcode::io::WRITE, cid, nsid).unwrap(), data, 0)
-            .0
+        self.0.write(nsid, slba, data, fua).expect("Write")
     }
 
     pub fn read(&mut self, nsid: u32, slba: u64, len: usize) -> (Cqe, Vec<u8>) {
-        let cid = self.cid();
-        let rw = RwCommand {
-            slba,
-            nlb: (len / 512) as u32,
-            fua: false,
-            deac: false,
-        };
-        self.exec(rw.build(opcode::io::READ, cid, nsid).unwrap(), &[], len)
+        self.0.read(nsid, slba, len).expect("Read")
     }
 }
 
