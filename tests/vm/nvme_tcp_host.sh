@@ -6,7 +6,9 @@
 #    target as namespace 1 of nqn.2016-06.io.spdk:cnode1 on 127.0.0.1:PORT
 #    (plus a discovery listener), all set up through RPCs;
 #  * boot 1: Debian's kernel in QEMU (TCG, user-mode network: the host's
-#    loopback is 10.0.2.2) loads nvme-tcp and connects by writing the
+#    loopback is 10.0.2.2) loads nvme-tcp; Debian's nvme-cli (when
+#    installed) reads the discovery log and finds the subsystem; the guest
+#    connects by writing the
 #    options string to /dev/nvme-fabrics, without digests: it writes a
 #    1 MiB pattern (carried in the initramfs) with direct I/O, flushes,
 #    reads it back and compares; disconnects; connects again with header
@@ -65,6 +67,17 @@ check() { # check PATTERN OFFSET-IN-4K-BLOCKS
   cmp /$1 /tmp/back && echo "guest: $1 read back at block $2"
 }
 ok=1
+if [ "$STEP" = write ] && [ -x /bin/nvme ]; then
+  # Debian's nvme-cli reads the discovery log page.
+  DPORT=$(arg wc_dport)
+  mkdir -p /etc/nvme; echo "$HOSTNQN" > /etc/nvme/hostnqn
+  if nvme discover -t tcp -a 10.0.2.2 -s "$DPORT" --hostnqn="$HOSTNQN" > /tmp/disc 2>&1 &&
+     grep -q "subnqn: *$NQN" /tmp/disc && grep -q "trsvcid: *$PORT" /tmp/disc; then
+    echo "guest: nvme discover lists $NQN at port $PORT"
+  else
+    cat /tmp/disc; echo "NVMF-FAIL discovery"; ok=0
+  fi
+fi
 if [ "$STEP" = write ]; then
   connect "" || ok=0
   if [ $ok = 1 ]; then
@@ -95,7 +108,9 @@ else
 fi
 [ $ok = 1 ] && echo NVMF-OK || echo NVMF-FAIL
 GUEST
-vm_initramfs "$TMP/initrd.gz" "$TMP/guest.sh" --mod nvme-tcp --mod crc32c_generic \
+NVME_CLI=()
+command -v nvme >/dev/null && NVME_CLI=(--bin "$(command -v nvme)")
+vm_initramfs "$TMP/initrd.gz" "$TMP/guest.sh" --mod nvme-tcp --mod crc32c_generic "${NVME_CLI[@]}" \
   --file "$TMP/pat1:/pat1" --file "$TMP/pat2:/pat2" || fail "initramfs"
 
 start_tgt() { # start_tgt [CONFIG]
@@ -120,7 +135,7 @@ rpc nvmf_subsystem_add_listener "{\"nqn\":\"nqn.2014-08.org.nvmexpress.discovery
 ACCEL=${ACCEL:-tcg}
 export VM_MEM=256M
 boot() { # boot STEP N
-  vm_run "$TMP/console.log" "$TMP/initrd.gz" "wc_step=$1 wc_port=$PORT wc_nqn=$NQN wc_hostnqn=$HOSTNQN" \
+  vm_run "$TMP/console.log" "$TMP/initrd.gz" "wc_step=$1 wc_port=$PORT wc_dport=$DPORT wc_nqn=$NQN wc_hostnqn=$HOSTNQN" \
     -nic user,model=virtio-net-pci
   local rc=$?
   echo "boot $2: $(grep -aoE "guest:[^$(printf '\r')]*|NVMF-[A-Z]+[^$(printf '\r')]*" "$TMP/console.log" | tr '\n' ' ')"
