@@ -591,6 +591,15 @@ impl Conn {
         if self.dead {
             return;
         }
+        if let Some(q) = &mut self.q {
+            // Let go of removed namespaces (their descriptors) even when no
+            // I/O comes to refresh the cache.
+            let gen = q.ctrlr.subsys.ns_gen.load(Ordering::Acquire);
+            if gen != q.ns.gen {
+                q.ns.gen = gen;
+                q.ns.entries.clear();
+            }
+        }
         match &self.q {
             None => {
                 if self.started.elapsed() > HANDSHAKE_TIMEOUT {
