@@ -49,7 +49,11 @@ fn run(a: &Args) -> Result<serde_json::Value, HostError> {
     let write = match a.rw.as_str() {
         "randread" => false,
         "randwrite" => true,
-        other => return Err(HostError::Protocol(format!("--rw {other}: randread or randwrite"))),
+        other => {
+            return Err(HostError::Protocol(format!(
+                "--rw {other}: randread or randwrite"
+            )))
+        }
     };
     let dg = (a.digests, a.digests);
     let (mut admin, cntlid) = Host::admin(a.addr, &a.nqn, dg, 0)?;
@@ -64,9 +68,13 @@ fn run(a: &Args) -> Result<serde_json::Value, HostError> {
     let (c, id) = admin.identify(cns::NAMESPACE, a.nsid)?;
     ok(c.status)?;
     let ns = IdentifyNamespace::decode(&id)?;
-    let bsz = ns.block_size().ok_or(HostError::Protocol("bad LBA format".into()))?;
+    let bsz = ns
+        .block_size()
+        .ok_or(HostError::Protocol("bad LBA format".into()))?;
     if a.bs == 0 || a.bs % bsz != 0 {
-        return Err(HostError::Protocol(format!("--bs must be a multiple of {bsz}")));
+        return Err(HostError::Protocol(format!(
+            "--bs must be a multiple of {bsz}"
+        )));
     }
     let nlb = a.bs / bsz;
     let slots = ns.nsze / nlb as u64;
@@ -111,9 +119,9 @@ fn run(a: &Args) -> Result<serde_json::Value, HostError> {
     let mut draining = false;
     let mut inflight = qd;
     while inflight > 0 {
-        let rx = q.recv()?;
-        let cid = match rx.header {
-            PduHeader::C2HData(d) if rx.flags & flags::DATA_SUCCESS != 0 => d.cccid,
+        let (header, pflags, _) = q.recv_ref()?;
+        let cid = match header {
+            PduHeader::C2HData(d) if pflags & flags::DATA_SUCCESS != 0 => d.cccid,
             PduHeader::C2HData(_) => continue,
             PduHeader::R2T(r) => {
                 q.answer_r2t(&r, &data)?;
