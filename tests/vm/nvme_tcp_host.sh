@@ -16,7 +16,9 @@
 #    pattern, disconnects;
 #  * the host saves the config (save_config), stops the target, starts a
 #    new one from the saved file;
-#  * boot 2: the guest connects (digests on) and finds both patterns.
+#  * boot 2: the guest connects (digests on) and finds both patterns; the
+#    host deletes WC0 under the live namespace (bdev_writecache_delete):
+#    the guest's reads fail, the namespace goes, the target stays up.
 # Skips (exit 0, clear message) only when QEMU / kernel / busybox are missing.
 # Usage: tests/vm/nvme_tcp_host.sh [path/to/writecache_tgt]
 #   ACCEL=kvm; VM_TIMEOUT=seconds per boot (240).
@@ -103,8 +105,23 @@ else
   if [ $ok = 1 ]; then
     check pat1 0 || ok=0
     check pat2 256 || ok=0
-    disconnect
   fi
+  [ $ok = 1 ] && echo NVMF-OK || echo NVMF-FAIL
+  # Read until the host deletes WC0 under the namespace: the reads must
+  # then fail (and the kernel drops the namespace on the changed-namespace
+  # event).
+  res=NVMF-NOEIO
+  for i in $(seq 1200); do
+    if ! dd if=/dev/nvme0n1 of=/dev/null bs=4096 count=1 iflag=direct 2>/dev/null; then
+      res=NVMF-EIO; break
+    fi
+    sleep 0.1
+  done
+  echo $res
+  for i in $(seq 50); do [ -b /dev/nvme0n1 ] || break; sleep 0.1; done
+  [ -b /dev/nvme0n1 ] && echo "guest: namespace still present" || echo "guest: namespace removed by the kernel"
+  disconnect
+  exit 0
 fi
 [ $ok = 1 ] && echo NVMF-OK || echo NVMF-FAIL
 GUEST
@@ -171,5 +188,16 @@ kill "$TGT_PID"; wait "$TGT_PID"; TGT_PID=""
 start_tgt "$TMP/saved.json"
 rpc nvmf_get_subsystems | grep -q "$NQN" || fail "subsystem not restored"
 
-boot read 2
-echo "PASS: Linux nvme-tcp host: pattern written, flushed, read back with and without digests, intact after a restart from save_config"
+# --- boot 2: reads the data back, then WC0 is deleted under it.
+vm_start "$TMP/console.log" "$TMP/initrd.gz" "wc_step=read wc_port=$PORT wc_dport=$DPORT wc_nqn=$NQN wc_hostnqn=$HOSTNQN" \
+  -nic user,model=virtio-net-pci
+vm_wait_for "$TMP/console.log" "NVMF-(OK|FAIL)" || { tail -40 "$TMP/console.log"; fail "boot 2 did not read back"; }
+grep -qa NVMF-OK "$TMP/console.log" || { tail -40 "$TMP/console.log"; fail "boot 2: data not intact after the restart"; }
+[ "$(rpc bdev_writecache_delete '{"name":"WC0"}')" = true ] || fail "bdev_writecache_delete WC0"
+vm_wait
+echo "boot 2: $(grep -aoE "guest:[^$(printf '\r')]*|NVMF-[A-Z]+[^$(printf '\r')]*" "$TMP/console.log" | tr '\n' ' ')"
+grep -qa NVMF-EIO "$TMP/console.log" || { tail -30 "$TMP/console.log"; fail "the guest's reads did not fail after the delete"; }
+kill -0 "$TGT_PID" 2>/dev/null || fail "target died"
+rpc nvmf_get_subsystems | python3 -c 'import json,sys; s=[x for x in json.load(sys.stdin) if x["nqn"]==sys.argv[1]][0]; sys.exit(len(s["namespaces"]) != 0)' "$NQN" ||
+  fail "the namespace of the deleted bdev is still listed"
+echo "PASS: Linux nvme-tcp host: pattern written, flushed, read back with and without digests, intact after a restart from save_config; I/O fails after the bdev is deleted, target up"
