@@ -1767,7 +1767,9 @@ impl Conn {
     /// Sends queued PDUs until the socket is full.
     fn flush_tx(&mut self) {
         while !self.tx.is_empty() && !self.dead {
-            let mut slices: [IoSlice<'_>; 48] = [IoSlice::new(&[]); 48];
+            // Up to 256 pieces per writev: a whole QD 128 batch of C2HData
+            // (header + data) leaves in one call.
+            let mut slices: [IoSlice<'_>; 256] = [IoSlice::new(&[]); 256];
             let mut k = 0;
             let mut skip = self.tx_off;
             for it in self.tx.iter() {
