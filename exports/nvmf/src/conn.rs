@@ -247,6 +247,23 @@ fn adopt(stream: TcpStream, peer: SocketAddr, listener: Arc<Listener>, opts: Arc
     if stream.set_nonblocking(true).is_err() || stream.set_nodelay(true).is_err() {
         return;
     }
+    if opts.sock_priority > 0 {
+        let prio = opts.sock_priority as libc::c_int;
+        // SAFETY: the descriptor is open (owned by `stream`); the option
+        // value is a c_int that lives across the call, its size given.
+        let rc = unsafe {
+            libc::setsockopt(
+                stream.as_raw_fd(),
+                libc::SOL_SOCKET,
+                libc::SO_PRIORITY,
+                &prio as *const libc::c_int as *const libc::c_void,
+                std::mem::size_of::<libc::c_int>() as libc::socklen_t,
+            )
+        };
+        if rc != 0 {
+            tracing::warn!("nvmf: SO_PRIORITY {prio}: {}", io::Error::last_os_error());
+        }
+    }
     let id = NEXT_CONN.fetch_add(1, Ordering::Relaxed);
     let fd = stream.as_raw_fd();
     let thread = format!("nvmf_tgt_poll_group_{:03}", nr.handle.index());

@@ -134,6 +134,9 @@ impl TransportOpts {
         if self.sock_priority > 16 {
             return Err("sock_priority must be 0..=16".into());
         }
+        if self.dif_insert_or_strip {
+            return Err("dif_insert_or_strip is not supported (no bdev here has metadata)".into());
+        }
         Ok(())
     }
 
@@ -177,6 +180,8 @@ mod tests {
         let bad = json!({"max_io_size": 1000});
         assert!(TransportOpts::from_params(bad.as_object().unwrap()).is_err());
         let bad = json!({"max_queue_depth": "x"});
+        assert!(TransportOpts::from_params(bad.as_object().unwrap()).is_err());
+        let bad = json!({"dif_insert_or_strip": true});
         assert!(TransportOpts::from_params(bad.as_object().unwrap()).is_err());
     }
 }
