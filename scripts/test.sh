@@ -46,6 +46,9 @@ bash exports/vhost/tests/qemu_vm.sh target/debug/writecache_tgt
 echo "== dm-writecache interop: Linux's dm-writecache in a QEMU guest (TCG) and ours read and write each other's caches; stats parity (§3.11)"
 bash tests/vm/dm_writecache.sh target/debug/writecache_tgt
 
+echo "== NVMe/TCP: the Linux kernel's nvme-tcp host (QEMU, TCG) writes through a writecache bdev with and without digests, reconnects after a restart from save_config"
+bash tests/vm/nvme_tcp_host.sh target/debug/writecache_tgt
+
 echo "== python plugin syntax"
 python3 -m py_compile scripts/writecache_rpc.py
 

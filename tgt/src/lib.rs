@@ -31,6 +31,7 @@ pub fn register_modules(reg: &Registry) -> Result<(), String> {
     wc_rpc::register_builtin(reg).map_err(e)?;
     wc_bdev::rpc::register(reg).map_err(e)?;
     wc_nbd::rpc::register(reg).map_err(e)?;
+    wc_nvmf::rpc::register(reg).map_err(e)?;
     wc_vhost::rpc::register(reg).map_err(e)?;
     wc_bdev_malloc::rpc::register(reg).map_err(e)?;
     wc_bdev_null::rpc::register(reg).map_err(e)?;
@@ -48,6 +49,7 @@ pub fn register_modules(reg: &Registry) -> Result<(), String> {
         Some(Arc::new(wc_bdev::rpc::subsystem_config)),
     );
     wc_config::register_subsystem("nbd", &["bdev"], Some(Arc::new(wc_nbd::config_entries)));
+    wc_config::register_subsystem("nvmf", &["bdev"], Some(Arc::new(wc_nvmf::config_entries)));
     wc_config::register_subsystem(
         "vhost_blk",
         &["bdev"],
