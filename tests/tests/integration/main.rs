@@ -12,6 +12,7 @@ mod config;
 mod errors;
 mod fuzz;
 mod nbd;
+mod nvme;
 mod perf_scripts;
 mod plugin;
 mod shutdown;
