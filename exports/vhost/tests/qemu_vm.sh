@@ -23,81 +23,27 @@
 set -uo pipefail
 cd "$(dirname "$0")/../../.."
 TGT=${1:-${TGT:-target/debug/writecache_tgt}}
-QEMU=$(command -v qemu-system-x86_64 || true)
-KERNEL=$(ls /boot/vmlinuz-* 2>/dev/null | head -1)
-BUSYBOX=$(command -v busybox || true)
-skip() { echo "SKIP: $*"; exit 0; }
+source tests/vm/guest.sh
 fail() { echo "FAIL: $*"; [ -f "$TMP/tgt.log" ] && { echo "--- target log"; tail -20 "$TMP/tgt.log"; }; exit 1; }
-[ -n "$QEMU" ] || skip "qemu-system-x86_64 not installed (apt-get install qemu-system-x86)"
-[ -n "$KERNEL" ] || skip "no kernel in /boot (apt-get install linux-image-amd64)"
-[ -n "$BUSYBOX" ] && file -L "$BUSYBOX" | grep -q static || skip "no static busybox (apt-get install busybox-static)"
+vm_require
 [ -x "$TGT" ] || { echo "FAIL: $TGT not built"; exit 1; }
 command -v nbdcopy >/dev/null || command -v qemu-img >/dev/null ||
   { echo "FAIL: no NBD client to read the bdev back (apt-get install libnbd-bin or qemu-utils)"; exit 1; }
-KVER=${KERNEL#/boot/vmlinuz-}
-MODS=/lib/modules/$KVER/kernel/drivers
 TMP=$(mktemp -d)
 TGT_PID=""
-QEMU_PID=""
 cleanup() {
-  [ -n "$QEMU_PID" ] && kill "$QEMU_PID" 2>/dev/null && wait "$QEMU_PID" 2>/dev/null
+  vm_stop
   [ -n "$TGT_PID" ] && kill "$TGT_PID" 2>/dev/null && wait "$TGT_PID" 2>/dev/null
   rm -rf "$TMP"
 }
 trap cleanup EXIT
 
-# JSON-RPC to the target (no client needed): rpc METHOD [PARAMS-JSON];
-# prints the result, fails on an error.
-rpc() {
-  python3 - "$TMP/rpc.sock" "$1" "${2:-}" <<'PY'
-import json, socket, sys
-s = socket.socket(socket.AF_UNIX)
-s.settimeout(60)
-s.connect(sys.argv[1])
-req = {"jsonrpc": "2.0", "id": 1, "method": sys.argv[2]}
-if sys.argv[3]:
-    req["params"] = json.loads(sys.argv[3])
-s.sendall(json.dumps(req).encode())
-buf = b""
-while True:
-    chunk = s.recv(65536)
-    if not chunk:
-        sys.exit("rpc %s: connection closed" % sys.argv[2])
-    buf += chunk
-    try:
-        resp = json.loads(buf)
-        break
-    except ValueError:
-        continue
-if "error" in resp:
-    sys.exit("rpc %s: %s" % (sys.argv[2], json.dumps(resp["error"])))
-print(json.dumps(resp["result"]))
-PY
-}
+rpc() { tgt_rpc "$TMP/rpc.sock" "$@"; }
 
-# --- initramfs: busybox, the virtio modules and the pattern
+# --- initramfs (tests/vm/guest.sh): busybox, the virtio modules and the pattern
 PAT_BYTES=$((1 << 20))
-R=$TMP/root
-mkdir -p "$R"/{bin,dev,proc,sys,tmp,mod}
-cp "$BUSYBOX" "$R/bin/busybox"
 head -c $PAT_BYTES /dev/urandom > "$TMP/pat"
-cp "$TMP/pat" "$R/pat"
-for m in virtio/virtio_ring virtio/virtio virtio/virtio_pci_legacy_dev \
-         virtio/virtio_pci_modern_dev virtio/virtio_pci block/virtio_blk; do
-  f=$(ls "$MODS/$m.ko"* 2>/dev/null | head -1)
-  [ -n "$f" ] || continue
-  case "$f" in
-    *.xz) xz -dc "$f" > "$R/mod/$(basename "$m").ko" ;;
-    *.zst) zstd -dc "$f" > "$R/mod/$(basename "$m").ko" ;;
-    *) cp "$f" "$R/mod/$(basename "$m").ko" ;;
-  esac
-  echo "$(basename "$m")" >> "$R/mod/order"
-done
-cat > "$R/init" <<'INIT'
-#!/bin/busybox sh
-/bin/busybox --install -s /bin
-mount -t proc proc /proc; mount -t sysfs sys /sys; mount -t devtmpfs dev /dev
-for m in $(cat /mod/order); do insmod /mod/$m.ko 2>/dev/null; done
+cat > "$TMP/guest.sh" <<'GUEST'
 for i in $(seq 50); do [ -b /dev/vda ] && break; sleep 0.2; done
 echo "guest: vda size $(cat /sys/block/vda/size 2>/dev/null) sectors, $(ls /sys/block/vda/mq 2>/dev/null | wc -l) queues, $(nproc) cpus"
 STEP=$(sed -n 's/.*wc_step=\([a-z]*\).*/\1/p' /proc/cmdline)
@@ -124,10 +70,8 @@ else
   done
   echo $res
 fi
-poweroff -f
-INIT
-chmod +x "$R/init"
-(cd "$R" && find . | cpio -o -H newc 2>/dev/null | gzip > "$TMP/initrd.gz")
+GUEST
+vm_initramfs "$TMP/initrd.gz" "$TMP/guest.sh" --file "$TMP/pat:/pat" || fail "initramfs"
 
 # --- target: WC0 = writecache (pmem cache file) over a malloc origin
 cat > "$TMP/cfg.json" <<JSON
@@ -148,23 +92,15 @@ for _ in $(seq 100); do [ -S "$TMP/vhost.0" ] && break; sleep 0.1; done
 [ -S "$TMP/vhost.0" ] || fail "no vhost socket"
 rpc vhost_get_controllers | grep -q "\"cpumask\": \"$MASK\"" || fail "controller not on the reactors of $MASK"
 
-# TCG by default: on this CI host /dev/kvm exists but a KVM guest hangs in
-# early boot; ACCEL=kvm opts in.
 ACCEL=${ACCEL:-tcg}
-VM_TIMEOUT=${VM_TIMEOUT:-240}
+export VM_MEM=256M
 start_vm() { # start_vm STEP: boots in the background, console in $TMP/console.log
-  : > "$TMP/console.log"
-  timeout "$VM_TIMEOUT" "$QEMU" -accel $ACCEL -m 256M -smp 2 \
+  vm_start "$TMP/console.log" "$TMP/initrd.gz" "wc_step=$1" \
     -object memory-backend-memfd,id=mem,size=256M,share=on -numa node,memdev=mem \
-    -kernel "$KERNEL" -initrd "$TMP/initrd.gz" \
-    -append "console=ttyS0 panic=-1 loglevel=4 wc_step=$1" \
-    -chardev socket,id=c0,path="$TMP/vhost.0" -device vhost-user-blk-pci,chardev=c0,num-queues=2 \
-    -nographic -no-reboot -nodefaults -serial stdio > "$TMP/console.log" 2>&1 &
-  QEMU_PID=$!
+    -chardev socket,id=c0,path="$TMP/vhost.0" -device vhost-user-blk-pci,chardev=c0,num-queues=2
 }
 wait_vm() { # wait_vm BOOT: waits for QEMU to exit, reports, checks the target
-  wait "$QEMU_PID"; local rc=$?
-  QEMU_PID=""
+  vm_wait; local rc=$?
   echo "boot $1: $(grep -aoE "guest:[^$(printf '\r')]*|VHOST-[A-Z]+" "$TMP/console.log" | tr '\n' ' ')"
   kill -0 "$TGT_PID" 2>/dev/null || fail "target died"
   grep -qa VHOST-OK "$TMP/console.log" || { tail -30 "$TMP/console.log"; fail "boot $1 (qemu rc=$rc, accel=$ACCEL)"; }
@@ -191,11 +127,7 @@ echo "host: WC0 holds the guest's 1 MiB ($WRITES cache blocks written, read back
 
 # --- boot 2: reconnect, then WC0 deleted under the live controller
 start_vm check
-for _ in $(seq $((VM_TIMEOUT * 10))); do
-  grep -qa "VHOST-OK\|VHOST-FAIL" "$TMP/console.log" && break
-  kill -0 "$QEMU_PID" 2>/dev/null || break
-  sleep 0.1
-done
+vm_wait_for "$TMP/console.log" "VHOST-OK|VHOST-FAIL"
 grep -qa VHOST-OK "$TMP/console.log" || { wait_vm 2; fail "boot 2 did not find the pattern"; }
 # As SPDK: no deleting a controller under a connected VM.
 err=$(rpc vhost_delete_controller '{"ctrlr":"vhost.0"}' 2>&1) && fail "vhost_delete_controller succeeded under a connected VM"
