@@ -29,6 +29,9 @@ cargo test --workspace --locked --no-fail-fast -- --test-threads=2
 echo "== vhost-user-blk: a QEMU guest (TCG, 2 queues) writes through a writecache bdev, read back over NBD; bdev deleted under the live controller"
 bash exports/vhost/tests/qemu_vm.sh target/debug/writecache_tgt
 
+echo "== NVMe/TCP: the Linux kernel's nvme-tcp host (QEMU, TCG) writes through a writecache bdev with and without digests, reconnects after a restart from save_config"
+bash tests/vm/nvme_tcp_host.sh target/debug/writecache_tgt
+
 echo "== python plugin syntax"
 python3 -m py_compile scripts/writecache_rpc.py
 

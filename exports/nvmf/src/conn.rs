@@ -1469,8 +1469,9 @@ impl Conn {
                         }
                         // SAFETY: the second half of the slot lies inside
                         // it (checked above).
+                        let second = unsafe { base.add(bytes) };
                         let iov = [IoVec {
-                            base: unsafe { base.add(bytes) },
+                            base: second,
                             len: bytes,
                         }];
                         let s = &mut q.slots[slot as usize];

@@ -48,6 +48,7 @@
 mod admin;
 mod arena;
 mod conn;
+pub mod host;
 pub mod opts;
 pub mod rpc;
 mod subsystem;

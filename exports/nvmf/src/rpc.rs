@@ -287,7 +287,7 @@ pub fn register(reg: &Registry) -> Result<(), RegisterError> {
                     uuid: n.uuid,
                 },
             )
-            .map(|nsid| Value::from(nsid))
+            .map(Value::from)
         })
     })?;
     reg.register_fn("nvmf_subsystem_remove_ns", StateMask::RUNTIME, |p, r| {
