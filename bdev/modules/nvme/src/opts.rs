@@ -245,7 +245,8 @@ impl AttachOpts {
                 return Err(unsupported(
                     "trtype pcie is not supported: this target does not drive PCIe devices \
                      from user space; let the kernel's nvme driver own the device and create \
-                     a bdev on its namespace with bdev_uring_create (e.g. -n /dev/nvme0n1)",
+                     a bdev on its namespace with bdev_uring_create \
+                     (e.g. bdev_uring_create /dev/nvme0n1 Nvme0n1)",
                 ))
             }
             other => {
