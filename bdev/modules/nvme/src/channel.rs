@@ -229,6 +229,14 @@ impl Drop for IoPath {
             io.complete(IoStatus::Aborted);
         }
         self.ctrlr.free_qid(self.qid);
+        if let Some(r) = wc_reactor::try_current() {
+            let map = r.local(PathMap::default);
+            let cleaned = map
+                .paths
+                .try_borrow_mut()
+                .map(|mut m| m.retain(|_, w| w.strong_count() > 0));
+            drop(cleaned);
+        }
     }
 }
 
