@@ -9,13 +9,15 @@
 # nvmf_perf with one queue pair on core 1); ratios in
 # perf/results/nvmf.md and nvmf.json. --quick: 1 s per cell.
 # Overrides (environment): SECS (3), QDS (1,32,128), MIB (512),
-# SHM_DIR=/dev/shm, RESULTS_DIR=perf/results.
+# SHM_DIR=/dev/shm, RESULTS_DIR=perf/results; on a busy shared machine
+# RT=1 (root: SCHED_FIFO for the reactors and the initiator during the
+# runs) or NICE="nice -n -20" (see perf/nvmf_bench.py).
 set -euo pipefail
 SECS=${SECS:-3}
 for arg in "$@"; do
   case "$arg" in
     --quick) SECS=1 ;;
-    -h|--help) sed -n '2,13p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "usage: $0 [--quick]" >&2; exit 2 ;;
   esac
 done

@@ -45,7 +45,7 @@ declare -A client_cmds=(
 # cannot be installed.
 declare -A vm_cmds=(
   [qemu-system-x86_64]=qemu-system-x86 [busybox]=busybox-static [dmsetup]=dmsetup
-  [file]=file [xz]=xz-utils [zstd]=zstd [cpio]=cpio
+  [file]=file [xz]=xz-utils [zstd]=zstd [cpio]=cpio [nvme]=nvme-cli
 )
 headers_ok() { [ -e /usr/include/hwloc.h ] && [ -e /usr/include/libudev.h ]; }
 kernel_ok() { ls /boot/vmlinuz-* >/dev/null 2>&1; }

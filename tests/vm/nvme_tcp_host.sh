@@ -6,7 +6,9 @@
 #    target as namespace 1 of nqn.2016-06.io.spdk:cnode1 on 127.0.0.1:PORT
 #    (plus a discovery listener), all set up through RPCs;
 #  * boot 1: Debian's kernel in QEMU (TCG, user-mode network: the host's
-#    loopback is 10.0.2.2) loads nvme-tcp and connects by writing the
+#    loopback is 10.0.2.2) loads nvme-tcp; Debian's nvme-cli (when
+#    installed) reads the discovery log and finds the subsystem; the guest
+#    connects by writing the
 #    options string to /dev/nvme-fabrics, without digests: it writes a
 #    1 MiB pattern (carried in the initramfs) with direct I/O, flushes,
 #    reads it back and compares; disconnects; connects again with header
@@ -14,7 +16,9 @@
 #    pattern, disconnects;
 #  * the host saves the config (save_config), stops the target, starts a
 #    new one from the saved file;
-#  * boot 2: the guest connects (digests on) and finds both patterns.
+#  * boot 2: the guest connects (digests on) and finds both patterns; the
+#    host deletes WC0 under the live namespace (bdev_writecache_delete):
+#    the guest's reads fail, the namespace goes, the target stays up.
 # Skips (exit 0, clear message) only when QEMU / kernel / busybox are missing.
 # Usage: tests/vm/nvme_tcp_host.sh [path/to/writecache_tgt]
 #   ACCEL=kvm; VM_TIMEOUT=seconds per boot (240).
@@ -65,6 +69,17 @@ check() { # check PATTERN OFFSET-IN-4K-BLOCKS
   cmp /$1 /tmp/back && echo "guest: $1 read back at block $2"
 }
 ok=1
+if [ "$STEP" = write ] && [ -x /bin/nvme ]; then
+  # Debian's nvme-cli reads the discovery log page.
+  DPORT=$(arg wc_dport)
+  mkdir -p /etc/nvme; echo "$HOSTNQN" > /etc/nvme/hostnqn
+  if nvme discover -t tcp -a 10.0.2.2 -s "$DPORT" --hostnqn="$HOSTNQN" > /tmp/disc 2>&1 &&
+     grep -q "subnqn: *$NQN" /tmp/disc && grep -q "trsvcid: *$PORT" /tmp/disc; then
+    echo "guest: nvme discover lists $NQN at port $PORT"
+  else
+    cat /tmp/disc; echo "NVMF-FAIL discovery"; ok=0
+  fi
+fi
 if [ "$STEP" = write ]; then
   connect "" || ok=0
   if [ $ok = 1 ]; then
@@ -90,12 +105,29 @@ else
   if [ $ok = 1 ]; then
     check pat1 0 || ok=0
     check pat2 256 || ok=0
-    disconnect
   fi
+  [ $ok = 1 ] && echo NVMF-OK || echo NVMF-FAIL
+  # Read until the host deletes WC0 under the namespace: the reads must
+  # then fail (and the kernel drops the namespace on the changed-namespace
+  # event).
+  res=NVMF-NOEIO
+  for i in $(seq 1200); do
+    if ! dd if=/dev/nvme0n1 of=/dev/null bs=4096 count=1 iflag=direct 2>/dev/null; then
+      res=NVMF-EIO; break
+    fi
+    sleep 0.1
+  done
+  echo $res
+  for i in $(seq 50); do [ -b /dev/nvme0n1 ] || break; sleep 0.1; done
+  [ -b /dev/nvme0n1 ] && echo "guest: namespace still present" || echo "guest: namespace removed by the kernel"
+  disconnect
+  exit 0
 fi
 [ $ok = 1 ] && echo NVMF-OK || echo NVMF-FAIL
 GUEST
-vm_initramfs "$TMP/initrd.gz" "$TMP/guest.sh" --mod nvme-tcp --mod crc32c_generic \
+NVME_CLI=()
+command -v nvme >/dev/null && NVME_CLI=(--bin "$(command -v nvme)")
+vm_initramfs "$TMP/initrd.gz" "$TMP/guest.sh" --mod nvme-tcp --mod crc32c_generic "${NVME_CLI[@]}" \
   --file "$TMP/pat1:/pat1" --file "$TMP/pat2:/pat2" || fail "initramfs"
 
 start_tgt() { # start_tgt [CONFIG]
@@ -120,7 +152,7 @@ rpc nvmf_subsystem_add_listener "{\"nqn\":\"nqn.2014-08.org.nvmexpress.discovery
 ACCEL=${ACCEL:-tcg}
 export VM_MEM=256M
 boot() { # boot STEP N
-  vm_run "$TMP/console.log" "$TMP/initrd.gz" "wc_step=$1 wc_port=$PORT wc_nqn=$NQN wc_hostnqn=$HOSTNQN" \
+  vm_run "$TMP/console.log" "$TMP/initrd.gz" "wc_step=$1 wc_port=$PORT wc_dport=$DPORT wc_nqn=$NQN wc_hostnqn=$HOSTNQN" \
     -nic user,model=virtio-net-pci
   local rc=$?
   echo "boot $2: $(grep -aoE "guest:[^$(printf '\r')]*|NVMF-[A-Z]+[^$(printf '\r')]*" "$TMP/console.log" | tr '\n' ' ')"
@@ -156,5 +188,16 @@ kill "$TGT_PID"; wait "$TGT_PID"; TGT_PID=""
 start_tgt "$TMP/saved.json"
 rpc nvmf_get_subsystems | grep -q "$NQN" || fail "subsystem not restored"
 
-boot read 2
-echo "PASS: Linux nvme-tcp host: pattern written, flushed, read back with and without digests, intact after a restart from save_config"
+# --- boot 2: reads the data back, then WC0 is deleted under it.
+vm_start "$TMP/console.log" "$TMP/initrd.gz" "wc_step=read wc_port=$PORT wc_dport=$DPORT wc_nqn=$NQN wc_hostnqn=$HOSTNQN" \
+  -nic user,model=virtio-net-pci
+vm_wait_for "$TMP/console.log" "NVMF-(OK|FAIL)" || { tail -40 "$TMP/console.log"; fail "boot 2 did not read back"; }
+grep -qa NVMF-OK "$TMP/console.log" || { tail -40 "$TMP/console.log"; fail "boot 2: data not intact after the restart"; }
+[ "$(rpc bdev_writecache_delete '{"name":"WC0"}')" = true ] || fail "bdev_writecache_delete WC0"
+vm_wait
+echo "boot 2: $(grep -aoE "guest:[^$(printf '\r')]*|NVMF-[A-Z]+[^$(printf '\r')]*" "$TMP/console.log" | tr '\n' ' ')"
+grep -qa NVMF-EIO "$TMP/console.log" || { tail -30 "$TMP/console.log"; fail "the guest's reads did not fail after the delete"; }
+kill -0 "$TGT_PID" 2>/dev/null || fail "target died"
+rpc nvmf_get_subsystems | python3 -c 'import json,sys; s=[x for x in json.load(sys.stdin) if x["nqn"]==sys.argv[1]][0]; sys.exit(len(s["namespaces"]) != 0)' "$NQN" ||
+  fail "the namespace of the deleted bdev is still listed"
+echo "PASS: Linux nvme-tcp host: pattern written, flushed, read back with and without digests, intact after a restart from save_config; I/O fails after the bdev is deleted, target up"

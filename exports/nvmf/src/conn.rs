@@ -88,6 +88,10 @@ pub(crate) fn dispatch(stream: TcpStream, peer: SocketAddr, listener: Arc<Listen
 struct NvmfReactor {
     ep: Option<OwnedFd>,
     conns: RefCell<HashMap<u64, Rc<ConnCell>>>,
+    /// Connections with completions to send: flushed once per reactor
+    /// iteration, so the responses of a batch of completions leave in one
+    /// `writev`.
+    to_flush: RefCell<Vec<u64>>,
     pollers: RefCell<Option<(PollerHandle, PollerHandle)>>,
     handle: ReactorHandle,
 }
@@ -106,6 +110,7 @@ impl NvmfReactor {
         NvmfReactor {
             ep,
             conns: RefCell::new(HashMap::new()),
+            to_flush: RefCell::new(Vec::with_capacity(64)),
             pollers: RefCell::new(None),
             handle: wc_reactor::current().handle(),
         }
@@ -127,15 +132,16 @@ impl NvmfReactor {
     }
 
     fn poll(&self) -> PollStatus {
+        let flushed = self.flush_completions();
         let Some(ep) = &self.ep else {
-            return PollStatus::Idle;
+            return PollStatus::from(flushed);
         };
         const N: usize = 64;
         let mut evs = [libc::epoll_event { events: 0, u64: 0 }; N];
         // SAFETY: `evs` has room for N events; timeout 0 never blocks.
         let n = unsafe { libc::epoll_wait(ep.as_raw_fd(), evs.as_mut_ptr(), N as i32, 0) };
         if n <= 0 {
-            return PollStatus::Idle;
+            return PollStatus::from(flushed);
         }
         for ev in evs.iter().take(n as usize) {
             let (id, events) = (ev.u64, ev.events);
@@ -146,6 +152,26 @@ impl NvmfReactor {
             }
         }
         PollStatus::Busy
+    }
+
+    /// Sends what completions queued since the last iteration.
+    fn flush_completions(&self) -> bool {
+        let mut any = false;
+        loop {
+            let Some(id) = self.to_flush.borrow_mut().pop() else {
+                break;
+            };
+            any = true;
+            let conn = self.conns.borrow().get(&id).cloned();
+            if let Some(c) = conn {
+                if let Ok(mut inner) = c.inner.try_borrow_mut() {
+                    inner.flush_queued = false;
+                    inner.send_completions();
+                }
+                self.reap_if_done(&c);
+            }
+        }
+        any
     }
 
     fn sweep(&self) -> PollStatus {
@@ -269,15 +295,20 @@ impl IoCompletion for Completer {
         let Some(c) = self.conn.upgrade() else {
             return;
         };
-        match c.inner.try_borrow_mut() {
-            Ok(mut inner) => inner.io_done(io, ctx),
+        let queue = match c.inner.try_borrow_mut() {
+            Ok(mut inner) => {
+                inner.io_done(io, ctx);
+                !std::mem::replace(&mut inner.flush_queued, true)
+            }
             Err(_) => {
                 tracing::error!("nvmf: completion re-entered a connection");
                 return;
             }
-        }
-        if let Some(nr) = local() {
-            c.kick(&nr);
+        };
+        if queue {
+            if let Some(nr) = local() {
+                nr.to_flush.borrow_mut().push(c.id);
+            }
         }
     }
 }
@@ -490,6 +521,8 @@ struct Conn {
     closing: bool,
     dead: bool,
     torn_down: bool,
+    /// Queued on the reactor's flush list.
+    flush_queued: bool,
     completer: Rc<dyn IoCompletion>,
     thread: String,
 }
@@ -546,6 +579,7 @@ impl Conn {
             closing: false,
             dead: false,
             torn_down: false,
+            flush_queued: false,
             completer,
             thread,
         }
@@ -590,6 +624,15 @@ impl Conn {
     fn check_liveness(&mut self) {
         if self.dead {
             return;
+        }
+        if let Some(q) = &mut self.q {
+            // Let go of removed namespaces (their descriptors) even when no
+            // I/O comes to refresh the cache.
+            let gen = q.ctrlr.subsys.ns_gen.load(Ordering::Acquire);
+            if gen != q.ns.gen {
+                q.ns.gen = gen;
+                q.ns.entries.clear();
+            }
         }
         match &self.q {
             None => {
@@ -660,6 +703,20 @@ impl Conn {
         if self.closing && self.tx.is_empty() {
             self.kill("terminated");
         }
+    }
+
+    /// After completions: AENs, responses, and a close that waited for
+    /// them (no socket read: the epoll poller does that).
+    fn send_completions(&mut self) {
+        if self.dead {
+            return;
+        }
+        self.deliver_aens();
+        self.flush_tx();
+        if self.closing && self.tx.is_empty() {
+            self.kill("terminated");
+        }
+        self.update_interest();
     }
 
     /// When a large part of a PDU's data is missing and nothing is

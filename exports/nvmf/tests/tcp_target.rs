@@ -320,3 +320,54 @@ fn hot_removed_bdev_fails_io_and_raises_changed_ns_event() {
     assert!(c.status.is_success());
     assert_eq!(active_ns_list(&list).count(), 0);
 }
+
+#[test]
+fn removed_namespace_releases_its_bdev_and_notifies() {
+    let nqn = "nqn.2026-12.io.writecache:rmns";
+    let addr = setup_subsystem(nqn, "nvmf_rmns", 1024, true);
+    let (mut a, cntlid) = Host::admin(addr, nqn, (false, false), 0);
+    let mut q = Host::io(addr, nqn, (false, false), cntlid, 1);
+    assert!(q.write(1, 0, &pattern(4, 4096), false).status.is_success());
+    let bdev = wc_bdev::lookup("nvmf_rmns").unwrap();
+    assert!(bdev.open_count() >= 1);
+    on_main(|| wc_nvmf::target::remove_ns("nqn.2026-12.io.writecache:rmns", 1).unwrap());
+    // The queue pair's cache lets go of the descriptor on its next sweep,
+    // without any I/O.
+    assert!(
+        wait_for(5, || bdev.open_count() == 0),
+        "descriptor still open"
+    );
+    let (c, _) = q.read(1, 0, 4096);
+    assert_eq!(c.status, Status::INVALID_NAMESPACE.with_dnr());
+    // The changed namespace list names it (no AER was configured, so the
+    // host finds it by reading the log).
+    let cid = a.cid();
+    let glp = GetLogPageCommand {
+        lid: lid::CHANGED_NS_LIST,
+        lsp: 0,
+        rae: false,
+        len: 4096,
+        offset: 0,
+        nsid: 0xffff_ffff,
+    };
+    let (c, log) = a.exec(glp.build(cid).unwrap(), &[], 4096);
+    assert!(c.status.is_success());
+    assert_eq!(&log[..4], &[1, 0, 0, 0]);
+    // And the namespace can come back.
+    on_main(|| {
+        wc_nvmf::target::add_ns(
+            "nqn.2026-12.io.writecache:rmns",
+            wc_nvmf::target::NsArgs {
+                bdev_name: "nvmf_rmns".into(),
+                nsid: Some(1),
+                nguid: None,
+                eui64: None,
+                uuid: None,
+            },
+        )
+        .unwrap()
+    });
+    let (c, got) = q.read(1, 0, 4096);
+    assert!(c.status.is_success());
+    assert_eq!(got, pattern(4, 4096));
+}
