@@ -49,6 +49,9 @@ bash tests/vm/dm_writecache.sh target/debug/writecache_tgt
 echo "== NVMe/TCP: the Linux kernel's nvme-tcp host (QEMU, TCG) writes through a writecache bdev with and without digests, reconnects after a restart from save_config"
 bash tests/vm/nvme_tcp_host.sh target/debug/writecache_tgt
 
+echo "== NVMe/TCP initiator: bdev_nvme_attach_controller against the Linux kernel's nvmet-tcp (QEMU, TCG) with and without digests, fast I/O fail and controller loss when the guest dies"
+bash tests/vm/nvmet_target.sh target/debug/writecache_tgt
+
 echo "== python plugin syntax"
 python3 -m py_compile scripts/writecache_rpc.py
 

@@ -40,6 +40,7 @@ pub fn register_modules(reg: &Registry) -> Result<(), String> {
     wc_writecache::rpc::register(reg).map_err(e)?;
     wc_bdev_error::rpc::register(reg).map_err(e)?;
     wc_bdev_delay::rpc::register(reg).map_err(e)?;
+    wc_bdev_nvme::rpc::register(reg).map_err(e)?;
     wc_config::register_rpcs(reg).map_err(e)?;
     wc_config::register_subsystem("iobuf", &[], None);
     wc_config::register_subsystem("accel", &["iobuf"], None);

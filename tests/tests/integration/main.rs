@@ -13,6 +13,7 @@ mod errors;
 mod fuzz;
 mod hardening;
 mod nbd;
+mod nvme;
 mod nvmf;
 mod perf_scripts;
 mod plugin;
