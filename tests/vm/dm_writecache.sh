@@ -25,17 +25,10 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 TGT=${1:-${TGT:-target/debug/writecache_tgt}}
 source tests/vm/guest.sh
-fail() { echo "FAIL: $*"; [ -f "$TMP/tgt.log" ] && { echo "--- target log"; tail -20 "$TMP/tgt.log"; }; exit 1; }
-vm_require
-[ -x "$TGT" ] || { echo "FAIL: $TGT not built"; exit 1; }
+vm_test_init "$TGT"
 [ -x /usr/sbin/dmsetup ] || { echo "SKIP: dmsetup not installed (apt-get install dmsetup)"; exit 0; }
 command -v qemu-img >/dev/null && command -v qemu-io >/dev/null ||
   { echo "FAIL: qemu-img/qemu-io missing (apt-get install qemu-utils)"; exit 1; }
-TMP=$(mktemp -d)
-TGT_PID=""
-stop_tgt() { [ -n "$TGT_PID" ] && kill "$TGT_PID" 2>/dev/null && wait "$TGT_PID" 2>/dev/null; TGT_PID=""; }
-cleanup() { vm_stop; stop_tgt; rm -rf "$TMP"; }
-trap cleanup EXIT
 T0=$(date +%s)
 
 ORIGIN_MB=8

@@ -166,7 +166,29 @@ vm_wait_for() {
   return 1
 }
 
-# Host side. tgt_rpc SOCKET METHOD [PARAMS-JSON]: one JSON-RPC call to a
+# Host side. vm_test_init TGT: the set-up every guest test script shares:
+# the guest must be bootable (else SKIP) and TGT built; $TMP is made;
+# fail() prints the target's log (and the guest console) and exits 1;
+# rpc() calls the target on $TMP/rpc.sock; stop_tgt() stops the target
+# whose pid is $TGT_PID; on exit the VM and the target stop and $TMP goes.
+vm_test_init() {
+  vm_require
+  [ -x "$1" ] || { echo "FAIL: $1 not built"; exit 1; }
+  TMP=$(mktemp -d)
+  TGT_PID=""
+  trap '_vm_test_cleanup' EXIT
+}
+_vm_test_cleanup() { vm_stop; stop_tgt; rm -rf "$TMP"; }
+stop_tgt() { [ -n "$TGT_PID" ] && kill "$TGT_PID" 2>/dev/null && wait "$TGT_PID" 2>/dev/null; TGT_PID=""; return 0; }
+fail() {
+  echo "FAIL: $*"
+  [ -f "$TMP/tgt.log" ] && { echo "--- target log"; tail -30 "$TMP/tgt.log"; }
+  [ -f "$TMP/console.log" ] && { echo "--- guest console"; tail -20 "$TMP/console.log"; }
+  exit 1
+}
+rpc() { tgt_rpc "$TMP/rpc.sock" "$@"; }
+
+# tgt_rpc SOCKET METHOD [PARAMS-JSON]: one JSON-RPC call to a
 # writecache_tgt without any client installed; prints the result as JSON,
 # fails (non-zero, the error on stderr) on an error reply.
 tgt_rpc() {

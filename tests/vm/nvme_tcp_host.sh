@@ -26,23 +26,12 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 TGT=${1:-${TGT:-target/debug/writecache_tgt}}
 source tests/vm/guest.sh
-fail() { echo "FAIL: $*"; [ -f "$TMP/tgt.log" ] && { echo "--- target log"; tail -30 "$TMP/tgt.log"; }; exit 1; }
-vm_require
-[ -x "$TGT" ] || { echo "FAIL: $TGT not built"; exit 1; }
-TMP=$(mktemp -d)
-TGT_PID=""
-cleanup() {
-  vm_stop
-  [ -n "$TGT_PID" ] && kill "$TGT_PID" 2>/dev/null && wait "$TGT_PID" 2>/dev/null
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
+vm_test_init "$TGT"
 
 NQN=nqn.2016-06.io.spdk:cnode1
 HOSTNQN=nqn.2014-08.org.nvmexpress:uuid:6b4e28ba-2fa1-11d2-883f-0016d3cc0001
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
 DPORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-rpc() { tgt_rpc "$TMP/rpc.sock" "$@"; }
 
 # --- initramfs: busybox, nvme-tcp (+ nvme-core, nvme-fabrics), crc32c for
 # the digests, the two patterns.

@@ -23,27 +23,11 @@ set -uo pipefail
 cd "$(dirname "$0")/../.."
 TGT=${1:-${TGT:-target/debug/writecache_tgt}}
 source tests/vm/guest.sh
-fail() {
-  echo "FAIL: $*"
-  [ -f "$TMP/tgt.log" ] && { echo "--- target log"; tail -30 "$TMP/tgt.log"; }
-  [ -f "$TMP/console.log" ] && { echo "--- guest console"; tail -20 "$TMP/console.log"; }
-  exit 1
-}
-vm_require
-[ -x "$TGT" ] || { echo "FAIL: $TGT not built"; exit 1; }
+vm_test_init "$TGT"
 command -v qemu-io >/dev/null || { echo "FAIL: qemu-io missing (scripts/deps.sh installs qemu-utils)"; exit 1; }
-TMP=$(mktemp -d)
-TGT_PID=""
-cleanup() {
-  vm_stop
-  [ -n "$TGT_PID" ] && kill "$TGT_PID" 2>/dev/null && wait "$TGT_PID" 2>/dev/null
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
 
 NQN=nqn.2026-12.io.writecache:nvmet
 PORT=$(python3 -c 'import socket; s=socket.socket(); s.bind(("127.0.0.1",0)); print(s.getsockname()[1])')
-rpc() { tgt_rpc "$TMP/rpc.sock" "$@"; }
 
 cat > "$TMP/guest.sh" <<'GUEST'
 NQN=$(sed -n 's/.*wc_nqn=\([^ ]*\).*/\1/p' /proc/cmdline)

@@ -24,21 +24,10 @@ set -uo pipefail
 cd "$(dirname "$0")/../../.."
 TGT=${1:-${TGT:-target/debug/writecache_tgt}}
 source tests/vm/guest.sh
-fail() { echo "FAIL: $*"; [ -f "$TMP/tgt.log" ] && { echo "--- target log"; tail -20 "$TMP/tgt.log"; }; exit 1; }
-vm_require
-[ -x "$TGT" ] || { echo "FAIL: $TGT not built"; exit 1; }
+vm_test_init "$TGT"
 command -v nbdcopy >/dev/null || command -v qemu-img >/dev/null ||
   { echo "FAIL: no NBD client to read the bdev back (apt-get install libnbd-bin or qemu-utils)"; exit 1; }
-TMP=$(mktemp -d)
-TGT_PID=""
-cleanup() {
-  vm_stop
-  [ -n "$TGT_PID" ] && kill "$TGT_PID" 2>/dev/null && wait "$TGT_PID" 2>/dev/null
-  rm -rf "$TMP"
-}
-trap cleanup EXIT
 
-rpc() { tgt_rpc "$TMP/rpc.sock" "$@"; }
 
 # --- initramfs (tests/vm/guest.sh): busybox, the virtio modules and the pattern
 PAT_BYTES=$((1 << 20))
