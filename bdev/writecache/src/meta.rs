@@ -455,10 +455,8 @@ impl Shard {
 
     /// The current slots, for a writer holding the lock.
     fn slots_locked<'a>(&'a self, _lock: &MutexGuard<'a, usize>) -> &'a Slots {
-        // SAFETY: only a lock holder replaces the slots, and the old ones
-        // are freed after a grace period, so they stay valid while the
-        // lock (which the caller holds, see `_lock`) is held; the pointer
-        // is never null.
+        // SAFETY: only a lock holder (the caller, see `_lock`) replaces the
+        // slots, old ones are freed after a grace period; never null.
         unsafe {
             self.slots
                 .load(Ordering::Acquire, epoch::unprotected())

@@ -203,10 +203,8 @@ fn run(map: &Mapping, bufs: &mut [u8], io: usize, mode: &str, secs: f64) -> Opti
         for _ in 0..64 {
             let at = rng.below(blocks) as usize * io;
             let slot = (ops as usize % BUFS) * io;
-            // SAFETY: at + io <= map.len (at < blocks * io); slot + io <=
-            // bufs.len() (BUFS slots of io bytes); the buffer and the
-            // mapping never overlap; the mapping is page-aligned and `at`
-            // a multiple of io (a multiple of 64), so dst is 16-aligned.
+            // SAFETY: at + io <= map len, slot + io <= bufs len; disjoint;
+            // page-aligned mapping + `at` a multiple of io (64) => 16-aligned.
             unsafe {
                 let m = map.base.add(at);
                 let b = bp.add(slot);
