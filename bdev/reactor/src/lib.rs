@@ -27,6 +27,7 @@
 
 #![warn(missing_docs)]
 
+pub mod epoll;
 mod hosted;
 mod mask;
 mod reactor;

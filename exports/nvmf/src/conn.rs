@@ -20,7 +20,7 @@ use std::cell::RefCell;
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
-use std::os::fd::{AsRawFd, FromRawFd, OwnedFd, RawFd};
+use std::os::fd::{AsRawFd, RawFd};
 use std::rc::{Rc, Weak};
 use std::sync::atomic::{AtomicU64, AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -39,6 +39,7 @@ use wc_nvme_wire::{
     crc32c, decode_header, Cqe, DataHeader, DataPlacement, Digests, Frame, Framer, IcResp,
     PduHeader, PduLayout, Role, Sqe, Status, TermFes, WireError, R2T,
 };
+use wc_reactor::epoll::Epoll;
 use wc_reactor::{PollStatus, PollerHandle, ReactorHandle};
 
 use crate::admin::{self, Outcome, MAX_AERS};
@@ -86,7 +87,7 @@ pub(crate) fn dispatch(stream: TcpStream, peer: SocketAddr, listener: Arc<Listen
 
 /// Per-reactor state: the epoll instance and the connections it serves.
 struct NvmfReactor {
-    ep: Option<OwnedFd>,
+    ep: Option<Epoll>,
     conns: RefCell<HashMap<u64, Rc<ConnCell>>>,
     /// Connections with completions to send: flushed once per reactor
     /// iteration, so the responses of a batch of completions leave in one
@@ -98,15 +99,9 @@ struct NvmfReactor {
 
 impl NvmfReactor {
     fn new() -> NvmfReactor {
-        // SAFETY: epoll_create1 takes no pointers; the result is checked.
-        let fd = unsafe { libc::epoll_create1(libc::EPOLL_CLOEXEC) };
-        let ep = if fd >= 0 {
-            // SAFETY: `fd` is a fresh descriptor that nothing else owns.
-            Some(unsafe { OwnedFd::from_raw_fd(fd) })
-        } else {
-            tracing::error!("nvmf: epoll_create1 failed: {}", io::Error::last_os_error());
-            None
-        };
+        let ep = Epoll::new()
+            .map_err(|e| tracing::error!("nvmf: epoll_create1 failed: {e}"))
+            .ok();
         NvmfReactor {
             ep,
             conns: RefCell::new(HashMap::new()),
@@ -117,17 +112,9 @@ impl NvmfReactor {
     }
 
     fn ctl(&self, op: libc::c_int, fd: RawFd, events: u32, id: u64) -> io::Result<()> {
-        let Some(ep) = &self.ep else {
-            return Err(io::Error::from_raw_os_error(libc::EBADF));
-        };
-        let mut ev = libc::epoll_event { events, u64: id };
-        // SAFETY: `ev` is a valid epoll_event for the duration of the call;
-        // both descriptors are open (the connection owns `fd`).
-        let rc = unsafe { libc::epoll_ctl(ep.as_raw_fd(), op, fd, &mut ev) };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(io::Error::last_os_error())
+        match &self.ep {
+            Some(ep) => ep.ctl(op, fd, events, id),
+            None => Err(io::Error::from_raw_os_error(libc::EBADF)),
         }
     }
 
@@ -136,22 +123,17 @@ impl NvmfReactor {
         let Some(ep) = &self.ep else {
             return PollStatus::from(flushed);
         };
-        const N: usize = 64;
-        let mut evs = [libc::epoll_event { events: 0, u64: 0 }; N];
-        // SAFETY: `evs` has room for N events; timeout 0 never blocks.
-        let n = unsafe { libc::epoll_wait(ep.as_raw_fd(), evs.as_mut_ptr(), N as i32, 0) };
-        if n <= 0 {
-            return PollStatus::from(flushed);
-        }
-        for ev in evs.iter().take(n as usize) {
-            let (id, events) = (ev.u64, ev.events);
+        let mut buf = Epoll::ready_buf();
+        let mut any = flushed;
+        for (id, events) in ep.poll_now(&mut buf) {
+            any = true;
             let conn = self.conns.borrow().get(&id).cloned();
             if let Some(c) = conn {
                 c.on_event(events);
                 self.reap_if_done(&c);
             }
         }
-        PollStatus::Busy
+        PollStatus::from(any)
     }
 
     /// Sends what completions queued since the last iteration.
