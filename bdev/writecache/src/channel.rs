@@ -520,17 +520,7 @@ impl Local {
                 self.stats()
                     .waiting
                     .store(self.waiting.borrow().len() as u64, Ordering::Relaxed);
-                // Make room: other cores hand back their cached blocks,
-                // then commit what is written so writeback can free it.
-                let id = wc.id;
-                for h in wc_reactor::current().siblings() {
-                    h.send(move || {
-                        if let Some(l) = local_of(id) {
-                            l.return_cached_blocks();
-                        }
-                    });
-                }
-                wc.request_commit(None);
+                self.make_room();
                 return;
             };
             let lba = first + i;
@@ -604,6 +594,20 @@ impl Local {
         for (k, old) in displaced {
             self.displace(old, logs[k].seq);
         }
+    }
+
+    /// A write waits for free blocks: other cores hand back their cached
+    /// blocks, then a commit lets the writeback free what is written.
+    pub(crate) fn make_room(&self) {
+        let id = self.wc.id;
+        for h in wc_reactor::current().siblings() {
+            h.send(move || {
+                if let Some(l) = local_of(id) {
+                    l.return_cached_blocks();
+                }
+            });
+        }
+        self.wc.request_commit(None);
     }
 
     /// Frees the displaced uncommitted blocks collected so far: entries

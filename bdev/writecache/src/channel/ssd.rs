@@ -312,7 +312,6 @@ impl Local {
 
     /// Parks write `key` at block `next` until blocks are free.
     fn ssd_wait(self: &Rc<Self>, key: usize, next: u64) {
-        let wc = &self.wc;
         if let Some(Some(p)) = self.parents.borrow_mut().get_mut(key) {
             p.next = next;
             if !p.blocked {
@@ -324,17 +323,7 @@ impl Local {
         self.stats()
             .waiting
             .store(self.ssd_waiting.borrow().len() as u64, Ordering::Relaxed);
-        // Make room: other cores hand back their cached blocks, then commit
-        // what is written so writeback can free it.
-        let id = wc.id;
-        for h in wc_reactor::current().siblings() {
-            h.send(move || {
-                if let Some(l) = local_of(id) {
-                    l.return_cached_blocks();
-                }
-            });
-        }
-        wc.request_commit(None);
+        self.make_room();
     }
 
     fn ssd_submit(self: &Rc<Self>, key: usize, runs: SmallVec<[Run; 4]>, zeroes: bool) {
