@@ -384,6 +384,22 @@ impl Ssd {
 
 type Done = Box<dyn FnOnce(Result<(), i32>)>;
 
+/// The completion of a single I/O: `done` with its status.
+fn once(done: Done) -> Rc<dyn IoCompletion> {
+    let done = RefCell::new(Some(done));
+    Rc::new(FnCompletion(move |io: Io, _| {
+        let st = io.status();
+        drop(io);
+        if let Some(d) = done.borrow_mut().take() {
+            d(if st.is_success() {
+                Ok(())
+            } else {
+                Err(st.errno().max(1))
+            });
+        }
+    }))
+}
+
 /// Writes every dirty region (all in flight together); `done` once all
 /// completed (the first error wins).
 fn write_regions(ch: &Rc<BdevChannel>, meta: &Arc<RamMeta>, cache_bs: u32, done: Done) {
@@ -418,18 +434,7 @@ fn write_regions(ch: &Rc<BdevChannel>, meta: &Arc<RamMeta>, cache_bs: u32, done:
 }
 
 fn flush(ch: &Rc<BdevChannel>, done: Done) {
-    let done = RefCell::new(Some(done));
-    let cb: Rc<dyn IoCompletion> = Rc::new(FnCompletion(move |io: Io, _| {
-        let st = io.status();
-        drop(io);
-        if let Some(d) = done.borrow_mut().take() {
-            d(if st.is_success() {
-                Ok(())
-            } else {
-                Err(st.errno().max(1))
-            });
-        }
-    }));
+    let cb = once(done);
     ch.flush(0, ch.bdev().num_blocks(), &cb, 0);
 }
 
@@ -445,18 +450,7 @@ fn write_superblock(
     let len = (block_size as u64).min(meta.end - meta.start);
     let mut buf = DmaBuf::new(len as usize);
     meta.copy_out(meta.start, &mut buf);
-    let done = RefCell::new(Some(done));
-    let cb: Rc<dyn IoCompletion> = Rc::new(FnCompletion(move |io: Io, _| {
-        let st = io.status();
-        drop(io);
-        if let Some(d) = done.borrow_mut().take() {
-            d(if st.is_success() {
-                Ok(())
-            } else {
-                Err(st.errno().max(1))
-            });
-        }
-    }));
+    let cb = once(done);
     ch.write(meta.start / cache_bs as u64, buf, true, &cb, 0);
 }
 
