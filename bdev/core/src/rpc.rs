@@ -269,14 +269,40 @@ pub fn add_module_config_writer(key: &str, w: ConfigWriter) {
     m.push((key.to_string(), w));
 }
 
-/// The `bdev` subsystem's config: every bdev's create entry in
-/// registration order, modules' own entries, then `bdev_wait_for_examine`,
-/// as SPDK writes it.
+fn module_head_writers() -> std::sync::MutexGuard<'static, Vec<(String, ConfigWriter)>> {
+    static W: std::sync::OnceLock<std::sync::Mutex<Vec<(String, ConfigWriter)>>> =
+        std::sync::OnceLock::new();
+    W.get_or_init(Default::default)
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+}
+
+/// Registers a module-level config writer whose entries come first, right
+/// after `bdev_set_options` and before any bdev's (SPDK's module
+/// `config_json`: a module's options, then what it attaches on its own,
+/// e.g. `bdev_nvme_set_options` and `bdev_nvme_attach_controller`).
+/// Re-adding a key replaces it.
+pub fn add_module_head_config_writer(key: &str, w: ConfigWriter) {
+    let mut m = module_head_writers();
+    m.retain(|(k, _)| k != key);
+    m.push((key.to_string(), w));
+}
+
+/// The `bdev` subsystem's config: `bdev_set_options`, the modules' head
+/// entries, every bdev's create entry in registration order, modules' own
+/// later entries, then `bdev_wait_for_examine`, as SPDK writes it.
 pub fn subsystem_config() -> Vec<Value> {
     let mut v: Vec<Value> = vec![json!({
         "method": "bdev_set_options",
         "params": {"bdev_io_pool_size": 65535, "bdev_io_cache_size": 256, "bdev_auto_examine": true}
     })];
+    let heads: Vec<ConfigWriter> = module_head_writers()
+        .iter()
+        .map(|(_, w)| w.clone())
+        .collect();
+    for w in heads {
+        v.extend(w());
+    }
     v.extend(list().iter().filter_map(|b| b.ops().config_entry(b)));
     let writers: Vec<ConfigWriter> = module_writers().iter().map(|(_, w)| w.clone()).collect();
     for w in writers {

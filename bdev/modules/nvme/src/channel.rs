@@ -202,9 +202,13 @@ impl IoPath {
             return;
         }
         self.last_timeout_check.set(now);
+        let limit = io_timeout();
+        if limit.is_zero() {
+            return;
+        }
         let oldest = self.qp.borrow().oldest_started();
         if let Some(t0) = oldest {
-            if now.saturating_sub(t0) > wc_reactor::tick::duration_to_ticks(io_timeout()) {
+            if now.saturating_sub(t0) > wc_reactor::tick::duration_to_ticks(limit) {
                 self.qp
                     .borrow_mut()
                     .fail(crate::qpair::QpError::Timeout("I/O command"));

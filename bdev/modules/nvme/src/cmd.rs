@@ -93,6 +93,39 @@ pub(crate) fn set_num_queues(n: u16) -> Sqe {
     .build_set(0)
 }
 
+/// Set Features, Asynchronous Event Configuration: namespace attribute
+/// notices on (the only event this host acts on).
+pub(crate) fn enable_ns_notices() -> Sqe {
+    FeatureCommand {
+        fid: feature::ASYNC_EVENT_CONFIG,
+        sel: 0,
+        save: false,
+        value: feature::AEC_NS_ATTRIBUTE_NOTICES,
+    }
+    .build_set(0)
+}
+
+/// Asynchronous Event Request.
+pub(crate) fn async_event_request() -> Sqe {
+    command::async_event_request(0)
+}
+
+/// Get Log Page, Changed Namespace List (the whole 4 KiB page; reading it
+/// clears the list and re-arms the notice on the target).
+pub(crate) fn changed_ns_list() -> Sqe {
+    command::GetLogPageCommand {
+        lid: wc_nvme_wire::log::lid::CHANGED_NS_LIST,
+        lsp: 0,
+        rae: false,
+        len: wc_nvme_wire::log::CHANGED_NS_LIST_LEN as u64,
+        offset: 0,
+        nsid: u32::MAX,
+    }
+    .build(0)
+    // A 4 KiB page at offset 0 is always a valid request.
+    .unwrap_or_default()
+}
+
 /// Keep Alive.
 pub(crate) fn keep_alive() -> Sqe {
     command::keep_alive(0)

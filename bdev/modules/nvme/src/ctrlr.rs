@@ -55,24 +55,24 @@ const ADMIN_DEPTH: u16 = 31;
 /// 128 entries).
 const IO_DEPTH: u16 = 127;
 
-static KATO_MS: AtomicU64 = AtomicU64::new(10_000);
-static IO_TIMEOUT_MS: AtomicU64 = AtomicU64::new(30_000);
-
 /// Sets the keep-alive timeout asked of controllers attached from now on
-/// (SPDK's `keep_alive_timeout_ms` option; default 10 s). A controller
-/// that leaves a Keep Alive unanswered that long is reset.
+/// (`bdev_nvme_set_options`' `keep_alive_timeout_ms`, default 10 s; 0:
+/// none), whether or not controllers exist (tests). A controller that
+/// leaves a Keep Alive unanswered that long is reset.
 pub fn set_keep_alive_timeout_ms(ms: u32) {
-    KATO_MS.store(ms.max(100) as u64, Ordering::Relaxed);
+    crate::options::update(|o| o.keep_alive_timeout_ms = ms);
 }
 
 /// Sets how long an I/O command may stay unanswered before its queue pair
-/// is declared dead and reconnected (default 30 s).
+/// is declared dead and reconnected (`timeout_us` in ms, default 30 s;
+/// 0: no limit), whether or not controllers exist (tests).
 pub fn set_io_timeout_ms(ms: u64) {
-    IO_TIMEOUT_MS.store(ms.max(100), Ordering::Relaxed);
+    crate::options::update(|o| o.timeout_us = ms.saturating_mul(1000));
 }
 
+/// The I/O command timeout; zero: none.
 pub(crate) fn io_timeout() -> Duration {
-    Duration::from_millis(IO_TIMEOUT_MS.load(Ordering::Relaxed))
+    Duration::from_micros(crate::options::current().timeout_us)
 }
 
 /// A namespace as identified.
@@ -101,6 +101,8 @@ pub(crate) struct CtrlrInfo {
     pub io_queues: u32,
     /// Queue entries the controller takes (CAP.MQES + 1).
     pub mqes: u32,
+    /// Number of namespaces (Identify Controller NN).
+    pub nn: u32,
     pub namespaces: Vec<NsInfo>,
 }
 
@@ -119,6 +121,10 @@ pub(crate) struct Ctrlr {
     pub bdevs: Mutex<Vec<String>>,
     /// Resets done (diagnostics, tests).
     pub resets: AtomicU64,
+    /// Who waits for the running reset to end (`bdev_nvme_reset_controller`).
+    reset_waiters: Mutex<Vec<oneshot::Sender<Result<(), String>>>>,
+    /// Namespace attribute notices handled (diagnostics, tests).
+    pub ns_notices: AtomicU64,
 }
 
 static NEXT_ID: AtomicU64 = AtomicU64::new(1);
@@ -196,6 +202,38 @@ impl Ctrlr {
         tracing::warn!("nvme {}: {why}; resetting the controller", self.params.name);
         let me = self.clone();
         self.home.send(move || start_reset(&me));
+    }
+
+    /// The `bdev_nvme_attach_controller` entry `save_config` writes.
+    pub(crate) fn config_entry(&self) -> Value {
+        let p = &self.params;
+        json!({
+            "method": "bdev_nvme_attach_controller",
+            "params": {
+                "name": p.name,
+                "trtype": "TCP",
+                "adrfam": p.adrfam.canonical(),
+                "traddr": p.traddr,
+                "trsvcid": p.trsvcid,
+                "subnqn": p.subnqn,
+                "hostnqn": p.hostnqn,
+                "prchk_reftag": false,
+                "prchk_guard": false,
+                "hdgst": p.hdgst,
+                "ddgst": p.ddgst,
+                "num_io_queues": p.num_io_queues,
+                "ctrlr_loss_timeout_sec": p.ctrlr_loss_timeout_sec,
+                "reconnect_delay_sec": p.reconnect_delay_sec,
+                "fast_io_fail_timeout_sec": p.fast_io_fail_timeout_sec,
+            }
+        })
+    }
+
+    fn finish_reset(&self, r: Result<(), String>) {
+        let waiters = std::mem::take(&mut *self.reset_waiters.lock().unwrap_or_else(|p| p.into_inner()));
+        for w in waiters {
+            let _ = w.send(r.clone());
+        }
     }
 
     /// `bdev_nvme_get_controllers` entry.
@@ -301,7 +339,7 @@ impl AdminPath {
             let now = wc_reactor::tick::ticks();
             let kato = Duration::from_millis(self.ctrlr.kato_ms as u64);
             let every = wc_reactor::tick::duration_to_ticks(kato / 2);
-            if now.wrapping_sub(self.last_keep_alive.get()) >= every {
+            if self.ctrlr.kato_ms > 0 && now.wrapping_sub(self.last_keep_alive.get()) >= every {
                 self.last_keep_alive.set(now);
                 if let Err(e) = qp.keep_alive() {
                     drop(qp);
@@ -310,8 +348,15 @@ impl AdminPath {
                 }
                 busy = true;
             }
+            // Without keep-alive (timeout 0) admin commands get the
+            // connect timeout.
+            let limit = if self.ctrlr.kato_ms > 0 {
+                kato
+            } else {
+                self.ctrlr.params.connect_timeout
+            };
             if let Some(t0) = qp.oldest_started() {
-                if now.saturating_sub(t0) > wc_reactor::tick::duration_to_ticks(kato) {
+                if now.saturating_sub(t0) > wc_reactor::tick::duration_to_ticks(limit) {
                     qp.fail(QpError::Timeout("admin command (keep alive)"));
                     drop(qp);
                     self.on_failure("the controller stopped answering admin commands");
@@ -391,6 +436,54 @@ impl AdminPath {
         Ok(data)
     }
 
+    /// The active namespaces with a usable geometry.
+    async fn identify_namespaces(&self) -> Result<Vec<NsInfo>, CtrlrError> {
+        let nn = self.ctrlr.info.lock().map(|i| i.nn).unwrap_or_default();
+        self.identify_namespaces_up_to(nn).await
+    }
+
+    async fn identify_namespaces_up_to(&self, nn: u32) -> Result<Vec<NsInfo>, CtrlrError> {
+        let list = self
+            .identify(
+                "Identify active namespace list",
+                identify::cns::ACTIVE_NS_LIST,
+                0,
+            )
+            .await;
+        let nsids: Vec<u32> = match &list {
+            Ok(b) => identify::active_ns_list(b).collect(),
+            // NVMe 1.0 controllers: every namespace up to NN.
+            Err(CtrlrError::Status(..)) => (1..=nn.min(1024)).collect(),
+            Err(e) => return Err(CtrlrError::Bad(e.to_string())),
+        };
+        let mut found = Vec::new();
+        for nsid in nsids {
+            let b = self
+                .identify("Identify Namespace", identify::cns::NAMESPACE, nsid)
+                .await?;
+            let ns = IdentifyNamespace::decode(&b)
+                .map_err(|e| CtrlrError::Bad(format!("Identify Namespace {nsid}: {e}")))?;
+            if ns.nsze == 0 {
+                continue;
+            }
+            let Some(bs) = ns.block_size() else {
+                tracing::warn!(
+                    "nvme {}: namespace {nsid} has an unusable block size (LBADS {}); skipped",
+                    self.ctrlr.params.name,
+                    ns.lbads
+                );
+                continue;
+            };
+            found.push(NsInfo {
+                nsid,
+                block_size: bs,
+                num_blocks: ns.nsze,
+                nguid: ns.nguid,
+            });
+        }
+        Ok(found)
+    }
+
     /// Connects the admin queue and brings the controller up: enable,
     /// identify controller and namespaces, number of queues.
     async fn connect_and_init(&self) -> Result<CtrlrInfo, CtrlrError> {
@@ -460,6 +553,7 @@ impl AdminPath {
             oncs: id.oncs,
             io_queues: 0,
             mqes: caps.mqes,
+            nn: 0,
             namespaces: Vec::new(),
         };
         if id.mdts != 0 {
@@ -467,44 +561,8 @@ impl AdminPath {
             let mdts = mps_min.saturating_mul(1u64 << id.mdts.min(20));
             info.max_xfer = info.max_xfer.min(mdts.min(u32::MAX as u64) as u32);
         }
-        let nn = id.nn;
-        let list = self
-            .identify(
-                "Identify active namespace list",
-                identify::cns::ACTIVE_NS_LIST,
-                0,
-            )
-            .await;
-        let nsids: Vec<u32> = match &list {
-            Ok(b) => identify::active_ns_list(b).collect(),
-            // NVMe 1.0 controllers: every namespace up to NN.
-            Err(CtrlrError::Status(..)) => (1..=nn.min(1024)).collect(),
-            Err(e) => return Err(CtrlrError::Bad(e.to_string())),
-        };
-        for nsid in nsids {
-            let b = self
-                .identify("Identify Namespace", identify::cns::NAMESPACE, nsid)
-                .await?;
-            let ns = IdentifyNamespace::decode(&b)
-                .map_err(|e| CtrlrError::Bad(format!("Identify Namespace {nsid}: {e}")))?;
-            if ns.nsze == 0 {
-                continue;
-            }
-            let Some(bs) = ns.block_size() else {
-                tracing::warn!(
-                    "nvme {}: namespace {nsid} has an unusable block size (LBADS {}); skipped",
-                    self.ctrlr.params.name,
-                    ns.lbads
-                );
-                continue;
-            };
-            info.namespaces.push(NsInfo {
-                nsid,
-                block_size: bs,
-                num_blocks: ns.nsze,
-                nguid: ns.nguid,
-            });
-        }
+        info.nn = id.nn;
+        info.namespaces = self.identify_namespaces_up_to(id.nn).await?;
         let want = self.ctrlr.params.num_io_queues.min(65535) as u16;
         let (cqe, _) = self
             .command(
@@ -545,7 +603,7 @@ pub(crate) fn all() -> Vec<Arc<Ctrlr>> {
 /// when this fails.
 pub(crate) async fn connect(params: CtrlrParams) -> Result<(Arc<Ctrlr>, CtrlrInfo), BdevError> {
     let name = params.name.clone();
-    let kato_ms = KATO_MS.load(Ordering::Relaxed) as u32;
+    let kato_ms = crate::options::current().keep_alive_timeout_ms;
     let r = wc_reactor::current();
     let ctrlr = Arc::new(Ctrlr {
         id: NEXT_ID.fetch_add(1, Ordering::Relaxed),
@@ -558,6 +616,8 @@ pub(crate) async fn connect(params: CtrlrParams) -> Result<(Arc<Ctrlr>, CtrlrInf
         qids: Mutex::new(Vec::new()),
         bdevs: Mutex::new(Vec::new()),
         resets: AtomicU64::new(0),
+        reset_waiters: Mutex::new(Vec::new()),
+        ns_notices: AtomicU64::new(0),
         params,
     });
     {
@@ -587,6 +647,7 @@ pub(crate) async fn connect(params: CtrlrParams) -> Result<(Arc<Ctrlr>, CtrlrInf
         Ok(info) => {
             apply_info(&ctrlr, &info);
             ctrlr.set_phase(phase::ENABLED);
+            start_events(&admin);
             Ok((ctrlr, info))
         }
         Err(e) => {
@@ -624,19 +685,12 @@ fn apply_info(ctrlr: &Ctrlr, info: &CtrlrInfo) {
         q.resize(n, false);
     }
     drop(q);
+    // The namespaces stay those with a bdev: `ns::sync_namespaces` moves
+    // them to what the target reports.
     let mut i = ctrlr.info.lock().unwrap_or_else(|p| p.into_inner());
-    let keep = std::mem::take(&mut i.namespaces);
+    let registered = std::mem::take(&mut i.namespaces);
     *i = info.clone();
-    if !keep.is_empty() {
-        // The bdevs keep the geometry they were registered with.
-        if keep != info.namespaces {
-            tracing::warn!(
-                "nvme {}: namespaces changed across a reconnect; the bdevs keep their geometry",
-                ctrlr.params.name
-            );
-        }
-        i.namespaces = keep;
-    }
+    i.namespaces = registered;
 }
 
 fn drop_admin(ctrlr: &Ctrlr) {
@@ -657,6 +711,49 @@ fn start_reset(ctrlr: &Arc<Ctrlr>) {
     let Some(admin) = home_map().admins.borrow().get(&ctrlr.id).cloned() else {
         return;
     };
+    begin_reset(ctrlr, admin);
+}
+
+/// `bdev_nvme_reset_controller`: disconnects the admin queue and every
+/// I/O queue pair and reconnects them (I/O waits meanwhile and is sent
+/// again); resolves when the reset ends. Allowed when enabled or failed
+/// (the way out of a failed controller); a reset already running is
+/// EBUSY, a controller being deleted ENXIO (SPDK's answers). Runs on the
+/// home reactor.
+pub(crate) fn user_reset(
+    ctrlr: &Arc<Ctrlr>,
+) -> Result<oneshot::Receiver<Result<(), String>>, BdevError> {
+    let busy = |what: &str| BdevError::Os {
+        context: format!("cannot reset NVMe controller {}", ctrlr.params.name),
+        source_msg: what.to_string(),
+        errno: libc::EBUSY,
+    };
+    match ctrlr.phase() {
+        phase::ENABLED | phase::FAILED => {}
+        phase::DELETED => {
+            return Err(BdevError::Os {
+                context: format!("cannot reset NVMe controller {}", ctrlr.params.name),
+                source_msg: "it is being deleted".into(),
+                errno: libc::ENXIO,
+            })
+        }
+        _ => return Err(busy("a reset is already in progress")),
+    }
+    let Some(admin) = home_map().admins.borrow().get(&ctrlr.id).cloned() else {
+        return Err(busy("its admin queue is not on this reactor"));
+    };
+    let (tx, rx) = oneshot::channel();
+    ctrlr
+        .reset_waiters
+        .lock()
+        .unwrap_or_else(|p| p.into_inner())
+        .push(tx);
+    tracing::info!("nvme {}: reset requested", ctrlr.params.name);
+    begin_reset(ctrlr, admin);
+    Ok(rx)
+}
+
+fn begin_reset(ctrlr: &Arc<Ctrlr>, admin: Rc<AdminPath>) {
     ctrlr.set_phase(phase::RESETTING);
     ctrlr.resets.fetch_add(1, Ordering::Relaxed);
     wc_reactor::current()
@@ -685,6 +782,12 @@ async fn reset_loop(admin: Rc<AdminPath>) {
                 ctrlr.generation.fetch_add(1, Ordering::AcqRel);
                 ctrlr.set_phase(phase::ENABLED);
                 tracing::info!("nvme {name}: reconnected after {:?}", start.elapsed());
+                // Namespaces may have come or gone while we were away.
+                if let Err(e) = crate::ns::sync_namespaces(&ctrlr, &info.namespaces) {
+                    tracing::error!("nvme {name}: namespaces after the reconnect: {e}");
+                }
+                start_events(&admin);
+                ctrlr.finish_reset(Ok(()));
                 return;
             }
             Err(e) => {
@@ -699,6 +802,7 @@ async fn reset_loop(admin: Rc<AdminPath>) {
                         "nvme {name}: no reconnect delay set; the controller stays failed"
                     );
                     ctrlr.set_phase(phase::FAILED);
+                    ctrlr.finish_reset(Err(format!("reconnect failed: {e}")));
                     return;
                 }
                 let elapsed = start.elapsed();
@@ -733,10 +837,90 @@ async fn reset_loop(admin: Rc<AdminPath>) {
 /// reactor.
 pub(crate) fn delete(ctrlr: &Arc<Ctrlr>) {
     ctrlr.set_phase(phase::DELETED);
+    ctrlr.finish_reset(Err("the controller was deleted".into()));
     ctrlrs().retain(|_, c| !Arc::ptr_eq(c, ctrlr));
     let bdevs: Vec<String> = ctrlr.bdevs.lock().map(|b| b.clone()).unwrap_or_default();
     for b in bdevs.iter().rev() {
         let _ = wc_bdev::hot_remove(b);
     }
     drop_admin(ctrlr);
+}
+
+/// Turns namespace attribute notices on and keeps one Asynchronous Event
+/// Request outstanding on the admin queue; a notice reads the Changed
+/// Namespace List (which re-arms the target's notice) and brings the
+/// bdevs in line with the active namespace list. The loop ends with the
+/// admin connection (a reset starts a new one). A target that refuses the
+/// feature or the request gets no notices: its namespaces are then only
+/// looked at again on a reconnect.
+fn start_events(admin: &Rc<AdminPath>) {
+    let admin = admin.clone();
+    wc_reactor::current()
+        .spawn_local(async move {
+            let name = admin.ctrlr.params.name.clone();
+            if let Err(e) = admin
+                .command("Set Features (async event configuration)", cmd::enable_ns_notices(), Vec::new(), false)
+                .await
+            {
+                tracing::warn!("nvme {name}: no namespace change notices: {e}");
+                return;
+            }
+            loop {
+                let rx = match admin.qp.borrow_mut().submit_aer() {
+                    Ok(rx) => rx,
+                    Err(_) => return,
+                };
+                let cqe = match rx.await {
+                    Ok(Ok((cqe, _))) if cqe.status == Status::SUCCESS => cqe,
+                    Ok(Ok((cqe, _))) => {
+                        tracing::warn!(
+                            "nvme {name}: Asynchronous Event Request failed with status {:#06x}",
+                            cqe.status.0
+                        );
+                        return;
+                    }
+                    // The connection went: the next reset starts over.
+                    _ => return,
+                };
+                let ev = wc_nvme_wire::command::AsyncEvent::from_dw0(cqe.dw0);
+                if ev.event_type == wc_nvme_wire::command::async_event::TYPE_NOTICE
+                    && ev.info == wc_nvme_wire::command::async_event::NOTICE_NS_ATTRIBUTE_CHANGED
+                {
+                    if let Err(e) = admin.namespaces_changed().await {
+                        tracing::warn!("nvme {name}: namespace change: {e}");
+                        return;
+                    }
+                } else {
+                    tracing::info!(
+                        "nvme {name}: asynchronous event type {} info {:#x} (log {:#x}) ignored",
+                        ev.event_type,
+                        ev.info,
+                        ev.log_page
+                    );
+                }
+            }
+        })
+        .detach();
+}
+
+impl AdminPath {
+    /// A namespace attribute notice: clear the changed list, read the
+    /// active namespaces and sync the bdevs.
+    async fn namespaces_changed(&self) -> Result<(), CtrlrError> {
+        self.command(
+            "Get Log Page (changed namespace list)",
+            cmd::changed_ns_list(),
+            vec![0; wc_nvme_wire::log::CHANGED_NS_LIST_LEN],
+            false,
+        )
+        .await?;
+        let found = self.identify_namespaces().await?;
+        if self.ctrlr.phase() != phase::ENABLED {
+            return Ok(());
+        }
+        self.ctrlr.ns_notices.fetch_add(1, Ordering::Relaxed);
+        crate::ns::sync_namespaces(&self.ctrlr, &found)
+            .map_err(|e| CtrlrError::Bad(e.to_string()))?;
+        Ok(())
+    }
 }

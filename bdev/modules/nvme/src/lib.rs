@@ -23,14 +23,13 @@ mod channel;
 mod cmd;
 mod ctrlr;
 mod ns;
+pub mod options;
 pub mod opts;
 mod qpair;
 mod sock;
 
-use std::sync::Arc;
-
 use serde_json::{json, Value};
-use wc_bdev::{BdevConfig, BdevError};
+use wc_bdev::BdevError;
 
 pub use ctrlr::{set_io_timeout_ms, set_keep_alive_timeout_ms};
 pub use opts::AttachOpts;
@@ -44,37 +43,13 @@ pub async fn attach(opts: AttachOpts) -> Result<Vec<String>, BdevError> {
         return Err(BdevError::Exists(format!("NVMe controller {name}")));
     }
     let (ctrlr, info) = ctrlr::connect(params).await?;
-    let bs_max = |bs: u32| (info.max_xfer / bs).max(1) as u64;
-    let mut names = Vec::new();
-    for (i, ns) in info.namespaces.iter().enumerate() {
-        let bname = format!("{name}n{}", ns.nsid);
-        let mut cfg = BdevConfig::new(bname.clone(), ns.block_size, ns.num_blocks);
-        cfg.uuid = Some(ns_uuid(&ctrlr.params.subnqn, ns));
-        cfg.max_io_blocks = bs_max(ns.block_size);
-        let ops = ns::NsBdev {
-            ctrlr: ctrlr.clone(),
-            ns: ns.clone(),
-            max_blocks: bs_max(ns.block_size),
-            vwc: info.vwc,
-            oncs: info.oncs,
-            writes_config: i == 0,
-        };
-        ctrlr
-            .bdevs
-            .lock()
-            .unwrap_or_else(|p| p.into_inner())
-            .push(bname.clone());
-        if let Err(e) = wc_bdev::register(cfg, Arc::new(ops)) {
-            ctrlr
-                .bdevs
-                .lock()
-                .unwrap_or_else(|p| p.into_inner())
-                .retain(|n| n != &bname);
+    let names = match ns::sync_namespaces(&ctrlr, &info.namespaces) {
+        Ok(n) => n,
+        Err(e) => {
             ctrlr::delete(&ctrlr);
             return Err(e);
         }
-        names.push(bname);
-    }
+    };
     if names.is_empty() {
         tracing::warn!("nvme {name}: the subsystem has no active namespace");
     }
@@ -87,19 +62,6 @@ pub async fn attach(opts: AttachOpts) -> Result<Vec<String>, BdevError> {
         ctrlr.params.ddgst
     );
     Ok(names)
-}
-
-/// The namespace's NGUID as UUID when it has one, else a UUID derived
-/// from the subsystem and NSID (stable across restarts either way).
-fn ns_uuid(subnqn: &str, ns: &ctrlr::NsInfo) -> uuid::Uuid {
-    if ns.nguid != [0; 16] {
-        uuid::Uuid::from_bytes(ns.nguid)
-    } else {
-        uuid::Uuid::new_v5(
-            &uuid::Uuid::NAMESPACE_OID,
-            format!("{subnqn}/{}", ns.nsid).as_bytes(),
-        )
-    }
 }
 
 /// Detaches a controller: its bdevs are removed, its queues closed. Must
@@ -131,6 +93,61 @@ pub fn controllers_json(name: Option<&str>) -> Result<Value, BdevError> {
     }
 }
 
+/// `bdev_nvme_reset_controller`: disconnects and reconnects the admin
+/// queue and every I/O queue pair of controller `name` (queued I/O is
+/// sent again after it); resolves when the reconnect is done. `cntlid`,
+/// when given and not 0, must be the controller's. Runs on any reactor
+/// (the reset itself runs on the controller's home).
+pub async fn reset(name: &str, cntlid: Option<u16>) -> Result<(), BdevError> {
+    let c = ctrlr::lookup(name)
+        .ok_or_else(|| BdevError::NotFound(format!("NVMe controller {name}")))?;
+    if let Some(id) = cntlid.filter(|id| *id != 0) {
+        let ours = c.info.lock().map(|i| i.cntlid).unwrap_or_default();
+        if id != ours {
+            return Err(BdevError::NotFound(format!(
+                "NVMe controller {name} has no controller with cntlid {id}"
+            )));
+        }
+    }
+    let (tx, rx) = futures::channel::oneshot::channel();
+    let c2 = c.clone();
+    c.home.send(move || {
+        let _ = tx.send(ctrlr::user_reset(&c2));
+    });
+    let waiter = rx
+        .await
+        .map_err(|_| BdevError::Internal("the controller's reactor stopped".into()))??;
+    match waiter.await {
+        Ok(Ok(())) => Ok(()),
+        Ok(Err(msg)) => Err(BdevError::Os {
+            context: format!("reset of NVMe controller {name} failed"),
+            source_msg: msg,
+            errno: libc::EIO,
+        }),
+        Err(_) => Err(BdevError::Internal("the reset was abandoned".into())),
+    }
+}
+
+/// The `bdev` subsystem's head entries of this module, as SPDK's
+/// `bdev_nvme` writes them: the options, then one attach per controller
+/// (a controller without namespaces included).
+pub fn config_entries() -> Vec<Value> {
+    let mut v = vec![options::current().config_entry()];
+    v.extend(ctrlr::all().iter().map(|c| c.config_entry()));
+    v
+}
+
+/// Counters of a controller, for tests and diagnostics: (namespace
+/// attribute notices handled, bdev names).
+pub fn controller_namespaces(name: &str) -> Option<(u64, Vec<String>)> {
+    ctrlr::lookup(name).map(|c| {
+        (
+            c.ns_notices.load(std::sync::atomic::Ordering::Relaxed),
+            c.bdevs.lock().map(|b| b.clone()).unwrap_or_default(),
+        )
+    })
+}
+
 /// Counters of a controller, for tests and diagnostics: (resets started,
 /// current generation, state name).
 pub fn controller_state(name: &str) -> Option<(u64, u64, &'static str)> {
@@ -143,8 +160,10 @@ pub fn controller_state(name: &str) -> Option<(u64, u64, &'static str)> {
     })
 }
 
-/// JSON-RPC methods: `bdev_nvme_attach_controller`,
-/// `bdev_nvme_detach_controller`, `bdev_nvme_get_controllers`.
+/// JSON-RPC methods: `bdev_nvme_set_options`,
+/// `bdev_nvme_attach_controller`, `bdev_nvme_detach_controller`,
+/// `bdev_nvme_get_controllers`, `bdev_nvme_reset_controller`; and the
+/// module's place in `save_config`.
 pub mod rpc {
     use serde::Deserialize;
     use serde_json::{json, Value};
@@ -177,6 +196,14 @@ pub mod rpc {
 
     #[derive(Deserialize)]
     #[serde(deny_unknown_fields)]
+    struct Reset {
+        name: String,
+        #[serde(default)]
+        cntlid: Option<u16>,
+    }
+
+    #[derive(Deserialize)]
+    #[serde(deny_unknown_fields)]
     struct Get {
         #[serde(default)]
         name: Option<String>,
@@ -188,6 +215,51 @@ pub mod rpc {
 
     /// Registers the methods.
     pub fn register(reg: &Registry) -> Result<(), RegisterError> {
+        wc_bdev::rpc::add_module_head_config_writer(
+            "nvme",
+            std::sync::Arc::new(super::config_entries),
+        );
+        reg.register_fn(
+            "bdev_nvme_set_options",
+            StateMask::BOTH,
+            |p: Option<Value>, r: Responder| {
+                let o: crate::options::SetOptions = match decode(p) {
+                    Ok(o) => o,
+                    Err(e) => return r.err(e),
+                };
+                match crate::options::set(&o) {
+                    Ok(()) => r.ok(json!(true)),
+                    Err(crate::options::SetError::ControllersAttached) => {
+                        r.err(wc_rpc::RpcError::errno_msg(
+                            libc::EPERM,
+                            "RPC not permitted with nvme controllers already attached",
+                        ))
+                    }
+                    Err(crate::options::SetError::Invalid(e)) => r.err(err(&e)),
+                }
+            },
+        )?;
+        reg.register_fn(
+            "bdev_nvme_reset_controller",
+            StateMask::RUNTIME,
+            |p: Option<Value>, r: Responder| {
+                let q: Reset = match decode(p) {
+                    Ok(q) => q,
+                    Err(e) => return r.err(e),
+                };
+                let Some(reactor) = wc_reactor::try_current() else {
+                    return r.err(wc_rpc::RpcError::internal("no reactor to reset from"));
+                };
+                reactor
+                    .spawn_local(async move {
+                        match super::reset(&q.name, q.cntlid).await {
+                            Ok(()) => r.ok(json!(true)),
+                            Err(e) => r.err(err(&e)),
+                        }
+                    })
+                    .detach();
+            },
+        )?;
         reg.register_fn(
             "bdev_nvme_attach_controller",
             StateMask::RUNTIME,

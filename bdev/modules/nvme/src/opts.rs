@@ -353,13 +353,23 @@ impl AttachOpts {
                 "num_io_queues {nq} must be between 1 and 65535"
             )));
         }
-        let loss = self.ctrlr_loss_timeout_sec.unwrap_or(0);
-        let delay = self.reconnect_delay_sec.unwrap_or(0);
-        let fast = self.fast_io_fail_timeout_sec.unwrap_or(0);
+        // Timers left out take bdev_nvme_set_options' defaults.
+        let defaults = crate::options::current();
+        let loss = self
+            .ctrlr_loss_timeout_sec
+            .unwrap_or(defaults.ctrlr_loss_timeout_sec as i64);
+        let delay = self
+            .reconnect_delay_sec
+            .unwrap_or(defaults.reconnect_delay_sec as u64);
+        let fast = self
+            .fast_io_fail_timeout_sec
+            .unwrap_or(defaults.fast_io_fail_timeout_sec as u64);
         check_resiliency(loss, delay, fast)?;
-        let connect_timeout = match self.fabrics_connect_timeout_us {
-            None | Some(0) => Duration::from_secs(10),
-            Some(us) => Duration::from_micros(us),
+        let connect_timeout = match (self.fabrics_connect_timeout_us, defaults.tcp_connect_timeout_ms)
+        {
+            (None | Some(0), 0) => Duration::from_secs(10),
+            (None | Some(0), ms) => Duration::from_millis(ms as u64),
+            (Some(us), _) => Duration::from_micros(us),
         };
         Ok(CtrlrParams {
             name: self.name.clone(),

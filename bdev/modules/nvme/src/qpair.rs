@@ -176,6 +176,9 @@ pub(crate) struct Qpair {
     pub keep_alives: u64,
 }
 
+/// `Slot::started` of a command without a timeout (an AER).
+const UNTIMED: u64 = u64::MAX;
+
 fn ticks_of(d: Duration) -> u64 {
     wc_reactor::tick::duration_to_ticks(d)
 }
@@ -270,7 +273,7 @@ impl Qpair {
     pub(crate) fn oldest_started(&self) -> Option<u64> {
         self.slots
             .iter()
-            .filter(|s| !matches!(s.kind, SlotKind::Free))
+            .filter(|s| !matches!(s.kind, SlotKind::Free) && s.started != UNTIMED)
             .map(|s| s.started)
             .min()
     }
@@ -756,6 +759,15 @@ impl Qpair {
         data: Vec<u8>,
         write: bool,
     ) -> Result<oneshot::Receiver<AdminReply>, QpError> {
+        self.submit_admin_in_slot(sqe, data, write).map(|(_, rx)| rx)
+    }
+
+    fn submit_admin_in_slot(
+        &mut self,
+        sqe: Sqe,
+        data: Vec<u8>,
+        write: bool,
+    ) -> Result<(usize, oneshot::Receiver<AdminReply>), QpError> {
         if self.phase != Phase::Ready {
             return Err(QpError::Closed);
         }
@@ -768,6 +780,16 @@ impl Qpair {
         s.write = write;
         s.kind = SlotKind::Admin { data, tx: Some(tx) };
         self.send_capsule(i, sqe)?;
+        Ok((i, rx))
+    }
+
+    /// Sends an Asynchronous Event Request: an admin command the target
+    /// answers only when it has an event, so it is left out of the
+    /// command timeouts ([`oldest_started`](Self::oldest_started)).
+    pub(crate) fn submit_aer(&mut self) -> Result<oneshot::Receiver<AdminReply>, QpError> {
+        let (i, rx) =
+            self.submit_admin_in_slot(cmd::async_event_request(), Vec::new(), false)?;
+        self.slots[i].started = UNTIMED;
         Ok(rx)
     }
 
