@@ -59,6 +59,10 @@ _TUNABLES = [
     ('pause_writeback_ms', ['--pause-writeback-ms'],
      dict(type=int, help='Pause writeback while writes went around the cache (to the origin) '
                          'in the last this many milliseconds')),
+    ('writeback_retry_ms', ['--writeback-retry-ms'],
+     dict(type=int, help='Keep retrying a writeback that the origin failed for this many '
+                         'milliseconds of backoff in total (steps from 10 ms doubling, at most '
+                         '1 s each) before entering the error state (default 310)')),
 ]
 
 
@@ -139,6 +143,7 @@ def spdk_rpc_plugin_initialize(subparsers):
             'cleaner': True if args.cleaner else None,
             'max_age_ms': t['max_age_ms'],
             'pause_writeback_ms': t['pause_writeback_ms'],
+            'writeback_retry_ms': t['writeback_retry_ms'],
         })
 
     p = add_parser('bdev_writecache_create',
@@ -218,6 +223,7 @@ def spdk_rpc_plugin_initialize(subparsers):
             'cleaner': args.cleaner,
             'max_age_ms': t['max_age_ms'],
             'pause_writeback_ms': t['pause_writeback_ms'],
+            'writeback_retry_ms': t['writeback_retry_ms'],
         })
 
     p = add_parser('bdev_writecache_set_options',

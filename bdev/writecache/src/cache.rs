@@ -838,8 +838,11 @@ impl Writecache {
             let attempt = run.attempt.get() + 1;
             run.attempt.set(attempt);
             lock(&self.wb).retries += 1;
-            if attempt <= 5 && self.error() == 0 {
-                // Transient origin errors: retry with exponential backoff.
+            let budget = self.tunables.writeback_retry_ms.load(Ordering::Relaxed);
+            let retry = crate::options::writeback_retry_delay(attempt, budget);
+            if let (Some(delay), 0) = (retry, self.error()) {
+                // Transient origin errors: retry with a capped exponential
+                // backoff within the writeback_retry_ms budget.
                 let me = self.clone();
                 let run = Rc::new(WbRun {
                     wc: self.clone(),
@@ -847,7 +850,6 @@ impl Writecache {
                     attempt: std::cell::Cell::new(attempt),
                     bufs: Default::default(),
                 });
-                let delay = Duration::from_millis(5u64 << attempt);
                 tracing::warn!(
                     "writecache {}: writeback error, retry {attempt} in {delay:?}",
                     self.name

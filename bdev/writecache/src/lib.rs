@@ -697,7 +697,8 @@ pub fn set_options(o: &SetOpts) -> Result<(), WcError> {
             fua,
             cleaner,
             max_age_ms,
-            pause_writeback_ms
+            pause_writeback_ms,
+            writeback_retry_ms
         );
     }
     let w = wc.clone();

@@ -53,6 +53,14 @@ macro_rules! with_tunables {
             /// last N ms (default 3000).
             #[serde(default)]
             pub pause_writeback_ms: Option<u64>,
+            /// Our extension: how long (ms of backoff in total) a writeback
+            /// keeps retrying an origin error before the instance enters
+            /// the error state. Steps double from 10 ms, capped at 1 s
+            /// (default 310: five retries, 10 to 160 ms). An origin that
+            /// may be away for a while (NVMe/TCP with
+            /// `fast_io_fail_timeout_sec`) wants more than its outage.
+            #[serde(default)]
+            pub writeback_retry_ms: Option<u64>,
         }
     };
 }
@@ -106,6 +114,33 @@ pub struct Tunables {
     pub(crate) cleaner: AtomicBool,
     pub(crate) max_age_ms: AtomicU64,
     pub(crate) pause_writeback_ms: AtomicU64,
+    pub(crate) writeback_retry_ms: AtomicU64,
+}
+
+/// Default `writeback_retry_ms`: five retries (10+20+40+80+160 ms).
+pub const DEFAULT_WRITEBACK_RETRY_MS: u64 = 310;
+/// The first retry's backoff.
+const RETRY_FIRST_MS: u64 = 10;
+/// The longest one backoff step.
+const RETRY_STEP_CAP_MS: u64 = 1000;
+
+/// The backoff before retry `attempt` (1-based) of a failed writeback
+/// when the steps so far, this one included, stay within `budget_ms`;
+/// `None`: give up. Steps double from 10 ms and stop growing at 1 s.
+pub(crate) fn writeback_retry_delay(attempt: u32, budget_ms: u64) -> Option<std::time::Duration> {
+    let step = |k: u32| {
+        RETRY_FIRST_MS
+            .saturating_mul(1u64.checked_shl(k.saturating_sub(1)).unwrap_or(u64::MAX))
+            .min(RETRY_STEP_CAP_MS)
+    };
+    let mut total = 0u64;
+    for k in 1..=attempt {
+        total = total.saturating_add(step(k));
+        if total > budget_ms {
+            return None;
+        }
+    }
+    Some(std::time::Duration::from_millis(step(attempt.max(1))))
 }
 
 with_tunables! {
@@ -134,6 +169,9 @@ impl Tunables {
             cleaner: AtomicBool::new(o.cleaner.unwrap_or(false)),
             max_age_ms: AtomicU64::new(o.max_age_ms.unwrap_or(0)),
             pause_writeback_ms: AtomicU64::new(o.pause_writeback_ms.unwrap_or(3000)),
+            writeback_retry_ms: AtomicU64::new(
+                o.writeback_retry_ms.unwrap_or(DEFAULT_WRITEBACK_RETRY_MS),
+            ),
         };
         t.validate()?;
         Ok(t)
@@ -192,6 +230,10 @@ impl Tunables {
                 s.pause_writeback_ms
                     .unwrap_or(self.pause_writeback_ms.load(Relaxed)),
             ),
+            writeback_retry_ms: AtomicU64::new(
+                s.writeback_retry_ms
+                    .unwrap_or(self.writeback_retry_ms.load(Relaxed)),
+            ),
         };
         probe.validate()?;
         self.high_watermark.store(hi, Relaxed);
@@ -208,6 +250,8 @@ impl Tunables {
             .store(probe.max_age_ms.load(Relaxed), Relaxed);
         self.pause_writeback_ms
             .store(probe.pause_writeback_ms.load(Relaxed), Relaxed);
+        self.writeback_retry_ms
+            .store(probe.writeback_retry_ms.load(Relaxed), Relaxed);
         Ok(())
     }
 
@@ -224,6 +268,46 @@ impl Tunables {
             "cleaner": self.cleaner.load(Relaxed),
             "max_age_ms": self.max_age_ms.load(Relaxed),
             "pause_writeback_ms": self.pause_writeback_ms.load(Relaxed),
+            "writeback_retry_ms": self.writeback_retry_ms.load(Relaxed),
         })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::time::Duration;
+
+    #[test]
+    fn default_retry_budget_is_five_retries_of_10_to_160_ms() {
+        let ms = |a| writeback_retry_delay(a, DEFAULT_WRITEBACK_RETRY_MS);
+        let got: Vec<_> = (1..=6).map(ms).collect();
+        let want: Vec<Option<Duration>> = [10, 20, 40, 80, 160]
+            .iter()
+            .map(|&m| Some(Duration::from_millis(m)))
+            .chain([None])
+            .collect();
+        assert_eq!(got, want);
+    }
+
+    #[test]
+    fn retry_steps_cap_at_one_second_and_the_budget_bounds_the_total() {
+        // 10+20+...+640 = 1270 ms in 7 steps, then 1 s steps.
+        assert_eq!(
+            writeback_retry_delay(8, 10_000),
+            Some(Duration::from_millis(1000))
+        );
+        assert_eq!(
+            writeback_retry_delay(40, u64::MAX),
+            Some(Duration::from_millis(1000))
+        );
+        let mut total = 0;
+        let mut a = 1;
+        while let Some(d) = writeback_retry_delay(a, 10_000) {
+            total += d.as_millis() as u64;
+            a += 1;
+        }
+        assert!(total <= 10_000 && total > 9_000, "{total}");
+        assert_eq!(writeback_retry_delay(1, 0), None, "0: no retry");
     }
 }

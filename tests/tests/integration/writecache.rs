@@ -528,6 +528,7 @@ fn writecache_every_method_through_the_plugin() {
             "high_watermark": 90, "low_watermark": 80, "writeback_jobs": 64,
             "autocommit_blocks": 32, "autocommit_time_ms": 200, "fua": true,
             "cleaner": false, "max_age_ms": 0, "pause_writeback_ms": 1000,
+            "writeback_retry_ms": 310,
         }),
         "{d}"
     );
@@ -603,6 +604,7 @@ fn writecache_every_method_through_the_plugin() {
         "high_watermark": 95, "low_watermark": 85, "writeback_jobs": 16,
         "autocommit_blocks": 8, "autocommit_time_ms": 100, "fua": false,
         "cleaner": false, "max_age_ms": 600000, "pause_writeback_ms": 500,
+        "writeback_retry_ms": 310,
     });
     assert_eq!(driver(&t, "wc0")["options"], want);
     assert_eq!(
