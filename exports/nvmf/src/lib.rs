@@ -53,6 +53,8 @@ pub mod opts;
 pub mod rpc;
 mod subsystem;
 pub mod target;
+#[cfg(feature = "testing")]
+pub mod testing;
 
 pub use conn::live_connections;
 pub use opts::TransportOpts;

@@ -230,7 +230,8 @@ impl Ctrlr {
     }
 
     fn finish_reset(&self, r: Result<(), String>) {
-        let waiters = std::mem::take(&mut *self.reset_waiters.lock().unwrap_or_else(|p| p.into_inner()));
+        let waiters =
+            std::mem::take(&mut *self.reset_waiters.lock().unwrap_or_else(|p| p.into_inner()));
         for w in waiters {
             let _ = w.send(r.clone());
         }
@@ -859,7 +860,12 @@ fn start_events(admin: &Rc<AdminPath>) {
         .spawn_local(async move {
             let name = admin.ctrlr.params.name.clone();
             if let Err(e) = admin
-                .command("Set Features (async event configuration)", cmd::enable_ns_notices(), Vec::new(), false)
+                .command(
+                    "Set Features (async event configuration)",
+                    cmd::enable_ns_notices(),
+                    Vec::new(),
+                    false,
+                )
                 .await
             {
                 tracing::warn!("nvme {name}: no namespace change notices: {e}");

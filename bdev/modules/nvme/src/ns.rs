@@ -91,7 +91,11 @@ pub(crate) fn sync_namespaces(
             Some(_) => {}
             None => {
                 let name = bdev_name(&ctrlr.params.name, old.nsid);
-                tracing::info!("nvme {}: namespace {} went away", ctrlr.params.name, old.nsid);
+                tracing::info!(
+                    "nvme {}: namespace {} went away",
+                    ctrlr.params.name,
+                    old.nsid
+                );
                 lock(&ctrlr.info).namespaces.retain(|n| n.nsid != old.nsid);
                 // Out of the list first: its destruct must not take the
                 // controller with it.

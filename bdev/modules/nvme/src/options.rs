@@ -167,7 +167,14 @@ impl Default for NvmeOptions {
             rdma_max_cq_size: 0,
             rdma_cm_event_timeout_ms: 0,
             dhchap_digests: strs(&["sha256", "sha384", "sha512"]),
-            dhchap_dhgroups: strs(&["null", "ffdhe2048", "ffdhe3072", "ffdhe4096", "ffdhe6144", "ffdhe8192"]),
+            dhchap_dhgroups: strs(&[
+                "null",
+                "ffdhe2048",
+                "ffdhe3072",
+                "ffdhe4096",
+                "ffdhe6144",
+                "ffdhe8192",
+            ]),
             rdma_umr_per_io: false,
             tcp_connect_timeout_ms: 0,
             enable_flush: false,
@@ -215,15 +222,39 @@ impl SetOptions {
             ($($f:ident),*) => {$(if let Some(v) = &self.$f { o.$f = v.clone(); })*};
         }
         take!(
-            action_on_timeout, timeout_us, timeout_admin_us, keep_alive_timeout_ms,
-            arbitration_burst, low_priority_weight, medium_priority_weight,
-            high_priority_weight, nvme_adminq_poll_period_us, nvme_ioq_poll_period_us,
-            io_queue_requests, delay_cmd_submit, transport_retry_count, bdev_retry_count,
-            transport_ack_timeout, ctrlr_loss_timeout_sec, reconnect_delay_sec,
-            fast_io_fail_timeout_sec, disable_auto_failback, generate_uuids, transport_tos,
-            nvme_error_stat, rdma_srq_size, io_path_stat, allow_accel_sequence,
-            rdma_max_cq_size, rdma_cm_event_timeout_ms, dhchap_digests, dhchap_dhgroups,
-            rdma_umr_per_io, tcp_connect_timeout_ms, enable_flush, multipath_opts
+            action_on_timeout,
+            timeout_us,
+            timeout_admin_us,
+            keep_alive_timeout_ms,
+            arbitration_burst,
+            low_priority_weight,
+            medium_priority_weight,
+            high_priority_weight,
+            nvme_adminq_poll_period_us,
+            nvme_ioq_poll_period_us,
+            io_queue_requests,
+            delay_cmd_submit,
+            transport_retry_count,
+            bdev_retry_count,
+            transport_ack_timeout,
+            ctrlr_loss_timeout_sec,
+            reconnect_delay_sec,
+            fast_io_fail_timeout_sec,
+            disable_auto_failback,
+            generate_uuids,
+            transport_tos,
+            nvme_error_stat,
+            rdma_srq_size,
+            io_path_stat,
+            allow_accel_sequence,
+            rdma_max_cq_size,
+            rdma_cm_event_timeout_ms,
+            dhchap_digests,
+            dhchap_dhgroups,
+            rdma_umr_per_io,
+            tcp_connect_timeout_ms,
+            enable_flush,
+            multipath_opts
         );
         o.check()?;
         Ok(o)
@@ -261,10 +292,16 @@ impl NvmeOptions {
         )?;
         let m = &self.multipath_opts;
         if !matches!(m.policy.as_str(), "active_passive" | "active_active") {
-            return Err(invalid(format!("multipath policy '{}' is unknown", m.policy)));
+            return Err(invalid(format!(
+                "multipath policy '{}' is unknown",
+                m.policy
+            )));
         }
         if !matches!(m.selector.as_str(), "round_robin" | "queue_depth") {
-            return Err(invalid(format!("multipath selector '{}' is unknown", m.selector)));
+            return Err(invalid(format!(
+                "multipath selector '{}' is unknown",
+                m.selector
+            )));
         }
         Ok(())
     }
@@ -306,7 +343,11 @@ mod tests {
         let s: SetOptions = wc_rpc::decode(Some(v)).unwrap();
         let o = s.apply(&NvmeOptions::default()).unwrap();
         assert_eq!(
-            (o.ctrlr_loss_timeout_sec, o.reconnect_delay_sec, o.fast_io_fail_timeout_sec),
+            (
+                o.ctrlr_loss_timeout_sec,
+                o.reconnect_delay_sec,
+                o.fast_io_fail_timeout_sec
+            ),
             (5, 1, 2)
         );
         assert_eq!(o.keep_alive_timeout_ms, 10_000);
@@ -321,8 +362,10 @@ mod tests {
             s.apply(&NvmeOptions::default()).unwrap_err().to_string()
         };
         assert!(bad(serde_json::json!({"reconnect_delay_sec": 1})).contains("reconnect_delay_sec"));
-        assert!(bad(serde_json::json!({"timeout_us": 0, "timeout_admin_us": 5}))
-            .contains("timeout_admin_us"));
+        assert!(
+            bad(serde_json::json!({"timeout_us": 0, "timeout_admin_us": 5}))
+                .contains("timeout_admin_us")
+        );
         assert!(bad(serde_json::json!({"action_on_timeout": "explode"})).contains("explode"));
         assert!(bad(serde_json::json!({"bdev_retry_count": -2})).contains("bdev_retry_count"));
     }

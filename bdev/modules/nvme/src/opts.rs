@@ -365,8 +365,10 @@ impl AttachOpts {
             .fast_io_fail_timeout_sec
             .unwrap_or(defaults.fast_io_fail_timeout_sec as u64);
         check_resiliency(loss, delay, fast)?;
-        let connect_timeout = match (self.fabrics_connect_timeout_us, defaults.tcp_connect_timeout_ms)
-        {
+        let connect_timeout = match (
+            self.fabrics_connect_timeout_us,
+            defaults.tcp_connect_timeout_ms,
+        ) {
             (None | Some(0), 0) => Duration::from_secs(10),
             (None | Some(0), ms) => Duration::from_millis(ms as u64),
             (Some(us), _) => Duration::from_micros(us),

@@ -759,7 +759,8 @@ impl Qpair {
         data: Vec<u8>,
         write: bool,
     ) -> Result<oneshot::Receiver<AdminReply>, QpError> {
-        self.submit_admin_in_slot(sqe, data, write).map(|(_, rx)| rx)
+        self.submit_admin_in_slot(sqe, data, write)
+            .map(|(_, rx)| rx)
     }
 
     fn submit_admin_in_slot(
@@ -787,8 +788,7 @@ impl Qpair {
     /// answers only when it has an event, so it is left out of the
     /// command timeouts ([`oldest_started`](Self::oldest_started)).
     pub(crate) fn submit_aer(&mut self) -> Result<oneshot::Receiver<AdminReply>, QpError> {
-        let (i, rx) =
-            self.submit_admin_in_slot(cmd::async_event_request(), Vec::new(), false)?;
+        let (i, rx) = self.submit_admin_in_slot(cmd::async_event_request(), Vec::new(), false)?;
         self.slots[i].started = UNTIMED;
         Ok(rx)
     }

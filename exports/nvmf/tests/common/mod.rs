@@ -17,13 +17,8 @@ pub fn rt() -> &'static Runtime {
     RT.get_or_init(|| {
         let rt = wc_bdev::testing::test_runtime(2);
         rt.main()
-            .call_blocking(|| {
-                let mut p = serde_json::Map::new();
-                p.insert("trtype".into(), "TCP".into());
-                wc_nvmf::target::create_transport(&p)
-            })
-            .expect("reactor runs")
-            .expect("transport");
+            .call_blocking(wc_nvmf::testing::ensure_transport)
+            .expect("reactor runs");
         rt
     })
 }
@@ -33,47 +28,13 @@ pub fn on_main<T: Send + 'static>(f: impl FnOnce() -> T + Send + 'static) -> T {
     rt().main().call_blocking(f).expect("main reactor runs")
 }
 
-/// A free loopback port.
-pub fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").unwrap();
-    l.local_addr().unwrap().port()
-}
-
 /// Creates subsystem `nqn` with a malloc namespace and a listener; returns
 /// the listener's address.
 pub fn setup_subsystem(nqn: &str, bdev: &str, blocks: u64, allow_any: bool) -> SocketAddr {
     rt();
     wc_bdev_malloc::create(wc_bdev_malloc::MallocOpts::new(bdev, blocks, 512)).unwrap();
-    let port = free_port();
-    let (nqn2, bdev2) = (nqn.to_string(), bdev.to_string());
-    on_main(move || {
-        use wc_nvmf::target::*;
-        create_subsystem(SubsystemArgs {
-            nqn: nqn2.clone(),
-            serial_number: Some("WC123".into()),
-            model_number: None,
-            allow_any_host: allow_any,
-            max_namespaces: None,
-            min_cntlid: None,
-            max_cntlid: None,
-        })
-        .unwrap();
-        add_ns(
-            &nqn2,
-            NsArgs {
-                bdev_name: bdev2,
-                nsid: None,
-                nguid: None,
-                eui64: None,
-                uuid: None,
-            },
-        )
-        .unwrap();
-        let (a, sa) =
-            parse_listen_address("TCP", None, "127.0.0.1", Some(&port.to_string())).unwrap();
-        add_listener(&nqn2, a, sa).unwrap();
-    });
-    format!("127.0.0.1:{port}").parse().unwrap()
+    let (nqn, bdev) = (nqn.to_string(), bdev.to_string());
+    on_main(move || wc_nvmf::testing::export_bdev(&nqn, &bdev, allow_any))
 }
 
 pub use wc_nvmf::host::{Rx, HOSTNQN};
