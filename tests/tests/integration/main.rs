@@ -14,6 +14,7 @@ mod fuzz;
 mod hardening;
 mod nbd;
 mod nvme;
+mod nvme_common;
 mod nvmf;
 mod perf_scripts;
 mod plugin;

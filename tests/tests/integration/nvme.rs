@@ -8,8 +8,19 @@
 //!   SPDK's result shapes, digests, `save_config` and `--json` restore.
 //! * `nvme_writecache_over_remote_origin_survives_origin_loss`: the
 //!   origin's target is killed while the cache target keeps taking writes;
-//!   after the origin comes back (from its saved config) the controller
-//!   reconnects, the writeback drains and the origin holds every write.
+//!   with `fast_io_fail_timeout_sec` the writeback's I/O fails meanwhile
+//!   and retries within `writeback_retry_ms` without entering the error
+//!   state; after the origin comes back (from its saved config) the
+//!   controller reconnects, the writeback drains and the origin holds
+//!   every write.
+//! * `nvme_set_options_and_reset_controller`: SPDK's option names and
+//!   rules, the defaults reaching an attach, EPERM once a controller
+//!   exists, the options first in `save_config` and restored by `--json`;
+//!   resets under I/O with the data intact.
+//! * `nvme_in_process_loopback_with_writecache`: one target exports a bdev
+//!   and attaches its own export (reactors shared), a writecache on top:
+//!   write, flush, read back, the data on the exported bdev; detach,
+//!   delete.
 
 use std::fs::File;
 use std::path::Path;
@@ -18,58 +29,10 @@ use std::time::{Duration, Instant};
 
 use serde_json::Value;
 
-use crate::harness::{run_bounded, signal, unique_dir, Out, Target};
+use crate::harness::{signal, unique_dir, Target};
+use crate::nvme_common::*;
 
 const NQN: &str = "nqn.2016-06.io.spdk:origin";
-const PLUGIN: [&str; 2] = ["--plugin", "writecache_rpc"];
-const KIB: u64 = 1024;
-const MIB: u64 = 1024 * KIB;
-
-/// A TCP port nothing listens on right now.
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
-fn ok(t: &Target, args: &[&str]) -> String {
-    let out = t.rpc_with(&PLUGIN, args);
-    assert_eq!(
-        out.code,
-        0,
-        "spdk-rpc {args:?} failed: {}\n--- target log ---\n{}",
-        out.all(),
-        t.log()
-    );
-    out.stdout.trim().to_string()
-}
-
-fn okj(t: &Target, args: &[&str]) -> Value {
-    let s = ok(t, args);
-    serde_json::from_str(&s).unwrap_or_else(|e| panic!("{args:?}: not JSON ({e}): {s}"))
-}
-
-/// The (code, message) of a call that must fail.
-fn err(t: &Target, args: &[&str]) -> (i64, String) {
-    let out = t.rpc(args);
-    assert_eq!(out.code, 1, "spdk-rpc {args:?} should fail: {out:?}");
-    let all = out.all();
-    let at = all
-        .rfind("response:")
-        .unwrap_or_else(|| panic!("{args:?}: no error response in {all}"));
-    let v: Value = serde_json::from_str(all[at + 9..].trim()).expect("error JSON");
-    (
-        v["code"].as_i64().expect("code"),
-        v["message"].as_str().expect("message").to_string(),
-    )
-}
-
-fn wait_until(limit: Duration, what: &str, mut f: impl FnMut() -> bool) {
-    let deadline = Instant::now() + limit;
-    while !f() {
-        assert!(Instant::now() < deadline, "timed out waiting for {what}");
-        thread::sleep(Duration::from_millis(50));
-    }
-}
 
 /// An origin target: a uring bdev over `<dir>/origin.img` (32 MiB, 4 KiB
 /// blocks) exported as NQN on 127.0.0.1:`port`.
@@ -81,7 +44,6 @@ fn origin_target(tag: &str, dir: &Path, port: u16) -> Target {
             .expect("origin file");
     }
     let t = Target::start(tag, &[]);
-    let port = port.to_string();
     ok(
         &t,
         &[
@@ -91,70 +53,12 @@ fn origin_target(tag: &str, dir: &Path, port: u16) -> Target {
             "4096",
         ],
     );
-    ok(&t, &["nvmf_create_transport", "-t", "TCP"]);
-    ok(&t, &["nvmf_create_subsystem", NQN, "-a", "-s", "SPDK0001"]);
-    ok(&t, &["nvmf_subsystem_add_ns", NQN, "Origin0"]);
-    ok(
-        &t,
-        &[
-            "nvmf_subsystem_add_listener",
-            NQN,
-            "-t",
-            "tcp",
-            "-a",
-            "127.0.0.1",
-            "-s",
-            &port,
-        ],
-    );
+    export_over_tcp(&t, "Origin0", NQN, port, true);
     t
 }
 
-fn attach_args(port: &str, extra: &[&'static str]) -> Vec<String> {
-    let mut v: Vec<String> = [
-        "bdev_nvme_attach_controller",
-        "-b",
-        "Nv0",
-        "-t",
-        "tcp",
-        "-a",
-        "127.0.0.1",
-        "-f",
-        "ipv4",
-        "-s",
-        port,
-        "-n",
-        NQN,
-    ]
-    .iter()
-    .map(|s| s.to_string())
-    .collect();
-    v.extend(extra.iter().map(|s| s.to_string()));
-    v
-}
-
-fn strs(v: &[String]) -> Vec<&str> {
-    v.iter().map(String::as_str).collect()
-}
-
-/// The `bdev` subsystem entries of `save_config`.
-fn bdev_config(t: &Target) -> Vec<Value> {
-    let saved = t.rpc_json(&["save_config"]);
-    saved["subsystems"]
-        .as_array()
-        .expect("subsystems")
-        .iter()
-        .filter(|s| s["subsystem"] == "bdev")
-        .flat_map(|s| s["config"].as_array().cloned().unwrap_or_default())
-        .collect()
-}
-
-fn ctrlr_state(t: &Target) -> String {
-    let v = t.rpc_json(&["bdev_nvme_get_controllers", "-n", "Nv0"]);
-    v[0]["ctrlrs"][0]["state"]
-        .as_str()
-        .unwrap_or_default()
-        .to_string()
+fn attach_nv0(port: &str, extra: &[&str]) -> Vec<String> {
+    attach_args("Nv0", port, NQN, extra)
 }
 
 #[test]
@@ -182,11 +86,11 @@ fn nvme_rpcs_errors_and_config_restore() {
     assert_eq!(code, -95, "{msg}");
     assert!(msg.contains("bdev_uring_create"), "{msg}");
     // SPDK's timer rules.
-    let (code, msg) = err(&b, &strs(&attach_args(&ps, &["-l", "0", "-o", "1"])));
+    let (code, msg) = err(&b, &strs(&attach_nv0(&ps, &["-l", "0", "-o", "1"])));
     assert_eq!(code, -22, "{msg}");
     assert!(msg.contains("reconnect_delay_sec"), "{msg}");
     // Nothing listens there.
-    let (code, _) = err(&b, &strs(&attach_args(&free_port().to_string(), &[])));
+    let (code, _) = err(&b, &strs(&attach_nv0(&free_port().to_string(), &[])));
     assert_eq!(code, -111);
     let (code, _) = err(&b, &["bdev_nvme_detach_controller", "Nope"]);
     assert_eq!(code, -19);
@@ -194,10 +98,10 @@ fn nvme_rpcs_errors_and_config_restore() {
     // With both digests, through the stock CLI.
     let names = ok(
         &b,
-        &strs(&attach_args(&ps, &["-e", "-d", "-l", "-1", "-o", "2"])),
+        &strs(&attach_nv0(&ps, &["-e", "-d", "-l", "-1", "-o", "2"])),
     );
     assert_eq!(names, "Nv0n1");
-    let (code, _) = err(&b, &strs(&attach_args(&ps, &[])));
+    let (code, _) = err(&b, &strs(&attach_nv0(&ps, &[])));
     assert_eq!(code, -17, "a second controller named Nv0");
     let c = okj(&b, &["bdev_nvme_get_controllers"]);
     assert_eq!(c[0]["name"], "Nv0");
@@ -249,7 +153,7 @@ fn nvme_rpcs_errors_and_config_restore() {
     let cfg_path = dir.join("config.json");
     let mut c = Target::spawn_in(dir.clone(), &["--json", cfg_path.to_str().unwrap()]);
     c.wait_ready();
-    assert_eq!(ctrlr_state(&c), "enabled");
+    assert_eq!(ctrlr_state(&c, "Nv0"), "enabled");
     assert_eq!(
         c.rpc_json(&["bdev_get_bdevs", "-b", "Nv0n1"])[0]["num_blocks"],
         8192
@@ -257,57 +161,6 @@ fn nvme_rpcs_errors_and_config_restore() {
     c.stop();
     a.stop();
     let _ = std::fs::remove_dir_all(&data);
-}
-
-/// `qemu-io` over `uri` with these commands; all must succeed.
-fn qio(uri: &str, cmds: &[String]) -> Out {
-    let mut cmd = std::process::Command::new("qemu-io");
-    cmd.args(["-f", "raw", "-t", "writeback", uri]);
-    for c in cmds {
-        cmd.args(["-c", c]);
-    }
-    run_bounded(cmd, Duration::from_secs(60))
-}
-
-fn qio_ok(t: &Target, uri: &str, cmds: &[String]) {
-    let out = qio(uri, cmds);
-    assert!(
-        out.code == 0 && !out.all().contains("failed"),
-        "qemu-io {cmds:?}: {out:?}\n--- target log ---\n{}",
-        t.log()
-    );
-}
-
-fn writes(regions: &[(u8, u64, u64)]) -> Vec<String> {
-    let mut v: Vec<String> = regions
-        .iter()
-        .map(|(p, off, len)| format!("write -P 0x{p:02x} {off} {len}"))
-        .collect();
-    v.push("flush".into());
-    v
-}
-
-fn reads(regions: &[(u8, u64, u64)]) -> Vec<String> {
-    regions
-        .iter()
-        .map(|(p, off, len)| format!("read -P 0x{p:02x} {off} {len}"))
-        .collect()
-}
-
-fn file_holds(path: &Path, regions: &[(u8, u64, u64)]) -> bool {
-    let data = std::fs::read(path).expect("read origin");
-    regions.iter().all(|&(p, off, len)| {
-        data[off as usize..(off + len) as usize]
-            .iter()
-            .all(|&b| b == p)
-    })
-}
-
-fn wc_stat(t: &Target, field: &str) -> u64 {
-    let v = okj(t, &["bdev_writecache_get_stats", "wc0"]);
-    v[0][field]
-        .as_u64()
-        .unwrap_or_else(|| panic!("no {field} in {v}"))
 }
 
 #[test]
@@ -323,10 +176,15 @@ fn nvme_writecache_over_remote_origin_survives_origin_loss() {
     std::fs::write(&a_cfg, a.rpc_ok(&["save_config"])).expect("origin config");
 
     let b = Target::start("nvme-wc-host", &[]);
-    // Reconnect every second for ever; queued I/O never fails early (the
-    // writecache's own retry budget is short: I/O must wait, not fail).
+    // Reconnect every second for ever; queued I/O fails after 2 s
+    // (fast_io_fail_timeout_sec), so the writecache's writeback sees
+    // errors for as long as the origin is away and must keep retrying
+    // (writeback_retry_ms) instead of giving up.
     assert_eq!(
-        ok(&b, &strs(&attach_args(&ps, &["-l", "-1", "-o", "1"]))),
+        ok(
+            &b,
+            &strs(&attach_nv0(&ps, &["-l", "-1", "-o", "1", "-u", "2"]))
+        ),
         "Nv0n1"
     );
     let cache = data.join("cache.img");
@@ -352,18 +210,17 @@ fn nvme_writecache_over_remote_origin_survives_origin_loss() {
             "Cache0",
             "--max-age-ms",
             "100",
+            "--writeback-retry-ms",
+            "60000",
         ],
     );
-    let nbd = data.join("nbd.sock");
-    ok(&b, &["nbd_server_start", nbd.to_str().unwrap()]);
-    ok(&b, &["nbd_export_create", "wc0", "wc0"]);
-    let uri = format!("nbd+unix:///wc0?socket={}", nbd.display());
+    let uri = nbd_export(&b, &data, "wc0");
 
     // Before the outage: written back to the remote origin.
     let before = [(0x11, 0, 256 * KIB), (0x22, 5 * MIB, 64 * KIB)];
     qio_ok(&b, &uri, &writes(&before));
     wait_until(Duration::from_secs(20), "writeback to the origin", || {
-        wc_stat(&b, "dirty") == 0
+        wc_stat(&b, "wc0", "dirty") == 0
     });
     assert!(file_holds(&origin_img, &before));
 
@@ -378,11 +235,26 @@ fn nvme_writecache_over_remote_origin_survives_origin_loss() {
         "writes must land in the cache while the origin is away"
     );
     wait_until(Duration::from_secs(10), "the controller to notice", || {
-        ctrlr_state(&b) != "enabled"
+        ctrlr_state(&b, "Nv0") != "enabled"
     });
-    thread::sleep(Duration::from_millis(2500));
-    assert!(wc_stat(&b, "dirty") > 0, "nothing can be written back yet");
-    assert_eq!(wc_stat(&b, "error"), 0, "the writecache must not give up");
+    // Past fast_io_fail_timeout_sec the writeback's I/O fails: it retries
+    // within its window, the instance stays out of the error state.
+    wait_until(Duration::from_secs(15), "failed writebacks", || {
+        wc_stat(&b, "wc0", "writeback_retries") > 0
+    });
+    thread::sleep(Duration::from_millis(3000));
+    assert!(
+        wc_stat(&b, "wc0", "dirty") > 0,
+        "nothing can be written back yet"
+    );
+    assert_eq!(
+        wc_stat(&b, "wc0", "error"),
+        0,
+        "the writecache must not give up"
+    );
+    // Writes keep landing in the cache meanwhile.
+    let late = [(0x55, 12 * MIB, 64 * KIB)];
+    qio_ok(&b, &uri, &writes(&late));
     // Reads of cached data are served meanwhile.
     qio_ok(&b, &uri, &reads(&during));
 
@@ -390,21 +262,25 @@ fn nvme_writecache_over_remote_origin_survives_origin_loss() {
     // reconnects and the writeback drains.
     let a2 = Target::start("nvme-wc-origin2", &["--json", a_cfg.to_str().unwrap()]);
     wait_until(Duration::from_secs(20), "reconnect", || {
-        ctrlr_state(&b) == "enabled"
+        ctrlr_state(&b, "Nv0") == "enabled"
     });
     wait_until(Duration::from_secs(30), "writeback after reconnect", || {
-        wc_stat(&b, "dirty") == 0
+        wc_stat(&b, "wc0", "dirty") == 0
     });
-    assert_eq!(wc_stat(&b, "error"), 0);
+    assert_eq!(wc_stat(&b, "wc0", "error"), 0);
     qio_ok(&b, &uri, &reads(&before));
     qio_ok(&b, &uri, &reads(&during));
-    // The attach is saved before the writecache that stacks on it.
+    qio_ok(&b, &uri, &reads(&late));
+    // The attach is saved before the writecache that stacks on it, the
+    // retry window with the writecache.
     let cfg = bdev_config(&b);
     let pos = |m: &str| cfg.iter().position(|e| e["method"] == m);
     assert!(
         pos("bdev_nvme_attach_controller") < pos("bdev_writecache_create"),
         "{cfg:?}"
     );
+    let wc = &cfg[pos("bdev_writecache_create").unwrap()];
+    assert_eq!(wc["params"]["writeback_retry_ms"], 60000, "{wc}");
     b.stop();
     a2.stop();
     assert!(
@@ -412,8 +288,201 @@ fn nvme_writecache_over_remote_origin_survives_origin_loss() {
         "origin lost pre-outage data"
     );
     assert!(
-        file_holds(&origin_img, &during),
+        file_holds(&origin_img, &during) && file_holds(&origin_img, &late),
         "origin lost data written during the outage"
     );
+    let _ = std::fs::remove_dir_all(&data);
+}
+
+#[test]
+fn nvme_set_options_and_reset_controller() {
+    require_spdk_rpc!();
+    require_clients!("qemu-io");
+    let data = unique_dir("nvme-opts-data");
+    let port = free_port();
+    let ps = port.to_string();
+    let a = origin_target("nvme-opts-origin", &data, port);
+    let b = Target::start("nvme-opts-host", &[]);
+
+    // SPDK's names through the stock CLI; its rules; unknown names refused.
+    let (code, msg) = err(&b, &["bdev_nvme_set_options", "-l", "0", "-o", "1"]);
+    assert_eq!(code, -22, "{msg}");
+    assert!(msg.contains("reconnect_delay_sec"), "{msg}");
+    let mut c = b.client();
+    let e = c
+        .call(
+            "bdev_nvme_set_options",
+            Some(serde_json::json!({"no_such_option": 1})),
+        )
+        .expect_err("an unknown option");
+    assert!(format!("{e:?}").contains("no_such_option"), "{e:?}");
+    // (The CLI prints nothing for these two methods.)
+    ok(
+        &b,
+        &[
+            "bdev_nvme_set_options",
+            "-l",
+            "-1",
+            "-o",
+            "1",
+            "-u",
+            "3",
+            "-k",
+            "5000",
+            "-t",
+            "20000000",
+            "-c",
+            "6",
+        ],
+    );
+    // An attach without timers takes them.
+    assert_eq!(ok(&b, &strs(&attach_nv0(&ps, &[]))), "Nv0n1");
+    let (code, msg) = err(&b, &["bdev_nvme_set_options", "-k", "1000"]);
+    assert_eq!(code, -1, "{msg}");
+    assert_eq!(
+        msg, "RPC not permitted with nvme controllers already attached",
+        "SPDK's words"
+    );
+    let cfg = bdev_config(&b);
+    let methods: Vec<&str> = cfg.iter().filter_map(|e| e["method"].as_str()).collect();
+    assert_eq!(
+        &methods[..3],
+        [
+            "bdev_set_options",
+            "bdev_nvme_set_options",
+            "bdev_nvme_attach_controller"
+        ],
+        "{cfg:?}"
+    );
+    let o = &cfg[1]["params"];
+    assert_eq!(o["keep_alive_timeout_ms"], 5000);
+    assert_eq!(o["timeout_us"], 20_000_000);
+    assert_eq!(o["transport_retry_count"], 6);
+    assert_eq!(o["ctrlr_loss_timeout_sec"], -1);
+    let p = &cfg[2]["params"];
+    assert_eq!(
+        (
+            &p["ctrlr_loss_timeout_sec"],
+            &p["reconnect_delay_sec"],
+            &p["fast_io_fail_timeout_sec"]
+        ),
+        (&(-1).into(), &1.into(), &3.into()),
+        "{p}"
+    );
+
+    // Reset: unknown names and controller IDs are ENODEV; a reset under
+    // I/O disconnects and reconnects every queue pair, nothing is lost.
+    assert_eq!(err(&b, &["bdev_nvme_reset_controller", "Nope"]).0, -19);
+    assert_eq!(
+        err(&b, &["bdev_nvme_reset_controller", "Nv0", "-c", "999"]).0,
+        -19
+    );
+    let uri = nbd_export(&b, &data, "Nv0n1");
+    let regions: Vec<(u8, u64, u64)> = (0..24u64)
+        .map(|i| (0x10 + i as u8, i * 256 * KIB, 128 * KIB))
+        .collect();
+    let before = a.rpc_json(&["nvmf_subsystem_get_qpairs", NQN]);
+    let io = {
+        let uri = uri.clone();
+        let regions = regions.clone();
+        thread::spawn(move || qio(&uri, &writes(&regions)))
+    };
+    for _ in 0..3 {
+        ok(&b, &["bdev_nvme_reset_controller", "Nv0"]);
+        assert_eq!(ctrlr_state(&b, "Nv0"), "enabled");
+    }
+    let out = io.join().expect("qemu-io thread");
+    assert!(
+        out.code == 0 && !out.all().contains("failed"),
+        "writes across resets: {out:?}\n{}",
+        b.log()
+    );
+    qio_ok(&b, &uri, &reads(&regions));
+    assert!(file_holds(&data.join("origin.img"), &regions));
+    let after = a.rpc_json(&["nvmf_subsystem_get_qpairs", NQN]);
+    assert_ne!(before, after, "the queue pairs are new connections");
+
+    // Restored from save_config: the options come first, then the attach.
+    let dir = Target::new_dir("nvme-opts-restore");
+    std::fs::write(dir.join("config.json"), b.rpc_ok(&["save_config"])).expect("config");
+    b.stop();
+    let cfg_path = dir.join("config.json");
+    let mut r = Target::spawn_in(dir.clone(), &["--json", cfg_path.to_str().unwrap()]);
+    r.wait_ready();
+    assert_eq!(ctrlr_state(&r, "Nv0"), "enabled");
+    let cfg = bdev_config(&r);
+    assert_eq!(cfg[1]["params"]["keep_alive_timeout_ms"], 5000, "{cfg:?}");
+    r.stop();
+    a.stop();
+    let _ = std::fs::remove_dir_all(&data);
+}
+
+#[test]
+fn nvme_in_process_loopback_with_writecache() {
+    require_spdk_rpc!();
+    require_clients!("qemu-io");
+    let data = unique_dir("nvme-loop-data");
+    let port = free_port();
+    let ps = port.to_string();
+    let t = Target::start("nvme-loop", &[]);
+    ok(&t, &["bdev_malloc_create", "-b", "Local0", "32", "4096"]);
+    export_over_tcp(&t, "Local0", NQN, port, true);
+    // The same process attaches its own export: its reactors run both
+    // ends of the connection.
+    assert_eq!(
+        ok(&t, &strs(&attach_args("Loop0", &ps, NQN, &["-e", "-d"]))),
+        "Loop0n1"
+    );
+    let cache = data.join("cache.img");
+    ok(
+        &t,
+        &[
+            "bdev_pmem_create",
+            cache.to_str().unwrap(),
+            "-n",
+            "Cache0",
+            "--size-mb",
+            "8",
+        ],
+    );
+    ok(
+        &t,
+        &[
+            "bdev_writecache_create",
+            "wc0",
+            "-o",
+            "Loop0n1",
+            "-c",
+            "Cache0",
+        ],
+    );
+    let uri = nbd_export(&t, &data, "wc0");
+    let regions = [
+        (0xa1, 0, 64 * KIB),
+        (0xb2, 3 * MIB, 512 * KIB),
+        (0xc3, 31 * MIB, MIB),
+    ];
+    qio_ok(&t, &uri, &writes(&regions));
+    qio_ok(&t, &uri, &reads(&regions));
+    // Written back through the loopback connection: the exported bdev
+    // holds it.
+    ok(&t, &["bdev_writecache_flush", "wc0"]);
+    assert_eq!(wc_stat(&t, "wc0", "dirty"), 0);
+    ok(&t, &["nbd_export_create", "Local0", "local"]);
+    let local = uri.replace("/wc0?", "/local?");
+    qio_ok(&t, &local, &reads(&regions));
+    // Detach under the stack: the writecache goes first, then the
+    // controller, the export, the bdev.
+    ok(&t, &["bdev_writecache_delete", "wc0"]);
+    ok(&t, &["bdev_nvme_detach_controller", "Loop0"]);
+    assert_eq!(
+        okj(&t, &["bdev_nvme_get_controllers"]),
+        Value::Array(vec![])
+    );
+    assert_eq!(err(&t, &["bdev_get_bdevs", "-b", "Loop0n1"]).0, -19);
+    ok(&t, &["nvmf_delete_subsystem", NQN]);
+    ok(&t, &["nbd_export_delete", "local"]);
+    ok(&t, &["bdev_malloc_delete", "Local0"]);
+    t.stop();
     let _ = std::fs::remove_dir_all(&data);
 }

@@ -8,25 +8,14 @@ use wc_nvme_wire::identify::{cns, IdentifyController};
 use wc_nvmf::host::Host;
 
 use crate::harness::Target;
+use crate::nvme_common::{free_port, rpc_error};
 
 const NQN: &str = "nqn.2016-06.io.spdk:cnode1";
 const DISC: &str = "nqn.2014-08.org.nvmexpress.discovery";
 const HOST: &str = "nqn.2014-08.org.nvmexpress:uuid:00000000-0000-0000-0000-000000000001";
 
-fn free_port() -> u16 {
-    let l = std::net::TcpListener::bind("127.0.0.1:0").expect("bind");
-    l.local_addr().expect("addr").port()
-}
-
 fn code_of(out: &str) -> i64 {
-    let at = out
-        .find("\"code\": ")
-        .unwrap_or_else(|| panic!("no error code in {out}"));
-    let rest = &out[at + 8..];
-    let end = rest
-        .find(|c: char| c != '-' && !c.is_ascii_digit())
-        .unwrap_or(rest.len());
-    rest[..end].parse().expect("an integer code")
+    rpc_error(out).0
 }
 
 fn subsystem<'a>(list: &'a Value, nqn: &str) -> &'a Value {
