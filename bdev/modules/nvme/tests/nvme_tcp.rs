@@ -6,33 +6,23 @@
 //! queued, fast I/O fail, controller loss, and hostile targets (bad
 //! digests, short reads, garbage PDUs, silence).
 
+mod common;
 mod mock_target;
 
 use std::sync::atomic::Ordering;
 use std::time::{Duration, Instant};
 
+use common::{attach_on, wait_for};
 use mock_target::MockTarget;
 use wc_bdev::testing::{conformance, pattern, run_on, test_runtime, Expect};
 use wc_bdev::{DmaBuf, IoStatus, IoType};
-use wc_bdev_nvme::{attach, controller_state, detach, AttachOpts};
+use wc_bdev_nvme::{controller_state, detach, AttachOpts};
 use wc_reactor::Runtime;
 
 const NQN: &str = "nqn.2016-06.io.spdk:mock";
 
 fn opts(name: &str, t: &MockTarget) -> AttachOpts {
     AttachOpts::tcp(name, "127.0.0.1", t.port, NQN)
-}
-
-fn attach_on(rt: &Runtime, o: AttachOpts) -> Result<Vec<String>, wc_bdev::BdevError> {
-    run_on(rt.main(), move || async move { attach(o).await })
-}
-
-fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 #[test]

@@ -14,16 +14,18 @@
 //! The tests run one at a time (`serial()`): the I/O timeout and the
 //! keep-alive timeout are process-wide options.
 
+mod common;
 mod fault_proxy;
 
 use std::net::SocketAddr;
 use std::sync::{Mutex, MutexGuard, OnceLock};
 use std::time::{Duration, Instant};
 
+use common::{attach_on, wait_for};
 use fault_proxy::{pdu, Dir, Fault, Proxy};
 use wc_bdev::testing::{pattern, run_on, test_runtime};
 use wc_bdev::{DmaBuf, IoStatus, IoType};
-use wc_bdev_nvme::{attach, controller_namespaces, controller_state, detach, AttachOpts};
+use wc_bdev_nvme::{controller_namespaces, controller_state, detach, AttachOpts};
 use wc_reactor::Runtime;
 
 const BS: u32 = 512;
@@ -63,7 +65,7 @@ fn opts(name: &str, port: u16, nqn: &str, digests: bool) -> AttachOpts {
 }
 
 fn attach_ok(o: AttachOpts) -> Vec<String> {
-    run_on(rt().main(), move || async move { attach(o).await }).expect("attach")
+    attach_on(rt(), o).expect("attach")
 }
 
 fn detach_ok(name: &'static str) {
@@ -72,14 +74,6 @@ fn detach_ok(name: &'static str) {
 
 fn resets(name: &str) -> u64 {
     controller_state(name).map(|s| s.0).unwrap_or(0)
-}
-
-fn wait_for(what: &str, limit: Duration, mut f: impl FnMut() -> bool) {
-    let t0 = Instant::now();
-    while !f() {
-        assert!(t0.elapsed() < limit, "timed out waiting for {what}");
-        std::thread::sleep(Duration::from_millis(20));
-    }
 }
 
 /// Writes the pattern of (`lba`, `round`) over `len` bytes of `bdev` from
@@ -153,23 +147,34 @@ fn dropped_connections_reconnect_and_queued_io_completes() {
     let bdev = "FDropn1";
     // I/O from both reactors while the connections drop under it, three
     // times: every I/O completes, every byte reads back.
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let stop2 = stop.clone();
     let writer = std::thread::spawn(move || {
-        for round in 1..=60u64 {
+        let mut round = 0u64;
+        while !stop2.load(std::sync::atomic::Ordering::Acquire) {
+            round += 1;
             let lba = (round * 37) % 4000;
             let r = (round % 2) as usize;
             write(bdev, r, lba, 16 * 1024, round).expect("write completes after reconnects");
             let got = read(bdev, 1 - r, lba, 16 * 1024).expect("read completes");
             assert!(got == expected(lba, round, 16 * 1024), "round {round}");
         }
+        round
     });
-    for _ in 0..3 {
-        std::thread::sleep(Duration::from_millis(150));
+    for i in 1..=3 {
+        std::thread::sleep(Duration::from_millis(200));
         proxy.drop_connections();
+        wait_for("the reconnect", Duration::from_secs(10), || {
+            resets("FDrop") >= i && controller_state("FDrop").is_some_and(|s| s.2 == "enabled")
+        });
     }
-    writer
+    std::thread::sleep(Duration::from_millis(100));
+    stop.store(true, std::sync::atomic::Ordering::Release);
+    let rounds = writer
         .join()
         .expect("the I/O thread saw every I/O complete");
-    assert!(resets("FDrop") >= 1, "the drops made the controller reset");
+    assert!(rounds > 3, "I/O ran across the drops ({rounds} rounds)");
+    assert!(resets("FDrop") >= 3, "each drop reset the controller");
     // Drop while idle, then queue I/O before the reconnect is done.
     proxy.drop_connections();
     write(bdev, 0, 100, 64 * 1024, 99).expect("queued write");
