@@ -19,7 +19,8 @@
 //!   resets under I/O with the data intact.
 //! * `nvme_in_process_loopback_with_writecache`: one target exports a bdev
 //!   and attaches its own export (reactors shared), a writecache on top:
-//!   write, flush, read back, the data on the exported bdev; detach,
+//!   write, flush, read back, the data on the exported bdev; a namespace
+//!   added and removed on the target comes and goes as a bdev; detach,
 //!   delete.
 
 use std::fs::File;
@@ -471,6 +472,21 @@ fn nvme_in_process_loopback_with_writecache() {
     ok(&t, &["nbd_export_create", "Local0", "local"]);
     let local = uri.replace("/wc0?", "/local?");
     qio_ok(&t, &local, &reads(&regions));
+    // A namespace added on the target shows up as Loop0n2 (Namespace
+    // Attribute Changed notice), and goes when it is removed.
+    ok(&t, &["bdev_malloc_create", "-b", "Local1", "4", "512"]);
+    ok(&t, &["nvmf_subsystem_add_ns", NQN, "Local1", "-n", "2"]);
+    let has = |b: &str| t.rpc(&["bdev_get_bdevs", "-b", b]).code == 0;
+    wait_until(Duration::from_secs(10), "Loop0n2", || has("Loop0n2"));
+    let n2 = &t.rpc_json(&["bdev_get_bdevs", "-b", "Loop0n2"])[0];
+    assert_eq!(
+        (&n2["block_size"], &n2["num_blocks"]),
+        (&512.into(), &8192.into())
+    );
+    ok(&t, &["nvmf_subsystem_remove_ns", NQN, "2"]);
+    wait_until(Duration::from_secs(10), "Loop0n2 to go", || !has("Loop0n2"));
+    assert!(has("Loop0n1") && has("wc0"));
+    ok(&t, &["bdev_malloc_delete", "Local1"]);
     // Detach under the stack: the writecache goes first, then the
     // controller, the export, the bdev.
     ok(&t, &["bdev_writecache_delete", "wc0"]);
