@@ -108,7 +108,7 @@ start_vm() { # start_vm STEP [QEMU ARGS]: boots in the background, console in $T
 }
 wait_vm() { # wait_vm BOOT: waits for QEMU to exit, reports, checks the target
   vm_wait; local rc=$?
-  echo "boot $1: $(grep -aoE "guest:[^$(printf '\r')]*|VHOST-[A-Z]+" "$TMP/console.log" | tr '\n' ' ')"
+  echo "boot $1: $(grep -aoE "guest:[^$(printf '\r')]*|VHOST-[A-Z-]+" "$TMP/console.log" | tr '\n' ' ')"
   kill -0 "$TGT_PID" 2>/dev/null || fail "target died"
   grep -qa VHOST-OK "$TMP/console.log" || { tail -30 "$TMP/console.log"; fail "boot $1 (qemu rc=$rc, accel=$ACCEL)"; }
 }
