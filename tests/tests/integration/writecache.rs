@@ -2014,10 +2014,13 @@ fn stats_report_state_and_latency(kind: Kind) {
     t.stop();
 }
 
-/// ssd mode, delete without and with a drain: without, the data stays
-/// committed on the cache file (nothing reaches the origin) and a re-create
-/// over the same files recovers it; with `--flush`, the origin alone holds
-/// every write afterwards.
+/// ssd mode, delete without and with a drain, and the base bdevs under
+/// it: deleting the cache or the origin bdev while the writecache holds
+/// them is refused (EBUSY, naming the claim), nothing changes; delete
+/// without a drain leaves the data committed on the cache file (nothing
+/// reaches the origin), the cache bdev can then go and come back, and a
+/// re-create over the same files recovers it; with `--flush`, the origin
+/// alone holds every write afterwards.
 #[test]
 fn writecache_ssd_delete_with_and_without_drain() {
     require_spdk_rpc!();
@@ -2042,6 +2045,17 @@ fn writecache_ssd_delete_with_and_without_drain() {
     let n: u64 = regions.iter().map(|r| r.2 / BS).sum();
     assert_eq!(stat(&t, "wc0", "dirty"), n);
 
+    for base in ["Cache0", "Origin0"] {
+        expect_err(
+            &t,
+            &["bdev_uring_delete", base],
+            -16,
+            &[base, "claimed", "writecache"],
+        );
+    }
+    qio_ok(&t, &uri, &reads(&regions));
+    assert_eq!(stat(&t, "wc0", "dirty"), n);
+
     assert_eq!(ok(&t, &["bdev_writecache_delete", "wc0"]), "true");
     assert!(!exists(&t, "wc0"));
     assert_eq!(bdev(&t, "Cache0")["claimed"], false);
@@ -2049,6 +2063,10 @@ fn writecache_ssd_delete_with_and_without_drain() {
         !file_holds(&origin, regions[0]),
         "no drain: origin untouched"
     );
+    // The cache bdev goes away and comes back over the same file.
+    ok(&t, &["bdev_uring_delete", "Cache0"]);
+    assert!(!exists(&t, "Cache0"));
+    cache_bdev(Kind::Ssd, &t, &data, "cache.img", "Cache0", "16");
 
     let create = [
         "bdev_writecache_create",
