@@ -5,6 +5,12 @@
 //! qemu-io workload, and SIGTERM) with data intact, and origin faults
 //! through an `error` bdev.
 //!
+//! ssd mode (issue 13) runs the restarts, save_config, safe removal, stats
+//! and delete with and without drain over a uring cache file
+//! (`writecache_ssd_*`, the pmem tests' bodies with the mode as a
+//! parameter where they share them), plus a cache-bdev error through an
+//! `error` bdev over the cache.
+//!
 //! Data goes through the target's NBD export with `qemu-io` (and is read
 //! back whole with `nbdcopy`); what reached the origin is checked by
 //! reading the origin FILE directly.
