@@ -40,7 +40,7 @@ else
   bash fio/tests/engine.sh "$fio_so"
 fi
 
-echo "== vhost-user-blk: a QEMU guest (TCG, 2 queues) writes through a writecache bdev, read back over NBD; bdev deleted under the live controller"
+echo "== vhost-user-blk: a QEMU guest (TCG, 2 queues) writes through a writecache bdev (pmem mode, and a second disk in ssd mode), read back over NBD; bdev deleted under the live controller"
 bash exports/vhost/tests/qemu_vm.sh target/debug/writecache_tgt
 
 echo "== dm-writecache interop: Linux's dm-writecache in a QEMU guest (TCG) and ours read and write each other's caches; stats parity (§3.11)"

@@ -739,6 +739,14 @@ impl Writecache {
                 if state != VALID || seq_at_or_after(m.seq(), committed_below) {
                     continue;
                 }
+                // ssd mode: a version that left the index (displaced while
+                // an in-place overwrite held it, so in the same commit as
+                // its successor, in either order) is freed by a commit and
+                // must never reach the origin: its successor may be written
+                // back already.
+                if self.ssd.is_some() && self.index.get(&self.meta, lba) != Some(b) {
+                    continue;
+                }
                 if wb.lbas.contains(&lba) {
                     // An older version of this LBA is still going out: the
                     // newer one must reach the origin after it.

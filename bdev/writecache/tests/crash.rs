@@ -15,7 +15,8 @@
 //! random, torn at 512-byte sectors, on the cache and the origin).
 //!
 //! `WC_CRASH_SECONDS` bounds each mode's run (default 12 s; `WC_SOAK=1`:
-//! 120 s); `WC_SIM_SEED` replays one seed.
+//! 120 s); `WC_SIM_SEED` replays one seed; `WC_SIM_SEED_BASE` starts the
+//! sequence of seeds elsewhere (a soak explores seeds CI never ran).
 
 use std::cell::RefCell;
 use std::collections::HashMap;
@@ -780,7 +781,11 @@ fn harness(mode: Mode) {
         .and_then(|s| s.parse::<u64>().ok());
     let t0 = Instant::now();
     let (mut crashes, mut reads, mut blocks) = (0u64, 0u64, 0u64);
-    let mut seed = fixed.unwrap_or(0xC0FFEE);
+    let base = std::env::var("WC_SIM_SEED_BASE")
+        .ok()
+        .and_then(|s| s.parse::<u64>().ok());
+    let mut seed = fixed.or(base).unwrap_or(0xC0FFEE);
+    let mut seeds = 0u64;
     loop {
         let counted = run_once(mode, seed, None)
             .unwrap_or_else(|e| panic!("{e}\n(replay: WC_SIM_SEED={seed})"));
@@ -794,11 +799,12 @@ fn harness(mode: Mode) {
             blocks += out.blocks_checked;
             crashes += 1;
         }
+        seeds += 1;
         if fixed.is_some() || t0.elapsed() > Duration::from_secs(secs) {
             break;
         }
         seed = seed.wrapping_mul(6364136223846793005).wrapping_add(1);
     }
-    eprintln!("crash harness ({mode:?}): {crashes} crash points, {blocks} blocks verified after recovery, {reads} reads checked during runs");
+    eprintln!("crash harness ({mode:?}): {seeds} seeds (last {seed}), {crashes} crash points, {blocks} blocks verified after recovery, {reads} reads checked during runs");
     assert!(crashes >= 4);
 }

@@ -11,6 +11,8 @@
 //! * format of a blank device, and what format must not touch;
 //! * three writes + FLUSH, then an overwrite + FLUSH (pmem: new block, old
 //!   one freed after the commit), then re-attach;
+//! * the same in ssd mode (a `SimDisk` cache): the same format and layout,
+//!   the overwrite in place, its commit only a flush;
 //! * `start_sector`;
 //! * every corrupt superblock / entry table refused with a precise error,
 //!   the device left untouched (not a single store);
@@ -562,6 +564,120 @@ fn writes_and_flush_golden_image() {
     assert_eq!(rig.read(&v, 40, 512), content(41, 512));
     rig.delete(&name, Some(v));
     rig.release(b);
+}
+
+/// The cache device as reads see it and as a power failure now would leave
+/// it (unflushed writes lost) must both be `want` (ssd mode).
+#[track_caller]
+fn assert_durable_disk(disk: &SimDisk, want: &[u8], what: &str) {
+    assert_image(&disk.visible(), want, &format!("{what} (visible)"));
+    assert_image(
+        &disk.crash_all_unflushed_lost(),
+        want,
+        &format!("{what} (durable)"),
+    );
+}
+
+/// ssd mode writes the same on-media format (§3.2, issue 13): on a blank
+/// `SimDisk` cache, the format, three writes + FLUSH, then an overwrite +
+/// FLUSH, and a re-attach give the images pmem mode gives — except that
+/// the overwrite of a committed block goes in place (same slot, same
+/// entry, new data) and its commit, having no new entry, only flushes
+/// (`seq_count` stays 1, as the kernel leaves it; §3.11).
+#[test]
+fn ssd_mode_writes_the_same_golden_image() {
+    let rig = Rig::new();
+    let disk = Arc::new(SimDisk::new(A_DEV));
+    let (o, c) = (unique("o"), unique("c"));
+    wc_sim::register_disk_bdev(&o, Arc::new(SimDisk::new(A_ORIGIN)), 512).unwrap();
+    wc_sim::register_disk_bdev(&c, disk.clone(), 512).unwrap();
+    let create = |name: &str| {
+        let mut opts = CreateOpts::new(name, &o, &c);
+        opts.mode = Some(wc_writecache::Mode::Ssd);
+        opts.block_size = Some(512);
+        opts.autocommit_time_ms = Some(3_600_000);
+        opts.autocommit_blocks = Some(1 << 20);
+        opts.high_watermark = Some(100);
+        opts.low_watermark = Some(100);
+        let done: Arc<std::sync::Mutex<Option<Result<(), String>>>> = Arc::default();
+        let d2 = done.clone();
+        rig.h.on(0, move || {
+            wc_writecache::create_async(
+                opts,
+                Box::new(move |r| {
+                    *d2.lock().unwrap() = Some(r.map(|_| ()).map_err(|e| e.to_string()))
+                }),
+            )
+        });
+        assert!(rig.h.run_until(100_000, || done.lock().unwrap().is_some()));
+        let r = done.lock().unwrap().take().unwrap();
+        r.unwrap();
+        wc_writecache::get(name).unwrap()
+    };
+    let name = unique("ssd");
+    let wc = create(&name);
+    assert!(wc.formatted_on_create());
+    let mut want = a_formatted_image();
+    assert_durable_disk(&disk, &want, "ssd format");
+
+    let v = rig.open(&name);
+    let lbas = [3u64, 17, 40];
+    for &l in &lbas {
+        rig.write(&v, l, &content(l + 1, 512));
+    }
+    rig.flush(&v);
+    let img = disk.visible();
+    let mut used: BTreeMap<u64, usize> = BTreeMap::new(); // sector -> slot
+    for i in 0..A_N {
+        let (sector, seq) = entry_at(&img, 0, i);
+        if (sector, seq) != (u64::MAX, u64::MAX) {
+            assert_eq!(seq, 0, "slot {i}: sector {sector} seq {seq}");
+            assert!(used.insert(sector, i).is_none(), "sector {sector} twice");
+        }
+    }
+    assert_eq!(used.keys().copied().collect::<Vec<_>>(), lbas.to_vec());
+    // Free blocks go out lowest first: slots 0, 1, 2 in write order.
+    assert_eq!(used.values().copied().collect::<Vec<_>>(), vec![0, 1, 2]);
+    want[24] = 1;
+    for (&sector, &slot) in &used {
+        put(&mut want, 64 + 16 * slot, &entry_bytes(sector, 0));
+        put(&mut want, A_DATA + 512 * slot, &content(sector + 1, 512));
+    }
+    assert_durable_disk(&disk, &want, "ssd: 3 writes + FLUSH");
+    let s = wc.stats();
+    assert_eq!((s.seq_count, s.dirty, s.commits), (1, 3, 1));
+
+    rig.write(&v, 17, &content(99, 512));
+    rig.flush(&v);
+    put(&mut want, A_DATA + 512 * used[&17], &content(99, 512));
+    assert_durable_disk(&disk, &want, "ssd: in-place overwrite + FLUSH");
+    let s = wc.stats();
+    assert_eq!((s.seq_count, s.dirty, s.writes_allocate), (1, 3, 3));
+    for (l, tag) in [(3, 4), (17, 99), (40, 41), (5, 0)] {
+        let want = if tag == 0 {
+            vec![0; 512]
+        } else {
+            content(tag, 512)
+        };
+        assert_eq!(rig.read(&v, l, 512), want, "read lba {l}");
+    }
+
+    // Re-attach: recovered as is, the image unchanged.
+    drop(wc);
+    rig.delete(&name, Some(v));
+    assert_durable_disk(&disk, &want, "ssd: after delete");
+    let wc = create(&name);
+    assert!(!wc.formatted_on_create());
+    let s = wc.stats();
+    assert_eq!((s.seq_count, s.dirty, s.free_blocks), (1, 3, 27));
+    assert_durable_disk(&disk, &want, "ssd: after re-attach");
+    let v = rig.open(&name);
+    assert_eq!(rig.read(&v, 17, 512), content(99, 512));
+    drop(wc);
+    rig.delete(&name, Some(v));
+    wc_sim::delete(&o).unwrap();
+    wc_sim::delete(&c).unwrap();
+    rig.h.run_until_idle(1000);
 }
 
 /// The superblock lives at `start_sector * 512`; nothing before it is read

@@ -1,203 +1,102 @@
 //! The concurrency hazards of design §3.4, each as an exact schedule on the
 //! deterministic reactor harness (several logical reactors, one thread; the
-//! test decides who polls), over a simulated pmem cache.
+//! test decides who polls), in both modes over the shared rig (`wcrig`):
+//! a simulated pmem cache, or (ssd mode) a simulated disk with a volatile
+//! write cache.
+//!
+//! ssd mode's data writes are asynchronous, which adds hazards of their
+//! own; those schedules hold a cache-bdev I/O in flight with an error bdev
+//! (`pending`) between the instance and its cache (`ssd_*` tests).
+
+mod wcrig;
 
 use std::cell::RefCell;
 use std::rc::Rc;
-use std::sync::atomic::{AtomicU64, Ordering};
-use std::sync::Arc;
+use std::time::Duration;
 
-use wc_bdev::{BdevChannel, DmaBuf, FnCompletion, Io, IoCompletion, IoStatus};
-use wc_reactor::Harness;
-use wc_sim::{SimDisk, SimPmem};
-use wc_writecache::CreateOpts;
+use wc_bdev_error::{ErrorType, InjectIoType};
+use wc_writecache::{CreateOpts, Mode};
+use wcrig::{mode, with_mode, CacheDev, Layer, Rig, WAIT};
 
-const BS: u32 = 512;
-static RUN: AtomicU64 = AtomicU64::new(0);
-
-fn unique(tag: &str) -> String {
-    format!("hz{tag}{}", RUN.fetch_add(1, Ordering::Relaxed))
+/// Options of every hazard rig: only FLUSH commits, no writeback unless a
+/// test lowers the watermarks.
+fn quiet(o: &mut CreateOpts) {
+    o.autocommit_blocks = Some(1 << 20);
+    o.autocommit_time_ms = Some(1 << 30);
+    o.high_watermark = Some(100);
+    o.low_watermark = Some(100);
 }
 
-fn block(lba: u64, version: u64) -> DmaBuf {
-    let mut b = DmaBuf::new(BS as usize);
-    for (i, c) in b.chunks_mut(8).enumerate() {
-        c.copy_from_slice(&(if i % 2 == 0 { lba } else { version }).to_le_bytes());
-    }
-    b
+fn rig(reactors: usize, cache_blocks: u64) -> Rig {
+    Rig::new(reactors, cache_blocks, 64, Layer::Plain, quiet)
 }
 
-fn version_of(b: &[u8]) -> u64 {
-    u64::from_le_bytes(b[8..16].try_into().unwrap())
+fn ssd<T>(f: impl FnOnce() -> T) -> T {
+    let mut out = None;
+    with_mode(Mode::Ssd, || out = Some(f()));
+    out.unwrap()
 }
 
-struct Rig {
-    h: Harness,
-    chans: Vec<Rc<BdevChannel>>,
-    _descs: Vec<wc_bdev::Desc>,
-    pmem: Arc<SimPmem>,
-    name: String,
-}
-
-fn pmem_bytes(blocks: u64) -> usize {
-    ((64 + 16 * blocks).div_ceil(BS as u64) * BS as u64 + blocks * BS as u64) as usize
-}
-
-/// An instance with `reactors` logical reactors over `origin_bdev` (or a
-/// fresh SimDisk) and a SimPmem of `cache_blocks` blocks.
-fn make_rig(
-    reactors: usize,
-    cache_blocks: u64,
-    pmem: Option<Arc<SimPmem>>,
-    origin_bdev: Option<String>,
-    tune: impl FnOnce(&mut CreateOpts),
-) -> Rig {
-    let h = Harness::new(reactors);
-    let origin = origin_bdev.unwrap_or_else(|| {
-        let o = unique("o");
-        wc_sim::register_disk_bdev(&o, Arc::new(SimDisk::new(64 * BS as usize)), BS).unwrap();
-        o
-    });
-    let pmem = pmem.unwrap_or_else(|| Arc::new(SimPmem::new(pmem_bytes(cache_blocks))));
-    let c = unique("c");
-    wc_sim::register_pmem_bdev(&c, pmem.clone(), BS).unwrap();
-    let name = unique("w");
-    let mut opts = CreateOpts::new(&name, &origin, &c);
-    opts.block_size = Some(BS);
-    opts.autocommit_blocks = Some(1 << 20);
-    opts.autocommit_time_ms = Some(1 << 30);
-    opts.high_watermark = Some(100);
-    opts.low_watermark = Some(100);
-    tune(&mut opts);
-    h.on(0, || wc_writecache::create(opts)).unwrap();
-    let mut chans = Vec::new();
-    let mut descs = Vec::new();
-    for r in 0..reactors {
-        let d = wc_bdev::open(&name, true, None).unwrap();
-        chans.push(h.on(r, || d.channel()).unwrap());
-        descs.push(d);
-    }
-    Rig {
-        h,
-        chans,
-        _descs: descs,
-        pmem,
-        name,
+/// The version block `lba` reads as (0: never written).
+fn version(rig: &Rig, r: usize, lba: u64) -> u64 {
+    match rig.read_block(r, lba).expect("read succeeds") {
+        Some((l, v)) => {
+            assert_eq!(l, lba, "read of {lba} returned another block's data");
+            v
+        }
+        None => 0,
     }
 }
 
-type Slot = Rc<RefCell<Option<(IoStatus, Option<DmaBuf>)>>>;
-
-fn cb(slot: &Slot) -> Rc<dyn IoCompletion> {
-    let s = slot.clone();
-    Rc::new(FnCompletion(move |mut io: Io, _| {
-        let b = io.take_buf();
-        *s.borrow_mut() = Some((io.status(), b));
-    }))
-}
-
-impl Rig {
-    fn write(&self, r: usize, lba: u64, version: u64) -> Slot {
-        let slot: Slot = Rc::default();
-        let ch = self.chans[r].clone();
-        let c = cb(&slot);
-        self.h
-            .on(r, move || ch.write(lba, block(lba, version), false, &c, 0));
-        slot
-    }
-
-    fn flush(&self, r: usize) -> Slot {
-        let slot: Slot = Rc::default();
-        let ch = self.chans[r].clone();
-        let c = cb(&slot);
-        self.h.on(r, move || ch.flush(0, 0, &c, 0));
-        slot
-    }
-
-    fn read(&self, r: usize, lba: u64) -> u64 {
-        let slot: Slot = Rc::default();
-        let ch = self.chans[r].clone();
-        let c = cb(&slot);
-        self.h
-            .on(r, move || ch.read(lba, DmaBuf::new(BS as usize), &c, 0));
-        assert!(
-            self.h.run_until(10_000, || slot.borrow().is_some()),
-            "read completes"
-        );
-        let (st, b) = slot.borrow_mut().take().unwrap();
-        assert_eq!(st, IoStatus::Success);
-        version_of(&b.unwrap())
-    }
-
-    fn wait(&self, s: &Slot) -> IoStatus {
-        assert!(
-            self.h.run_until(100_000, || s.borrow().is_some()),
-            "operation completes"
-        );
-        let st = s.borrow().as_ref().unwrap().0;
-        st
-    }
-
-    fn stats(&self) -> wc_writecache::Stats {
-        wc_writecache::stats(&self.name).unwrap()
+/// Polls only reactor `r`, `n` times.
+fn poll_only(rig: &Rig, r: usize, n: usize) {
+    for _ in 0..n {
+        rig.h.poll(r);
     }
 }
 
 /// Commit vs in-flight writes: a FLUSH submitted on reactor 0 after a write
-/// completed on reactor 1 must wait for reactor 1's fence, and then the
-/// write survives a power cut that loses every unfenced store.
-#[test]
-fn flush_waits_for_the_fence_of_every_writing_core() {
-    let rig = make_rig(2, 16, None, None, |_| {});
-    let w = rig.write(1, 5, 77);
-    // The write completes on reactor 1 (its completion poller runs there).
-    for _ in 0..4 {
-        rig.h.poll(1);
-    }
-    assert_eq!(rig.wait(&w), IoStatus::Success);
-    let before = rig.pmem.pending_words_of(1);
-    assert!(before > 0, "the write's stores are not yet durable");
-    let f = rig.flush(0);
+/// completed on reactor 1 must wait for reactor 1's part of the commit (its
+/// fence, its log), and then the write survives a power cut that loses
+/// everything not durable.
+fn flush_waits_for_every_writing_core() {
+    let rig = rig(2, 16);
+    let w = rig.submit_write(1, 5, 77, false);
+    // The write completes on reactor 1 (its completion runs there).
+    poll_only(&rig, 1, 4);
+    rig.wait(&w).unwrap();
+    assert!(rig.cache.not_durable() > 0, "the write is not yet durable");
+    let pending_of_1 = |rig: &Rig| match &rig.cache {
+        CacheDev::Pmem(p) => p.pending_words_of(1),
+        CacheDev::Disk(_) => 0,
+    };
+    let before = pending_of_1(&rig);
+    let seq = rig.stats().seq_count;
+    let f = rig.submit_flush(0);
     // Only reactor 0 runs: the commit cannot finish without reactor 1.
-    for _ in 0..200 {
-        rig.h.poll(0);
-    }
+    poll_only(&rig, 0, 200);
     assert!(
         f.borrow().is_none(),
-        "flush completed before reactor 1 fenced"
+        "flush completed without reactor 1's part"
     );
-    assert_eq!(
-        rig.pmem.pending_words_of(1),
-        before,
-        "nobody fenced reactor 1's stores"
-    );
-    // Reactor 1 gets its turn: fence, hand over; then the flush completes.
-    assert_eq!(rig.wait(&f), IoStatus::Success);
-    assert_eq!(rig.pmem.pending_words_of(1), 0);
-    // Power cut losing everything unfenced: the write is there.
-    let img = rig.pmem.crash_all_pending_lost();
-    // Watermark 100: nothing was written back, a blank origin will do.
-    let reboot = make_rig(
-        1,
-        16,
-        Some(Arc::new(SimPmem::from_image(img))),
-        None,
-        |_| {},
-    );
-    assert_eq!(reboot.read(0, 5), 77);
+    assert_eq!(rig.stats().seq_count, seq, "committed without reactor 1");
+    assert_eq!(pending_of_1(&rig), before, "nobody fenced reactor 1");
+    // Reactor 1 gets its turn; then the flush completes.
+    rig.wait(&f).unwrap();
+    assert_eq!(rig.cache.not_durable(), 0, "{:?}", rig.stats());
+    // Watermark 100: nothing was written back; the cache alone has it.
+    let reboot = rig.reboot(1, quiet);
+    assert_eq!(version(&reboot, 0, 5), 77);
 }
 
 /// Read vs reuse: a block freed while a reader may still copy out of it
 /// goes back to the pool only after the reader's epoch ends.
-#[test]
 fn freed_blocks_wait_for_readers_before_reuse() {
-    let rig = make_rig(2, 8, None, None, |_| {});
-    let w = rig.write(0, 1, 10);
-    rig.wait(&w);
-    let f = rig.flush(0);
-    rig.wait(&f);
-    let allocatable = |s: wc_writecache::Stats| s.free_blocks - s.free_blocks_in_grace;
-    let free0 = allocatable(rig.stats());
+    let rig = rig(2, 8);
+    rig.write(0, 1, 10);
+    rig.flush(0).unwrap();
+    let allocatable = |s: &wc_writecache::Stats| s.free_blocks - s.free_blocks_in_grace;
+    let free0 = allocatable(&rig.stats());
     // A reader on another thread is mid-copy: it holds an epoch pin.
     let (pinned_tx, pinned_rx) = std::sync::mpsc::channel();
     let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
@@ -207,168 +106,127 @@ fn freed_blocks_wait_for_readers_before_reuse() {
         release_rx.recv().unwrap();
     });
     pinned_rx.recv().unwrap();
-    // Overwrite and commit: the superseded block is freed...
-    let w = rig.write(1, 1, 11);
-    rig.wait(&w);
-    let f = rig.flush(0);
-    rig.wait(&f);
-    for _ in 0..50 {
-        rig.h.run_until_idle(10);
-        crossbeam::epoch::pin().flush();
+    // Free the block: pmem mode displaces it with a committed overwrite;
+    // ssd mode overwrites in place, so an UNMAP drops it.
+    match mode() {
+        Mode::Pmem => rig.write(1, 1, 11),
+        Mode::Ssd => {
+            let u = rig.submit_unmap(1, 1, 1);
+            rig.wait(&u).unwrap();
+        }
     }
-    // ...but is not back in the pool while the reader is pinned.
+    rig.flush(0).unwrap();
+    for _ in 0..50 {
+        rig.run_idle();
+    }
+    // ...but it is not back in the pool while the reader is pinned (pmem
+    // mode: the overwrite took another block meanwhile).
+    let taken = u64::from(mode() == Mode::Pmem);
     assert_eq!(
-        allocatable(rig.stats()),
-        free0 - 1,
+        allocatable(&rig.stats()),
+        free0 - taken,
         "reusable under a pinned reader"
     );
     assert_eq!(rig.stats().free_blocks_in_grace, 1);
     release_tx.send(()).unwrap();
     reader.join().unwrap();
-    let mut back = false;
-    for _ in 0..200 {
-        rig.h.run_until_idle(10);
-        crossbeam::epoch::pin().flush();
-        if allocatable(rig.stats()) == free0 {
-            back = true;
-            break;
-        }
-    }
-    assert!(back, "the freed block returns after the grace period");
-    assert_eq!(rig.read(0, 1), 11);
+    assert!(
+        rig.wait_stats(WAIT, |s| allocatable(s)
+            == free0 + u64::from(mode() == Mode::Ssd)),
+        "the freed block returns after the grace period: {:?}",
+        rig.stats()
+    );
+    let want = match mode() {
+        Mode::Pmem => 11,
+        Mode::Ssd => 0,
+    };
+    assert_eq!(version(&rig, 0, 1), want);
 }
 
 /// Overwrite vs writeback: while the old version is being written back the
 /// sector is overwritten and committed. The old block is freed exactly once
 /// (by the writeback, after the origin acknowledged it), the newer version
 /// is written back only after the older one, and the origin ends newest.
-#[test]
 fn overwrite_during_writeback_keeps_the_newer_version_and_frees_once() {
-    let h0 = Harness::new(1);
-    let base = unique("b");
-    h0.on(0, || {
-        wc_sim::register_disk_bdev(&base, Arc::new(SimDisk::new(64 * BS as usize)), BS)
-    })
-    .unwrap();
-    // An error bdev holds origin writes ("pending") until resumed.
-    wc_bdev_error::create(&base, None).unwrap();
-    let ee = format!("EE_{base}");
-    drop(h0);
-    let rig = make_rig(2, 8, None, Some(ee.clone()), |o| o.writeback_jobs = Some(8));
-    let w = rig.write(0, 3, 1);
-    rig.wait(&w);
-    let f = rig.flush(0);
-    rig.wait(&f);
-    wc_bdev_error::inject(
-        &ee,
-        wc_bdev_error::InjectIoType::Write,
-        wc_bdev_error::ErrorType::Pending,
-        1,
-    )
-    .unwrap();
-    let mut set = wc_writecache::SetOpts {
-        name: rig.name.clone(),
-        ..Default::default()
-    };
-    set.high_watermark = Some(0);
-    set.low_watermark = Some(0);
-    rig.h.on(0, || wc_writecache::set_options(&set)).unwrap();
-    rig.h.run_until(1000, || {
-        wc_writecache::get(&rig.name).unwrap().writeback_in_flight() == 1
+    let rig = Rig::new(2, 8, 64, Layer::Error, |o| {
+        quiet(o);
+        o.writeback_jobs = Some(8);
     });
-    assert_eq!(
-        wc_writecache::get(&rig.name).unwrap().writeback_in_flight(),
-        1,
+    rig.write(0, 3, 1);
+    rig.flush(0).unwrap();
+    // The error bdev holds origin writes until resumed.
+    wc_bdev_error::inject(&rig.origin_name, InjectIoType::Write, ErrorType::Pending, 1).unwrap();
+    rig.set_options(|o| {
+        o.high_watermark = Some(0);
+        o.low_watermark = Some(0);
+    });
+    assert!(
+        rig.pump_until(WAIT, || rig.wc().writeback_in_flight() == 1),
         "version 1 is going out"
     );
     // Overwrite on the other reactor and commit while version 1 is held.
-    let w = rig.write(1, 3, 2);
-    rig.wait(&w);
-    let f = rig.flush(1);
-    rig.wait(&f);
-    for _ in 0..50 {
-        rig.h.run_until_idle(10);
-    }
-    assert_eq!(rig.read(0, 3), 2);
+    rig.write(1, 3, 2);
+    rig.flush(1).unwrap();
+    rig.pump_for(Duration::from_millis(20));
+    assert_eq!(version(&rig, 0, 3), 2);
     let s = rig.stats();
     assert_eq!(
         s.writeback_blocks, 1,
         "version 2 waits for version 1's writeback: {s:?}"
     );
+    assert_eq!(rig.origin_block(3), None, "version 1 is still held");
     // Release version 1: it is freed once, then version 2 goes out.
+    let ee = rig.origin_name.clone();
     rig.h.on(0, || wc_bdev_error::resume_pending(&ee)).unwrap();
-    let ok = rig.h.run_until(200_000, || {
-        crossbeam::epoch::pin().flush();
-        let s = rig.stats();
+    let ok = rig.wait_stats(WAIT, |s| {
         s.dirty == 0 && s.writeback_blocks == 0 && s.free_blocks == s.blocks
     });
     let s = rig.stats();
     assert!(ok, "everything written back and freed exactly once: {s:?}");
     assert_eq!(s.writeback_completed_blocks, 2);
-    // The origin holds the newest version.
-    let d = wc_bdev::open(&ee, false, None).unwrap();
-    let ch = rig.h.on(0, || d.channel()).unwrap();
-    let slot: Slot = Rc::default();
-    let c = cb(&slot);
-    rig.h.on(0, || ch.read(3, DmaBuf::new(BS as usize), &c, 0));
-    rig.h.run_until(10_000, || slot.borrow().is_some());
-    let got = slot.borrow_mut().take().unwrap().1.unwrap();
-    assert_eq!(version_of(&got), 2, "the origin ended with the older data");
+    assert_eq!(rig.origin_block(3), Some((3, 2)), "the origin ended older");
 }
 
 /// Same-sector writes from two cores: the index ends with one of them and
 /// the loser's block is freed exactly once; after a power cut the recovered
 /// sector holds the winner.
-#[test]
 fn same_sector_writes_from_two_cores_free_the_loser_once() {
-    let rig = make_rig(2, 8, None, None, |_| {});
-    let a = rig.write(0, 2, 100);
-    let b = rig.write(1, 2, 200);
-    rig.wait(&a);
-    rig.wait(&b);
+    let rig = rig(2, 8);
+    let a = rig.submit_write(0, 2, 100, false);
+    let b = rig.submit_write(1, 2, 200, false);
+    rig.wait(&a).unwrap();
+    rig.wait(&b).unwrap();
     let s = rig.stats();
-    assert_eq!(s.write_hits_uncommitted, 1, "{s:?}");
-    let winner = rig.read(0, 2);
-    assert_eq!(winner, 200);
-    let f = rig.flush(1);
-    rig.wait(&f);
-    let ok = rig.h.run_until(10_000, || {
-        crossbeam::epoch::pin().flush();
-        rig.stats().free_blocks == rig.stats().blocks - 1
-    });
-    assert!(ok, "exactly one block stays allocated: {:?}", rig.stats());
-    let img = rig.pmem.crash_all_pending_lost();
-    let reboot = make_rig(1, 8, Some(Arc::new(SimPmem::from_image(img))), None, |_| {});
-    assert_eq!(reboot.read(0, 2), winner);
+    // pmem mode: the second write finds the first one's block in the
+    // index; ssd mode: both were placed before either's data landed.
+    let hits = match mode() {
+        Mode::Pmem => 1,
+        Mode::Ssd => 0,
+    };
+    assert_eq!(s.write_hits_uncommitted, hits, "{s:?}");
+    let winner = version(&rig, 0, 2);
+    assert_eq!(winner, 200, "reactor 1 published last");
+    rig.flush(1).unwrap();
+    let s = rig.settle();
+    assert_eq!(
+        (s.dirty, s.free_blocks),
+        (1, s.blocks - 1),
+        "exactly one block stays allocated: {s:?}"
+    );
+    let reboot = rig.reboot(1, quiet);
+    assert_eq!(version(&reboot, 0, 2), winner);
     assert_eq!(reboot.stats().dirty, 1);
 }
 
 /// Suspend quiesces (new I/O waits, nothing fails), commits, and with
 /// flush-on-suspend writes everything back; resume releases the held I/O.
-#[test]
 fn suspend_holds_io_commits_and_resume_releases_it() {
-    let rig = make_rig(2, 16, None, None, |_| {});
-    let w = rig.write(0, 4, 1);
-    rig.wait(&w);
+    let rig = rig(2, 16);
+    rig.write(0, 4, 1);
     // Resume without suspend is refused, state unchanged.
     assert!(wc_writecache::resume(&rig.name).is_err());
     wc_writecache::set_flush_on_suspend(&rig.name, true).unwrap();
-    let done: Rc<RefCell<Option<Result<(), String>>>> = Rc::default();
-    let (tx, rx) = std::sync::mpsc::channel();
-    let n = rig.name.clone();
-    rig.h.on(0, || {
-        wc_writecache::suspend(
-            &n,
-            Box::new(move |r| tx.send(r.map_err(|e| e.to_string())).unwrap()),
-        )
-    });
-    assert!(rig.h.run_until(200_000, || {
-        if let Ok(r) = rx.try_recv() {
-            *done.borrow_mut() = Some(r);
-        }
-        done.borrow().is_some()
-    }));
-    assert_eq!(done.borrow().clone(), Some(Ok(())));
+    assert_eq!(suspend(&rig), Ok(()));
     assert_eq!(wc_writecache::is_suspended(&rig.name), Some(true));
     let s = rig.stats();
     assert_eq!(
@@ -376,93 +234,341 @@ fn suspend_holds_io_commits_and_resume_releases_it() {
         (0, 0),
         "flush-on-suspend wrote everything back: {s:?}"
     );
+    assert_eq!(rig.origin_block(4), Some((4, 1)));
     // A second suspend is refused.
-    let (tx, rx) = std::sync::mpsc::channel();
-    rig.h.on(0, || {
-        wc_writecache::suspend(&rig.name, Box::new(move |r| tx.send(r.is_err()).unwrap()))
-    });
-    assert!(rx.recv().unwrap());
+    assert!(suspend(&rig).is_err());
     // New I/O is held, not failed.
-    let w = rig.write(1, 5, 2);
-    for _ in 0..100 {
-        rig.h.run_until_idle(10);
-    }
+    let w = rig.submit_write(1, 5, 2, false);
+    rig.pump_for(Duration::from_millis(20));
     assert!(w.borrow().is_none(), "I/O ran while suspended");
     wc_writecache::resume(&rig.name).unwrap();
-    assert_eq!(rig.wait(&w), IoStatus::Success);
-    assert_eq!(rig.read(0, 5), 2);
+    rig.wait(&w).unwrap();
+    assert_eq!(version(&rig, 0, 5), 2);
     // Delete while suspended is refused; the instance stays.
-    suspend_and_wait(&rig);
+    assert_eq!(suspend(&rig), Ok(()));
     let (tx, rx) = std::sync::mpsc::channel();
-    rig.h.on(0, || {
-        wc_writecache::delete(
-            &rig.name,
-            false,
-            Box::new(move |r| tx.send(r.is_err()).unwrap()),
-        )
+    let n = rig.name.clone();
+    rig.h.on(0, move || {
+        wc_writecache::delete(&n, false, Box::new(move |r| tx.send(r.is_err()).unwrap()))
     });
     assert!(rx.recv().unwrap(), "delete while suspended must fail");
     assert!(wc_bdev::lookup(&rig.name).is_some());
     // The safe-removal sequence: flush-on-suspend + suspend drained it all;
     // resume and delete (which drains again: flush-on-suspend is set).
     assert_eq!(rig.stats().dirty, 0);
+    assert_eq!(rig.origin_block(5), Some((5, 2)));
     wc_writecache::resume(&rig.name).unwrap();
-    let (tx, rx) = std::sync::mpsc::channel();
-    rig.h.on(0, || {
-        wc_writecache::delete(
-            &rig.name,
-            false,
-            Box::new(move |r| tx.send(r.is_ok()).unwrap()),
-        )
-    });
-    assert!(
-        rig.h
-            .run_until(200_000, || matches!(rx.try_recv(), Ok(true))),
-        "safe removal deletes"
-    );
+    let mut rig = rig;
+    rig.detach(false).expect("safe removal deletes");
     assert!(wc_bdev::lookup(&rig.name).is_none());
 }
 
-fn suspend_and_wait(rig: &Rig) {
+/// Suspends the instance and waits for the outcome.
+fn suspend(rig: &Rig) -> Result<(), String> {
+    let got: Rc<RefCell<Option<Result<(), String>>>> = Rc::default();
     let (tx, rx) = std::sync::mpsc::channel();
     let n = rig.name.clone();
-    rig.h.on(0, || {
+    rig.h.on(0, move || {
         wc_writecache::suspend(
             &n,
             Box::new(move |r| tx.send(r.map_err(|e| e.to_string())).unwrap()),
         )
     });
-    let got: RefCell<Option<Result<(), String>>> = RefCell::default();
-    assert!(rig.h.run_until(200_000, || {
+    assert!(rig.pump_until(WAIT, || {
         if let Ok(r) = rx.try_recv() {
             *got.borrow_mut() = Some(r);
         }
         got.borrow().is_some()
     }));
-    assert_eq!(got.borrow().clone(), Some(Ok(())));
+    let r = got.borrow_mut().take().unwrap();
+    r
 }
 
-/// A cache media error (the media can no longer persist) puts the instance
-/// in its error state: writes and flushes fail with the error, the
-/// superblock is not advanced, and everything cached still reads back.
-#[test]
-fn a_cache_media_error_enters_the_error_state_and_keeps_data() {
-    let rig = make_rig(2, 16, None, None, |_| {});
-    let w = rig.write(0, 6, 1);
-    rig.wait(&w);
-    let f = rig.flush(1);
-    assert_eq!(rig.wait(&f), IoStatus::Success);
+/// A cache error (pmem: the media can no longer persist; ssd: the cache
+/// bdev fails writes) puts the instance in its error state: writes and
+/// flushes fail with the error, the superblock is not advanced, and
+/// everything cached still reads back.
+fn a_cache_error_enters_the_error_state_and_keeps_data() {
+    let mut rig = rig(2, 16);
+    if mode() == Mode::Ssd {
+        rig.wrap_cache_in_error();
+    }
+    rig.write(0, 6, 1);
+    rig.flush(1).unwrap();
     let seq = rig.stats().seq_count;
-    let w = rig.write(1, 7, 2);
-    rig.wait(&w);
-    rig.pmem.inject_media_error(libc::EIO);
-    let f = rig.flush(0);
-    assert_eq!(rig.wait(&f), IoStatus::Failed(libc::EIO));
+    rig.write(1, 7, 2);
+    rig.inject_cache_error();
+    assert_eq!(rig.flush(0), Err(libc::EIO));
     let s = rig.stats();
     assert_eq!((s.error, s.seq_count), (libc::EIO, seq), "{s:?}");
-    let w = rig.write(0, 8, 3);
-    assert_eq!(rig.wait(&w), IoStatus::Failed(libc::EIO));
+    let w = rig.submit_write(0, 8, 3, false);
+    assert_eq!(rig.wait(&w), Err(libc::EIO));
     // Nothing cached was dropped.
-    assert_eq!((rig.read(0, 6), rig.read(1, 7)), (1, 2));
+    assert_eq!((version(&rig, 0, 6), version(&rig, 1, 7)), (1, 2));
     assert_eq!(rig.stats().dirty, 2);
+}
+
+both_modes!(
+    flush_waits_for_every_writing_core,
+    freed_blocks_wait_for_readers_before_reuse,
+    overwrite_during_writeback_keeps_the_newer_version_and_frees_once,
+    same_sector_writes_from_two_cores_free_the_loser_once,
+    suspend_holds_io_commits_and_resume_releases_it,
+    a_cache_error_enters_the_error_state_and_keeps_data,
+);
+
+// ------------------------------------------------- ssd mode: async data I/O
+
+/// A read of a block whose in-place overwrite is in flight returns the
+/// whole old version (the new data is not on the device yet); once the
+/// overwrite completed, the new one. Both for a committed and an
+/// uncommitted block.
+#[test]
+fn ssd_read_while_an_overwrite_of_the_block_is_in_flight() {
+    ssd(|| {
+        let mut rig = rig(2, 16);
+        rig.wrap_cache_in_error();
+        rig.write(0, 2, 1);
+        rig.flush(0).unwrap();
+        rig.write(0, 3, 1);
+        for lba in [2, 3] {
+            rig.hold_cache(InjectIoType::Write, 1);
+            let w = rig.submit_write(1, lba, 2, false);
+            rig.pump_for(Duration::from_millis(5));
+            assert!(w.borrow().is_none(), "the overwrite is held");
+            assert_eq!(version(&rig, 0, lba), 1, "lba {lba}: old version");
+            assert_eq!(version(&rig, 1, lba), 1, "lba {lba}: old version");
+            rig.release_cache();
+            rig.wait(&w).unwrap();
+            assert_eq!(version(&rig, 0, lba), 2, "lba {lba}: new version");
+        }
+        let s = rig.stats();
+        assert_eq!(
+            (
+                s.writes_allocate,
+                s.write_hits_committed,
+                s.write_hits_uncommitted
+            ),
+            (2, 1, 1),
+            "both overwrites went in place: {s:?}"
+        );
+    })
+}
+
+/// Writeback vs an in-place overwrite, both orders: (a) the overwrite is in
+/// flight when writeback wants the block: the block waits for it and then
+/// goes out with the new data; (b) writeback is reading the block when the
+/// overwrite comes: the overwrite takes a new block (never the one being
+/// read), and the origin ends with the newer version.
+#[test]
+fn ssd_writeback_and_an_in_place_overwrite_of_the_same_block() {
+    ssd(|| {
+        let mut rig = rig(2, 16);
+        rig.wrap_cache_in_error();
+        // (a)
+        rig.write(0, 4, 1);
+        rig.flush(0).unwrap();
+        rig.hold_cache(InjectIoType::Write, 1);
+        let w = rig.submit_write(1, 4, 2, false);
+        rig.set_options(|o| {
+            o.high_watermark = Some(0);
+            o.low_watermark = Some(0);
+        });
+        rig.pump_for(Duration::from_millis(20));
+        assert!(w.borrow().is_none(), "the overwrite is held");
+        assert_eq!(
+            (rig.wc().writeback_in_flight(), rig.origin_block(4)),
+            (0, None),
+            "writeback waits for the in-place overwrite"
+        );
+        rig.release_cache();
+        rig.wait(&w).unwrap();
+        assert!(
+            rig.wait_stats(WAIT, |s| s.dirty == 0),
+            "written back: {:?}",
+            rig.stats()
+        );
+        assert_eq!(rig.origin_block(4), Some((4, 2)), "(a) the new data");
+        // (b)
+        rig.set_options(|o| {
+            o.high_watermark = Some(100);
+            o.low_watermark = Some(100);
+        });
+        rig.write(0, 5, 1);
+        rig.flush(0).unwrap();
+        rig.hold_cache(InjectIoType::Read, 1);
+        rig.set_options(|o| {
+            o.high_watermark = Some(0);
+            o.low_watermark = Some(0);
+        });
+        assert!(
+            rig.pump_until(WAIT, || rig.wc().writeback_in_flight() == 1),
+            "writeback is reading the block"
+        );
+        let before = rig.stats();
+        rig.write(1, 5, 2);
+        let s = rig.stats();
+        assert_eq!(
+            s.writes_allocate - before.writes_allocate,
+            1,
+            "the overwrite took a new block: {s:?}"
+        );
+        assert_eq!(version(&rig, 0, 5), 2);
+        rig.release_cache();
+        rig.flush(1).unwrap();
+        assert!(
+            rig.wait_stats(WAIT, |s| s.dirty == 0 && s.writeback_blocks == 0),
+            "written back: {:?}",
+            rig.stats()
+        );
+        assert_eq!(rig.origin_block(5), Some((5, 2)), "(b) the newer version");
+        let s = rig.settle();
+        assert_eq!(s.free_blocks, s.blocks, "every block freed once: {s:?}");
+    })
+}
+
+/// Free/reuse vs a read in flight: a read of a cached block is held at the
+/// cache bdev while the block is dropped (UNMAP), freed and reallocated to
+/// another sector. The read then sees a new generation and reads again:
+/// it never returns the other sector's data.
+#[test]
+fn ssd_a_block_reused_under_a_read_in_flight_is_read_again() {
+    ssd(|| {
+        let mut rig = rig(2, 8);
+        rig.wrap_cache_in_error();
+        rig.write(0, 1, 1);
+        rig.flush(0).unwrap();
+        let slot_of = |rig: &Rig, lba: u64| {
+            rig.media_entries()
+                .iter()
+                .position(|e| *e == Some(lba))
+                .unwrap_or_else(|| panic!("lba {lba} has an entry"))
+        };
+        let b = slot_of(&rig, 1);
+        rig.hold_cache(InjectIoType::Read, 1);
+        let r = rig.submit_read(1, 1, 1);
+        rig.pump_for(Duration::from_millis(5));
+        assert!(r.borrow().is_none(), "the read is held");
+        let u = rig.submit_unmap(0, 1, 1);
+        rig.wait(&u).unwrap();
+        assert!(
+            rig.wait_stats(WAIT, |s| s.free_blocks == s.blocks
+                && s.free_blocks_in_grace == 0),
+            "the block is back in the pool: {:?}",
+            rig.stats()
+        );
+        // Lowest free first: the next allocation reuses it.
+        rig.write(0, 9, 5);
+        rig.flush(0).unwrap();
+        assert_eq!(slot_of(&rig, 9), b, "block reused for lba 9");
+        rig.release_cache();
+        let got = rig.wait(&r).expect("read succeeds");
+        let got = wcrig::decode(&got.expect("read data"));
+        assert!(
+            got.is_none() || got == Some((1, 1)),
+            "read of lba 1 returned {got:?}"
+        );
+    })
+}
+
+/// Two writes of one sector racing with a commit: (a) both in flight
+/// across a commit; (b) one lands before a commit, the other after it.
+/// The last one to land wins, the other block is freed exactly once, and
+/// after a power cut the sector holds the winner.
+#[test]
+fn ssd_two_writes_of_one_sector_racing_with_a_commit() {
+    ssd(|| {
+        for case in ['a', 'b'] {
+            let mut rig = rig(2, 8);
+            rig.wrap_cache_in_error();
+            let (x, y) = match case {
+                'a' => {
+                    rig.hold_cache(InjectIoType::Write, 2);
+                    let x = rig.submit_write(0, 2, 100, false);
+                    let y = rig.submit_write(1, 2, 200, false);
+                    rig.flush(0).unwrap();
+                    (x, y)
+                }
+                _ => {
+                    rig.hold_cache(InjectIoType::Write, 1);
+                    let x = rig.submit_write(0, 2, 100, false);
+                    let y = rig.submit_write(1, 2, 200, false);
+                    rig.wait(&y).unwrap();
+                    rig.flush(1).unwrap();
+                    assert_eq!(rig.stats().dirty, 1, "200 committed");
+                    (x, y)
+                }
+            };
+            assert!(x.borrow().is_none(), "({case}) 100 is held");
+            // Reactor 1's held write (if any) lands first, then reactor 0's.
+            rig.release_cache();
+            if case == 'a' {
+                for _ in 0..10_000 {
+                    if y.borrow().is_some() {
+                        break;
+                    }
+                    rig.h.poll(1);
+                }
+                assert!(y.borrow().is_some(), "reactor 1's write landed");
+                assert!(x.borrow().is_none(), "reactor 0 not polled yet");
+            }
+            rig.wait(&x).unwrap();
+            assert_eq!(version(&rig, 1, 2), 100, "({case}) the last to land wins");
+            rig.flush(0).unwrap();
+            let s = rig.settle();
+            assert_eq!(
+                (s.dirty, s.free_blocks),
+                (1, s.blocks - 1),
+                "({case}) one block stays: {s:?}"
+            );
+            let reboot = rig.reboot(1, quiet);
+            assert_eq!(version(&reboot, 0, 2), 100, "({case}) after a power cut");
+            assert_eq!(reboot.stats().dirty, 1);
+        }
+    })
+}
+
+/// Regression (crash-harness seed 11913901639990295867): a block displaced
+/// while an in-place overwrite held it stays allocated until the next
+/// commit, in the same commit round as its successor. Writeback took the
+/// successor first, then the displaced block, and wrote the older data
+/// over the newer on the origin: a later read (a miss) returned it.
+#[test]
+fn ssd_a_displaced_version_is_never_written_back_over_its_successor() {
+    ssd(|| {
+        let mut rig = rig(2, 16);
+        rig.wrap_cache_in_error();
+        // Version 1 on reactor 1 (its log), uncommitted.
+        rig.write(1, 3, 1);
+        // Version 2 goes in place over it, held at the cache.
+        rig.hold_cache(InjectIoType::Write, 1);
+        let w2 = rig.submit_write(1, 3, 2, false);
+        // Version 3 on reactor 0: the block is busy, a new one is taken
+        // and displaces version 1's (same commit round, held: not freed).
+        rig.write(0, 3, 3);
+        // The commit hands reactor 0's log (version 3) to the writeback
+        // queue before reactor 1's (the displaced block).
+        rig.flush(0).unwrap();
+        assert!(w2.borrow().is_none(), "version 2 is held");
+        rig.release_cache();
+        rig.wait(&w2).unwrap();
+        assert_eq!(version(&rig, 0, 3), 3, "version 3 is current");
+        rig.set_options(|o| {
+            o.high_watermark = Some(0);
+            o.low_watermark = Some(0);
+        });
+        assert!(
+            rig.wait_stats(WAIT, |s| s.dirty == 0 && s.writeback_blocks == 0),
+            "written back: {:?}",
+            rig.stats()
+        );
+        rig.pump_for(Duration::from_millis(20));
+        assert_eq!(rig.origin_block(3), Some((3, 3)), "the origin went back");
+        assert_eq!(version(&rig, 1, 3), 3);
+        // The displaced block is freed by the next commit.
+        rig.write(0, 10, 1);
+        rig.flush(0).unwrap();
+        let s = rig.settle();
+        assert_eq!(s.free_blocks + s.dirty, s.blocks, "{s:?}");
+    })
 }

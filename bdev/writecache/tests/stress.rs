@@ -3,6 +3,11 @@
 //! the same few sectors. Every read must return a version that was written
 //! to that sector (or its initial zeroes); after a final drain the origin
 //! alone holds exactly what the cache showed.
+//!
+//! Both modes: pmem mode over a pmem file bdev, ssd mode over a malloc
+//! bdev (asynchronous data writes and reads, in-place overwrites).
+
+mod wcrig;
 
 use std::collections::{HashMap, HashSet};
 use std::sync::atomic::{AtomicU64, Ordering};
@@ -11,7 +16,7 @@ use std::time::{Duration, Instant};
 
 use wc_bdev::testing::{run_on, test_runtime};
 use wc_bdev::{DmaBuf, IoType};
-use wc_writecache::CreateOpts;
+use wc_writecache::{CreateOpts, Mode};
 
 const BS: usize = 4096;
 const HOT: u64 = 16;
@@ -42,32 +47,56 @@ fn decode(b: &[u8]) -> Result<(u64, u64), String> {
 
 type Written = Arc<Mutex<HashMap<u64, HashSet<u64>>>>;
 
-#[test]
+/// Bdev names (origin, cache, writecache) of one mode's run (both modes
+/// run in one process; the names live as long as the reactor jobs).
+fn names(tag: &str) -> (&'static str, &'static str, &'static str) {
+    let m = match wcrig::mode() {
+        Mode::Pmem => "pmem",
+        Mode::Ssd => "ssd",
+    };
+    (
+        format!("{tag}O{m}").leak(),
+        format!("{tag}C{m}").leak(),
+        format!("{tag}WC{m}").leak(),
+    )
+}
+
+/// Creates the instance (ssd mode attaches its cache asynchronously).
+async fn create(o: CreateOpts) -> Result<(), String> {
+    let (tx, rx) = futures::channel::oneshot::channel();
+    wc_writecache::create_async(
+        o,
+        Box::new(move |r| {
+            let _ = tx.send(r.map(|_| ()).map_err(|e| e.to_string()));
+        }),
+    );
+    rx.await
+        .map_err(|_| "create dropped its callback".to_string())?
+}
+
 fn concurrent_writers_readers_flushers_and_writeback_agree() {
     let secs: u64 = std::env::var("WC_STRESS_SECONDS")
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(3);
     let rt = test_runtime(2);
-    let f = std::env::temp_dir().join(format!("wc-stress-{}", std::process::id()));
-    let _ = std::fs::remove_file(&f);
-    wc_bdev_malloc::create(wc_bdev_malloc::MallocOpts::new("StressO", 256, BS as u32)).unwrap();
-    let mut po = wc_bdev_pmem::PmemOpts::new("StressC", f.to_str().unwrap());
-    po.size = Some(40 * BS as u64);
-    wc_bdev_pmem::create(po).unwrap();
-    run_on(rt.main(), || async {
-        let mut o = CreateOpts::new("StressWC", "StressO", "StressC");
+    let (on, cn, wn) = names("Stress");
+    wc_bdev_malloc::create(wc_bdev_malloc::MallocOpts::new(on, 256, BS as u32)).unwrap();
+    let f = wcrig::real_cache_bdev(wcrig::mode(), cn, 40 * BS as u64, BS as u32);
+    let mode = wcrig::mode();
+    run_on(rt.main(), move || async move {
+        let mut o = CreateOpts::new(wn, on, cn);
+        o.mode = Some(mode);
         o.high_watermark = Some(20);
         o.low_watermark = Some(10);
         o.autocommit_blocks = Some(8);
         o.autocommit_time_ms = Some(5);
-        wc_writecache::create(o)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        create(o).await
     })
     .unwrap();
 
     let written: Written = Arc::default();
+    let whole = mode == Mode::Pmem;
     let next = Arc::new(AtomicU64::new(1));
     let deadline = Instant::now() + Duration::from_secs(secs);
     let threads: Vec<_> = rt
@@ -80,7 +109,7 @@ fn concurrent_writers_readers_flushers_and_writeback_agree() {
             let next = next.clone();
             std::thread::spawn(move || {
                 run_on(&h, move || async move {
-                    let d = wc_bdev::open("StressWC", true, None).unwrap();
+                    let d = wc_bdev::open(wn, true, None).unwrap();
                     let ch = d.channel().unwrap();
                     let mut x = 0x9E37_79B9_7F4A_7C15u64 ^ core as u64;
                     let (mut writes, mut reads, mut flushes) = (0u64, 0u64, 0u64);
@@ -100,9 +129,18 @@ fn concurrent_writers_readers_flushers_and_writeback_agree() {
                             }
                             5..=8 => {
                                 let b = ch.read_async(lba, DmaBuf::new(BS)).await.expect("read");
-                                let (l, v) =
-                                    decode(&b).unwrap_or_else(|e| panic!("lba {lba}: {e}"));
-                                if v != 0 {
+                                // ssd mode: a read overlapping an in-place
+                                // overwrite may mix the two versions.
+                                let (l, lo, hi) = match decode(&b) {
+                                    Ok((l, v)) => (l, v, v),
+                                    Err(e) if whole => panic!("lba {lba}: {e}"),
+                                    Err(_) => {
+                                        let (lo, hi) = versions_of(&b, lba)
+                                            .unwrap_or_else(|e| panic!("lba {lba}: {e}"));
+                                        (lba, lo, hi)
+                                    }
+                                };
+                                if hi != 0 {
                                     assert_eq!(
                                         l, lba,
                                         "read of {lba} returned another block's data"
@@ -111,8 +149,11 @@ fn concurrent_writers_readers_flushers_and_writeback_agree() {
                                         .lock()
                                         .unwrap()
                                         .get(&lba)
-                                        .is_some_and(|s| s.contains(&v));
-                                    assert!(ok, "lba {lba}: version {v} was never written there");
+                                        .is_some_and(|s| s.contains(&lo) && s.contains(&hi));
+                                    assert!(
+                                        ok,
+                                        "lba {lba}: version {lo} or {hi} was never written there"
+                                    );
                                 }
                                 reads += 1;
                             }
@@ -132,7 +173,7 @@ fn concurrent_writers_readers_flushers_and_writeback_agree() {
         let (w, r, f) = t.join().expect("no reactor job panicked");
         totals = (totals.0 + w, totals.1 + r, totals.2 + f);
     }
-    let s = wc_writecache::stats("StressWC").unwrap();
+    let s = wc_writecache::stats(wn).unwrap();
     eprintln!("stress: {totals:?} (writes, reads, flushes); {s:?}");
     assert!(
         totals.0 > 100 && totals.1 > 100,
@@ -149,7 +190,7 @@ fn concurrent_writers_readers_flushers_and_writeback_agree() {
 
     // What the cache shows now...
     let view: Vec<(u64, u64)> = run_on(rt.main(), || async {
-        let d = wc_bdev::open("StressWC", true, None).unwrap();
+        let d = wc_bdev::open(wn, true, None).unwrap();
         let ch = d.channel().unwrap();
         let mut v = Vec::new();
         for lba in 0..HOT {
@@ -161,14 +202,14 @@ fn concurrent_writers_readers_flushers_and_writeback_agree() {
     let (tx, rx) = std::sync::mpsc::channel();
     rt.main().send(move || {
         wc_writecache::delete(
-            "StressWC",
+            wn,
             true,
             Box::new(move |r| tx.send(r.map_err(|e| e.to_string())).unwrap()),
         )
     });
     rx.recv_timeout(Duration::from_secs(30)).unwrap().unwrap();
     let origin: Vec<(u64, u64)> = run_on(rt.main(), || async {
-        let d = wc_bdev::open("StressO", false, None).unwrap();
+        let d = wc_bdev::open(on, false, None).unwrap();
         let ch = d.channel().unwrap();
         let mut v = Vec::new();
         for lba in 0..HOT {
@@ -180,16 +221,38 @@ fn concurrent_writers_readers_flushers_and_writeback_agree() {
         view, origin,
         "origin differs from what the cache showed before the drain"
     );
-    let _ = std::fs::remove_file(f);
+    if let Some(f) = f {
+        let _ = std::fs::remove_file(f);
+    }
+}
+
+/// Versions a block of `lba` holds, lowest and highest: every even word is
+/// `lba`, the odd words versions (a read that overlapped an in-place
+/// overwrite of the block may mix two).
+fn versions_of(b: &[u8], lba: u64) -> Result<(u64, u64), String> {
+    let (mut lo, mut hi) = (u64::MAX, 0);
+    for (i, c) in b.chunks(8).enumerate() {
+        let w = u64::from_le_bytes(c.try_into().unwrap());
+        if i % 2 == 0 {
+            if w != lba {
+                return Err(format!("word {i} is {w}: not a block of lba {lba}"));
+            }
+        } else {
+            (lo, hi) = (lo.min(w), hi.max(w));
+        }
+    }
+    Ok((lo, hi))
 }
 
 /// Reads of cached blocks while another core overwrites them (committed
 /// and uncommitted versions, so both the displaced-block free and the
-/// superseded path run under the readers): every read returns one whole
-/// version of its own sector, never older than the newest write completed
-/// before the read was submitted. Readers keep several reads in flight so
-/// they are looked up and copied as a batch.
-#[test]
+/// superseded path run under the readers): every read returns its own
+/// sector, never older than the newest write completed before the read
+/// was submitted, never newer than the newest submitted before it
+/// completed. pmem mode returns one whole version; ssd mode overwrites
+/// in place, so a read overlapping an overwrite of its block may mix the
+/// two versions, as a disk's would (only within those bounds). Readers keep
+/// several reads in flight so they are looked up and copied as a batch.
 fn reads_of_hits_stay_exact_while_they_are_overwritten() {
     const LBAS: u64 = 4;
     const READS_IN_FLIGHT: usize = 8;
@@ -198,45 +261,45 @@ fn reads_of_hits_stay_exact_while_they_are_overwritten() {
         .and_then(|s| s.parse().ok())
         .unwrap_or(2);
     let rt = test_runtime(2);
-    let f = std::env::temp_dir().join(format!("wc-overwrite-{}", std::process::id()));
-    let _ = std::fs::remove_file(&f);
-    wc_bdev_malloc::create(wc_bdev_malloc::MallocOpts::new("OvrO", 64, BS as u32)).unwrap();
-    let mut po = wc_bdev_pmem::PmemOpts::new("OvrC", f.to_str().unwrap());
-    po.size = Some(512 * BS as u64);
-    wc_bdev_pmem::create(po).unwrap();
-    run_on(rt.main(), || async {
-        let mut o = CreateOpts::new("OvrWC", "OvrO", "OvrC");
+    let (on, cn, wn) = names("Ovr");
+    wc_bdev_malloc::create(wc_bdev_malloc::MallocOpts::new(on, 64, BS as u32)).unwrap();
+    let f = wcrig::real_cache_bdev(wcrig::mode(), cn, 512 * BS as u64, BS as u32);
+    let mode = wcrig::mode();
+    run_on(rt.main(), move || async move {
+        let mut o = CreateOpts::new(wn, on, cn);
+        o.mode = Some(mode);
         // Writeback never starts: every read is a hit.
         o.high_watermark = Some(100);
         o.low_watermark = Some(100);
         o.autocommit_blocks = Some(64);
-        wc_writecache::create(o)
-            .map(|_| ())
-            .map_err(|e| e.to_string())
+        create(o).await
     })
     .unwrap();
     // Every sector cached before the readers start.
     run_on(rt.main(), || async {
-        let d = wc_bdev::open("OvrWC", true, None).unwrap();
+        let d = wc_bdev::open(wn, true, None).unwrap();
         let ch = d.channel().unwrap();
         for lba in 0..LBAS {
             ch.write_async(lba, block(lba, 1), false).await.unwrap();
         }
     });
-    // Newest version of each sector whose write has completed.
+    // Newest version of each sector whose write has completed / started.
     let done: Arc<Vec<AtomicU64>> = Arc::new((0..LBAS).map(|_| AtomicU64::new(1)).collect());
+    let started: Arc<Vec<AtomicU64>> = Arc::new((0..LBAS).map(|_| AtomicU64::new(1)).collect());
+    let whole = mode == Mode::Pmem;
     let deadline = Instant::now() + Duration::from_secs(secs);
     let handles = rt.handles();
     let writer = {
-        let (h, done) = (handles[0].clone(), done.clone());
+        let (h, done, started) = (handles[0].clone(), done.clone(), started.clone());
         std::thread::spawn(move || {
             run_on(&h, move || async move {
-                let d = wc_bdev::open("OvrWC", true, None).unwrap();
+                let d = wc_bdev::open(wn, true, None).unwrap();
                 let ch = d.channel().unwrap();
                 let mut n = 0u64;
                 while Instant::now() < deadline {
                     let lba = n % LBAS;
                     let v = 2 + n / LBAS;
+                    started[lba as usize].store(v, Ordering::Release);
                     ch.write_async(lba, block(lba, v), false).await.unwrap();
                     done[lba as usize].store(v, Ordering::Release);
                     n += 1;
@@ -250,28 +313,32 @@ fn reads_of_hits_stay_exact_while_they_are_overwritten() {
         })
     };
     let reader = {
-        let (h, done) = (handles[1].clone(), done.clone());
+        let (h, done, started) = (handles[1].clone(), done.clone(), started.clone());
         std::thread::spawn(move || {
             run_on(&h, move || async move {
-                let d = wc_bdev::open("OvrWC", true, None).unwrap();
+                let d = wc_bdev::open(wn, true, None).unwrap();
                 let ch = d.channel().unwrap();
                 let mut reads = 0u64;
                 while Instant::now() < deadline {
                     let batch = (0..READS_IN_FLIGHT).map(|k| {
                         let lba = (reads + k as u64) % LBAS;
                         let floor = done[lba as usize].load(Ordering::Acquire);
-                        let ch = &ch;
+                        let (ch, started) = (&ch, &started);
                         async move {
                             let b = ch.read_async(lba, DmaBuf::new(BS)).await.expect("read");
-                            (lba, floor, decode(&b))
+                            let ceil = started[lba as usize].load(Ordering::Acquire);
+                            (lba, floor, ceil, versions_of(&b, lba))
                         }
                     });
-                    for (lba, floor, got) in futures::future::join_all(batch).await {
-                        let (l, v) = got.unwrap_or_else(|e| panic!("lba {lba}: {e}"));
-                        assert_eq!(l, lba, "read of {lba} returned another sector's data");
+                    for (lba, floor, ceil, got) in futures::future::join_all(batch).await {
+                        let (lo, hi) = got.unwrap_or_else(|e| panic!("lba {lba}: {e}"));
                         assert!(
-                            v >= floor,
-                            "lba {lba}: read version {v}, older than {floor} written before"
+                            lo >= floor && hi <= ceil,
+                            "lba {lba}: read versions {lo}..={hi}, outside {floor}..={ceil}"
+                        );
+                        assert!(
+                            lo == hi || !whole,
+                            "lba {lba}: read a mix of versions {lo}..={hi}"
                         );
                     }
                     reads += READS_IN_FLIGHT as u64;
@@ -282,7 +349,7 @@ fn reads_of_hits_stay_exact_while_they_are_overwritten() {
     };
     let writes = writer.join().expect("writer");
     let reads = reader.join().expect("reader");
-    let s = wc_writecache::stats("OvrWC").unwrap();
+    let s = wc_writecache::stats(wn).unwrap();
     eprintln!("overwrite: {writes} writes, {reads} reads; {s:?}");
     assert!(
         writes > 100 && reads > 100,
@@ -296,11 +363,18 @@ fn reads_of_hits_stay_exact_while_they_are_overwritten() {
     let (tx, rx) = std::sync::mpsc::channel();
     rt.main().send(move || {
         wc_writecache::delete(
-            "OvrWC",
+            wn,
             false,
             Box::new(move |r| tx.send(r.map_err(|e| e.to_string())).unwrap()),
         )
     });
     rx.recv_timeout(Duration::from_secs(30)).unwrap().unwrap();
-    let _ = std::fs::remove_file(f);
+    if let Some(f) = f {
+        let _ = std::fs::remove_file(f);
+    }
 }
+
+both_modes!(
+    concurrent_writers_readers_flushers_and_writeback_agree,
+    reads_of_hits_stay_exact_while_they_are_overwritten,
+);

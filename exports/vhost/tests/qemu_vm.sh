@@ -16,6 +16,10 @@
 #    controller (bdev_writecache_delete); its reads must then fail with an
 #    I/O error; the controller reports the bdev gone, vhost_delete_controller
 #    works once the VM is gone and the target stays up.
+#  * ssd mode: WC1 = an ssd-mode writecache (uring cache file over a malloc
+#    origin) is exported as vhost.1, the guest's second disk in boot 1; the
+#    guest writes the pattern to it, flushes, drops its caches and reads it
+#    back; the host reads WC1 back over NBD too.
 # Skips (exit 0, clear message) only when QEMU / kernel / busybox are missing.
 # Usage: exports/vhost/tests/qemu_vm.sh [path/to/writecache_tgt]
 #   VM_TGT_BUSY=1: one busy-polling reactor instead (both queues on it, no
@@ -45,6 +49,13 @@ if [ "$STEP" = write ]; then
   echo 3 > /proc/sys/vm/drop_caches
   dd if=/dev/vda of=/tmp/back bs=4096 count=256 2>/dev/null
   if cmp /pat /tmp/back; then echo VHOST-OK; else echo VHOST-FAIL; fi
+  # The second disk: the ssd-mode writecache.
+  for i in $(seq 50); do [ -b /dev/vdb ] && break; sleep 0.2; done
+  dd if=/pat of=/dev/vdb bs=4096 count=256 oflag=direct 2>/dev/null
+  sync; blockdev --flushbufs /dev/vdb
+  echo 3 > /proc/sys/vm/drop_caches
+  dd if=/dev/vdb of=/tmp/back1 bs=4096 count=256 iflag=direct 2>/dev/null
+  if cmp /pat /tmp/back1; then echo VHOST-SSD-OK; else echo VHOST-SSD-FAIL; fi
 else
   # Reconnected after the restart: the data is still there.
   dd if=/dev/vda of=/tmp/back bs=4096 count=256 iflag=direct 2>/dev/null
@@ -62,14 +73,20 @@ fi
 GUEST
 vm_initramfs "$TMP/initrd.gz" "$TMP/guest.sh" --file "$TMP/pat:/pat" || fail "initramfs"
 
-# --- target: WC0 = writecache (pmem cache file) over a malloc origin
+# --- target: WC0 = writecache (pmem cache file) over a malloc origin;
+# WC1 = ssd-mode writecache (uring cache file) over another
+truncate -s 16M "$TMP/cache1.img"
 cat > "$TMP/cfg.json" <<JSON
 {"subsystems":[
  {"subsystem":"bdev","config":[
   {"method":"bdev_malloc_create","params":{"name":"Origin0","num_blocks":65536,"block_size":512}},
   {"method":"bdev_pmem_create","params":{"name":"Cache0","filename":"$TMP/cache.pmem","size":16777216}},
-  {"method":"bdev_writecache_create","params":{"name":"WC0","base_bdev":"Origin0","cache_bdev":"Cache0"}}]},
- {"subsystem":"vhost_blk","config":[{"method":"vhost_create_blk_controller","params":{"ctrlr":"vhost.0","dev_name":"WC0"}}]}
+  {"method":"bdev_writecache_create","params":{"name":"WC0","base_bdev":"Origin0","cache_bdev":"Cache0"}},
+  {"method":"bdev_malloc_create","params":{"name":"Origin1","num_blocks":65536,"block_size":512}},
+  {"method":"bdev_uring_create","params":{"name":"Cache1","filename":"$TMP/cache1.img","block_size":4096}},
+  {"method":"bdev_writecache_create","params":{"name":"WC1","base_bdev":"Origin1","cache_bdev":"Cache1","mode":"ssd"}}]},
+ {"subsystem":"vhost_blk","config":[{"method":"vhost_create_blk_controller","params":{"ctrlr":"vhost.0","dev_name":"WC0"}},
+  {"method":"vhost_create_blk_controller","params":{"ctrlr":"vhost.1","dev_name":"WC1"}}]}
 ]}
 JSON
 # Interrupt mode: two busy-polling reactors would leave no CPU to TCG.
@@ -83,22 +100,24 @@ rpc vhost_get_controllers | grep -q "\"cpumask\": \"$MASK\"" || fail "controller
 
 ACCEL=${ACCEL:-tcg}
 export VM_MEM=256M
-start_vm() { # start_vm STEP: boots in the background, console in $TMP/console.log
-  vm_start "$TMP/console.log" "$TMP/initrd.gz" "wc_step=$1" \
+start_vm() { # start_vm STEP [QEMU ARGS]: boots in the background, console in $TMP/console.log
+  local step=$1; shift
+  vm_start "$TMP/console.log" "$TMP/initrd.gz" "wc_step=$step" \
     -object memory-backend-memfd,id=mem,size=256M,share=on -numa node,memdev=mem \
-    -chardev socket,id=c0,path="$TMP/vhost.0" -device vhost-user-blk-pci,chardev=c0,num-queues=2,queue-size=1024
+    -chardev socket,id=c0,path="$TMP/vhost.0" -device vhost-user-blk-pci,chardev=c0,num-queues=2,queue-size=1024 "$@"
 }
 wait_vm() { # wait_vm BOOT: waits for QEMU to exit, reports, checks the target
   vm_wait; local rc=$?
-  echo "boot $1: $(grep -aoE "guest:[^$(printf '\r')]*|VHOST-[A-Z]+" "$TMP/console.log" | tr '\n' ' ')"
+  echo "boot $1: $(grep -aoE "guest:[^$(printf '\r')]*|VHOST-[A-Z-]+" "$TMP/console.log" | tr '\n' ' ')"
   kill -0 "$TGT_PID" 2>/dev/null || fail "target died"
   grep -qa VHOST-OK "$TMP/console.log" || { tail -30 "$TMP/console.log"; fail "boot $1 (qemu rc=$rc, accel=$ACCEL)"; }
 }
 stat_of() { python3 -c 'import json,sys; print(json.load(sys.stdin)[0][sys.argv[1]])' "$1"; }
 
-# --- boot 1: the guest writes the pattern
-start_vm write
+# --- boot 1: the guest writes the pattern (to WC0 and to WC1, ssd mode)
+start_vm write -chardev socket,id=c1,path="$TMP/vhost.1" -device vhost-user-blk-pci,chardev=c1,num-queues=1
 wait_vm 1
+grep -qa VHOST-SSD-OK "$TMP/console.log" || fail "the guest did not read its pattern back from WC1 (ssd mode)"
 WRITES=$(rpc bdev_writecache_get_stats '{"name":"WC0"}' | stat_of write_blocks)
 [ "$WRITES" -gt 0 ] 2>/dev/null || fail "WC0 counted no writes ($WRITES)"
 # The bytes, read back from WC0 through the target's NBD export.
@@ -113,6 +132,21 @@ fi
 cmp -n $PAT_BYTES "$TMP/pat" "$TMP/wc0.img" || fail "WC0 does not hold the guest's bytes"
 rpc nbd_export_delete '{"export_name":"wc0"}' >/dev/null
 echo "host: WC0 holds the guest's 1 MiB ($WRITES cache blocks written, read back over NBD)"
+rpc bdev_get_bdevs '{"name":"WC1"}' |
+  python3 -c 'import json,sys; sys.exit(json.load(sys.stdin)[0]["driver_specific"]["writecache"]["mode"] != "ssd")' ||
+  fail "WC1 is not in ssd mode"
+WRITES1=$(rpc bdev_writecache_get_stats '{"name":"WC1"}' | stat_of write_blocks)
+[ "$WRITES1" -gt 0 ] 2>/dev/null || fail "WC1 counted no writes ($WRITES1)"
+rpc nbd_export_create '{"bdev_name":"WC1","export_name":"wc1","readonly":true}' >/dev/null || fail "nbd_export_create wc1"
+URI1="nbd+unix:///wc1?socket=$TMP/nbd.sock"
+if command -v nbdcopy >/dev/null; then
+  nbdcopy "$URI1" "$TMP/wc1.img" || fail "nbdcopy wc1"
+else
+  qemu-img convert -f raw -O raw "$URI1" "$TMP/wc1.img" || fail "qemu-img convert wc1"
+fi
+cmp -n $PAT_BYTES "$TMP/pat" "$TMP/wc1.img" || fail "WC1 (ssd mode) does not hold the guest's bytes"
+rpc nbd_export_delete '{"export_name":"wc1"}' >/dev/null
+echo "host: WC1 (ssd mode) holds the guest's 1 MiB ($WRITES1 blocks written, read back over NBD)"
 
 # --- boot 2: reconnect, then WC0 deleted under the live controller
 start_vm check
@@ -136,4 +170,4 @@ done
 [ -e "$TMP/vhost.0" ] && fail "socket left behind"
 rpc spdk_get_version >/dev/null || fail "target does not answer"
 echo "host: WC0 deleted under the live controller: guest reads failed, controller deleted, target up"
-echo "PASS (accel=$ACCEL, 2 boots, 2 queues on the reactors of $MASK${MODE:+, interrupt mode})"
+echo "PASS (accel=$ACCEL, 2 boots, 2 queues on the reactors of $MASK${MODE:+, interrupt mode}; pmem and ssd mode)"

@@ -5,6 +5,12 @@
 //! qemu-io workload, and SIGTERM) with data intact, and origin faults
 //! through an `error` bdev.
 //!
+//! ssd mode (issue 13) runs the restarts, save_config, safe removal, stats
+//! and delete with and without drain over a uring cache file
+//! (`writecache_ssd_*`, the pmem tests' bodies with the mode as a
+//! parameter where they share them), plus a cache-bdev error through an
+//! `error` bdev over the cache.
+//!
 //! Data goes through the target's NBD export with `qemu-io` (and is read
 //! back whole with `nbdcopy`); what reached the origin is checked by
 //! reading the origin FILE directly.
@@ -445,13 +451,70 @@ impl Rng {
 
 // -------------------------------------------------------------- the stack
 
+/// The writecache mode of a test stack and the cache bdev it brings.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    /// pmem mode over a pmem file bdev.
+    Pmem,
+    /// ssd mode over a uring file bdev (4096-byte blocks).
+    Ssd,
+}
+
+impl Kind {
+    /// `mode` as `bdev_get_bdevs` and `save_config` spell it.
+    fn mode(self) -> &'static str {
+        match self {
+            Kind::Pmem => "pmem",
+            Kind::Ssd => "ssd",
+        }
+    }
+}
+
+/// Creates the cache bdev `name` over `<data>/<file>` (`mb` MiB) for
+/// `kind`: pmem, or uring on a sparse file (ssd mode). Returns the
+/// `bdev_writecache_create` arguments the mode needs.
+fn cache_bdev(
+    kind: Kind,
+    t: &Target,
+    data: &DataDir,
+    file: &str,
+    name: &str,
+    mb: &str,
+) -> &'static [&'static str] {
+    match kind {
+        Kind::Pmem => {
+            pmem_cache(t, data, file, name, mb);
+            &[]
+        }
+        Kind::Ssd => {
+            let p = data.path(file);
+            if !p.exists() {
+                sparse_file(&p, mb.parse::<u64>().expect("MiB") * MIB);
+            }
+            assert_eq!(
+                ok(
+                    t,
+                    &["bdev_uring_create", &data.path_str(file), name, "4096"]
+                ),
+                name
+            );
+            &["--mode", "ssd"]
+        }
+    }
+}
+
 /// A target with `Origin0` (uring over `<data>/origin.img`, 4096-byte
 /// blocks), `Cache0` (pmem over `<data>/cache.img`, `cache_mb` MiB) and
 /// writecache `wc0` created with `extra` options.
 fn stack(tag: &str, data: &DataDir, cache_mb: &str, extra: &[&str]) -> Target {
+    stack_of(Kind::Pmem, tag, data, cache_mb, extra)
+}
+
+/// [`stack`] with the cache of `kind` (ssd: a uring file, `--mode ssd`).
+fn stack_of(kind: Kind, tag: &str, data: &DataDir, cache_mb: &str, extra: &[&str]) -> Target {
     let t = Target::start(tag, &[]);
     uring_origin(&t, data, "origin.img", "Origin0", BS);
-    pmem_cache(&t, data, "cache.img", "Cache0", cache_mb);
+    let mode_args = cache_bdev(kind, &t, data, "cache.img", "Cache0", cache_mb);
     let mut args = vec![
         "bdev_writecache_create",
         "wc0",
@@ -460,8 +523,10 @@ fn stack(tag: &str, data: &DataDir, cache_mb: &str, extra: &[&str]) -> Target {
         "-c",
         "Cache0",
     ];
+    args.extend_from_slice(mode_args);
     args.extend_from_slice(extra);
     assert_eq!(ok(&t, &args), "wc0");
+    assert_eq!(driver(&t, "wc0")["mode"], kind.mode());
     t
 }
 
@@ -1328,13 +1393,24 @@ fn readme_documents_safe_removal() {
 /// file alone holds every write.
 #[test]
 fn writecache_safe_removal_leaves_the_origin_complete() {
+    safe_removal(Kind::Pmem);
+}
+
+/// [`writecache_safe_removal_leaves_the_origin_complete`] in ssd mode.
+#[test]
+fn writecache_ssd_safe_removal_leaves_the_origin_complete() {
+    safe_removal(Kind::Ssd);
+}
+
+fn safe_removal(kind: Kind) {
     require_spdk_rpc!();
     require_clients!("qemu-io");
-    let data = DataDir::new("wcsafe-data");
+    let data = DataDir::new(&format!("wcsafe{}-data", kind.mode()));
     // No writeback by watermark: everything stays in the cache until the
     // removal sequence.
-    let t = stack(
-        "wcsafe",
+    let t = stack_of(
+        kind,
+        &format!("wcsafe{}", kind.mode()),
         &data,
         "16",
         &["--high-watermark", "100", "--low-watermark", "90"],
@@ -1483,6 +1559,18 @@ fn check_image(img: &[u8], allowed: &[BTreeSet<u8>], what: &str) -> Vec<u8> {
 /// reads as a version written to it.
 #[test]
 fn writecache_sigkill_during_workload_keeps_flushed_writes() {
+    sigkill_during_workload(Kind::Pmem, 5, Duration::from_secs(120));
+}
+
+/// [`writecache_sigkill_during_workload_keeps_flushed_writes`] in ssd mode
+/// (a uring cache file; metadata committed by dirty regions).
+#[test]
+fn writecache_ssd_sigkill_during_workload_keeps_flushed_writes() {
+    sigkill_during_workload(Kind::Ssd, 3, Duration::from_secs(60));
+}
+
+/// Up to `rounds` kill/restart rounds, no new round after `bound`.
+fn sigkill_during_workload(kind: Kind, rounds: u64, bound: Duration) {
     require_spdk_rpc!();
     require_clients!("qemu-io", "nbdcopy");
     let seed = std::env::var("WC_KILL_SEED")
@@ -1496,11 +1584,13 @@ fn writecache_sigkill_during_workload_keeps_flushed_writes() {
         });
     println!("WC_KILL_SEED={seed}");
     let mut rng = Rng(seed | 1);
-    let data = DataDir::new("wckill-data");
+    let tag = format!("wckill{}", kind.mode());
+    let data = DataDir::new(&format!("{tag}-data"));
     // A small cache (about 1000 blocks) with low watermarks, so writeback
     // runs during the workload and across restarts.
-    let t = stack(
-        "wckill",
+    let t = stack_of(
+        kind,
+        &tag,
         &data,
         "4",
         &["--high-watermark", "20", "--low-watermark", "10"],
@@ -1514,7 +1604,7 @@ fn writecache_sigkill_during_workload_keeps_flushed_writes() {
     let mut state = vec![0u8; nblocks as usize];
     let mut t = Some(t);
     let started = Instant::now();
-    for round in 0..5u64 {
+    for round in 0..rounds {
         let tgt = t.take().expect("a running target");
         // Half of the rounds rely on flushes alone (no autocommit).
         if round % 2 == 1 {
@@ -1594,7 +1684,7 @@ fn writecache_sigkill_during_workload_keeps_flushed_writes() {
              last completed flush at op {last_flush:?}"
         );
 
-        let dir = Target::new_dir(&format!("wckill{round}"));
+        let dir = Target::new_dir(&format!("{tag}{round}"));
         let mut nt = Target::spawn_in(dir, &["--json", &cfg]);
         nt.wait_ready();
         let img = dump(&nt, &uri, &data.path("dump.img"));
@@ -1605,8 +1695,9 @@ fn writecache_sigkill_during_workload_keeps_flushed_writes() {
         );
         let s = stats(&nt, "wc0");
         assert_eq!(s["error"], 0, "{s}");
+        assert_eq!(driver(&nt, "wc0")["mode"], kind.mode());
         t = Some(nt);
-        if started.elapsed() > Duration::from_secs(120) {
+        if started.elapsed() > bound {
             println!("stopping after {} rounds (time bound)", round + 1);
             break;
         }
@@ -1618,11 +1709,25 @@ fn writecache_sigkill_during_workload_keeps_flushed_writes() {
 /// autocommitted) survive SIGTERM and a restart with the saved config.
 #[test]
 fn writecache_sigterm_keeps_every_completed_write() {
+    sigterm_keeps_every_completed_write(Kind::Pmem);
+}
+
+/// [`writecache_sigterm_keeps_every_completed_write`] in ssd mode: the
+/// clean stop commits the metadata kept in RAM; `save_config` keeps
+/// `mode: "ssd"` and the restart re-attaches in ssd mode.
+#[test]
+fn writecache_ssd_sigterm_and_save_config_keep_every_completed_write() {
+    sigterm_keeps_every_completed_write(Kind::Ssd);
+}
+
+fn sigterm_keeps_every_completed_write(kind: Kind) {
     require_spdk_rpc!();
     require_clients!("qemu-io", "nbdcopy");
-    let data = DataDir::new("wcterm-data");
-    let t = stack(
-        "wcterm",
+    let tag = format!("wcterm{}", kind.mode());
+    let data = DataDir::new(&format!("{tag}-data"));
+    let t = stack_of(
+        kind,
+        &tag,
         &data,
         "16",
         &[
@@ -1636,6 +1741,16 @@ fn writecache_sigterm_keeps_every_completed_write() {
     let uri = nbd_export(&t, &sock, "wc0", "wc0");
     let cfg = data.path("config.json");
     std::fs::write(&cfg, t.rpc_ok(&["save_config"])).expect("save config");
+    let entry = bdev_config(&t)
+        .into_iter()
+        .find(|e| e["method"] == "bdev_writecache_create")
+        .expect("save_config has bdev_writecache_create");
+    // pmem is the default: saved only when it was given.
+    let saved_mode = &entry["params"]["mode"];
+    assert!(
+        saved_mode == kind.mode() || (kind == Kind::Pmem && saved_mode.is_null()),
+        "{entry}"
+    );
     ok(&t, &["bdev_writecache_clear_stats", "wc0"]);
 
     let regions = [
@@ -1664,7 +1779,7 @@ fn writecache_sigterm_keeps_every_completed_write() {
     t.stop();
 
     let mut nt = Target::spawn_in(
-        Target::new_dir("wcterm2"),
+        Target::new_dir(&format!("{tag}2")),
         &["--json", cfg.to_str().expect("utf-8")],
     );
     nt.wait_ready();
@@ -1676,7 +1791,9 @@ fn writecache_sigterm_keeps_every_completed_write() {
         }
     }
     check_image(&img, &allowed, "after SIGTERM and restart");
-    assert_eq!(driver(&nt, "wc0")["formatted_on_create"], false);
+    let d = driver(&nt, "wc0");
+    assert_eq!(d["formatted_on_create"], false, "{d}");
+    assert_eq!(d["mode"], kind.mode(), "{d}");
     nt.stop();
 }
 
@@ -1873,10 +1990,26 @@ fn writecache_delete_in_the_error_state_replies_true() {
 /// Stats carry the instance state and the latency percentiles of §3.10.
 #[test]
 fn writecache_stats_report_state_and_latency() {
+    stats_report_state_and_latency(Kind::Pmem);
+}
+
+/// [`writecache_stats_report_state_and_latency`] in ssd mode, with every
+/// field of §3.10 present.
+#[test]
+fn writecache_ssd_stats_report_state_and_latency() {
+    stats_report_state_and_latency(Kind::Ssd);
+}
+
+fn stats_report_state_and_latency(kind: Kind) {
     require_spdk_rpc!();
-    let data = DataDir::new("wcstat-data");
-    let t = stack("wcstat", &data, "8", &[]);
+    let tag = format!("wcstat{}", kind.mode());
+    let data = DataDir::new(&format!("{tag}-data"));
+    let t = stack_of(kind, &tag, &data, "8", &[]);
     let s = stats(&t, "wc0");
+    for f in STAT_FIELDS {
+        assert!(s[f].is_u64() || s[f].is_i64(), "stats lack {f}: {s}");
+    }
+    assert_eq!(s["free_blocks"], s["blocks"], "{s}");
     assert!(s["state"].is_string(), "stats lack state: {s}");
     assert_ne!(s["state"], "pending", "{s}");
     assert!(
@@ -1886,5 +2019,165 @@ fn writecache_stats_report_state_and_latency() {
             .any(|k| k.contains("latency")),
         "stats lack latency percentiles: {s}"
     );
+    t.stop();
+}
+
+/// ssd mode, delete without and with a drain, and the base bdevs under
+/// it: deleting the cache or the origin bdev while the writecache holds
+/// them is refused (EBUSY, naming the claim), nothing changes; delete
+/// without a drain leaves the data committed on the cache file (nothing
+/// reaches the origin), the cache bdev can then go and come back, and a
+/// re-create over the same files recovers it; with `--flush`, the origin
+/// alone holds every write afterwards.
+#[test]
+fn writecache_ssd_delete_with_and_without_drain() {
+    require_spdk_rpc!();
+    require_clients!("qemu-io");
+    let data = DataDir::new("wcdelssd-data");
+    let t = stack_of(
+        Kind::Ssd,
+        "wcdelssd",
+        &data,
+        "16",
+        &["--high-watermark", "100", "--low-watermark", "90"],
+    );
+    let origin = data.path("origin.img");
+    let sock = data.path("nbd.sock");
+    let uri = nbd_export(&t, &sock, "wc0", "wc0");
+    let regions = [
+        (0x91, 0, 64 * KIB),
+        (0x92, 7 * MIB, 4 * KIB),
+        (0x93, 30 * MIB, 256 * KIB),
+    ];
+    qio_ok(&t, &uri, &writes(&regions, true));
+    let n: u64 = regions.iter().map(|r| r.2 / BS).sum();
+    assert_eq!(stat(&t, "wc0", "dirty"), n);
+
+    for base in ["Cache0", "Origin0"] {
+        expect_err(
+            &t,
+            &["bdev_uring_delete", base],
+            -16,
+            &[base, "claimed", "writecache"],
+        );
+    }
+    qio_ok(&t, &uri, &reads(&regions));
+    assert_eq!(stat(&t, "wc0", "dirty"), n);
+
+    assert_eq!(ok(&t, &["bdev_writecache_delete", "wc0"]), "true");
+    assert!(!exists(&t, "wc0"));
+    assert_eq!(bdev(&t, "Cache0")["claimed"], false);
+    assert!(
+        !file_holds(&origin, regions[0]),
+        "no drain: origin untouched"
+    );
+    // The cache bdev goes away and comes back over the same file.
+    ok(&t, &["bdev_uring_delete", "Cache0"]);
+    assert!(!exists(&t, "Cache0"));
+    cache_bdev(Kind::Ssd, &t, &data, "cache.img", "Cache0", "16");
+
+    let create = [
+        "bdev_writecache_create",
+        "wc0",
+        "-o",
+        "Origin0",
+        "-c",
+        "Cache0",
+        "--mode",
+        "ssd",
+        "--high-watermark",
+        "100",
+        "--low-watermark",
+        "90",
+    ];
+    assert_eq!(ok(&t, &create), "wc0");
+    let d = driver(&t, "wc0");
+    assert_eq!(d["formatted_on_create"], false, "recovered: {d}");
+    assert_eq!(
+        (d["mode"].clone(), d["dirty"].clone()),
+        (json!("ssd"), json!(n)),
+        "{d}"
+    );
+    let uri = nbd_export(&t, &sock, "wc0", "wc0b");
+    qio_ok(&t, &uri, &reads(&regions));
+
+    assert_eq!(
+        ok(&t, &["bdev_writecache_delete", "wc0", "--flush"]),
+        "true"
+    );
+    assert!(!exists(&t, "wc0"));
+    assert_file_holds(&origin, &regions);
+    t.stop();
+}
+
+/// ssd mode, a cache-bdev error (an `error` bdev over the uring cache
+/// file): writes fail and the instance enters its error state (stats and
+/// bdev_get_bdevs), flush is refused, reads still return the cached data;
+/// after delete, clearing the fault and re-creating, nothing was lost and
+/// it writes back.
+#[test]
+fn writecache_ssd_cache_bdev_error_enters_the_error_state() {
+    require_spdk_rpc!();
+    require_clients!("qemu-io");
+    let data = DataDir::new("wccerr-data");
+    let t = Target::start("wccerr", &[]);
+    uring_origin(&t, &data, "origin.img", "Origin0", BS);
+    cache_bdev(Kind::Ssd, &t, &data, "cache.img", "Cache0", "16");
+    assert_eq!(t.rpc_ok(&["bdev_error_create", "Cache0"]).trim(), "true");
+    let create = [
+        "bdev_writecache_create",
+        "wc0",
+        "-o",
+        "Origin0",
+        "-c",
+        "EE_Cache0",
+        "--mode",
+        "ssd",
+        "--high-watermark",
+        "100",
+        "--low-watermark",
+        "90",
+    ];
+    assert_eq!(ok(&t, &create), "wc0");
+    let origin = data.path("origin.img");
+    let sock = data.path("nbd.sock");
+    let uri = nbd_export(&t, &sock, "wc0", "wc0");
+    let regions = [(0xA1, 0, 32 * KIB), (0xA2, 9 * MIB, 8 * KIB)];
+    qio_ok(&t, &uri, &writes(&regions, true));
+    let n: u64 = regions.iter().map(|r| r.2 / BS).sum();
+
+    t.rpc_ok(&[
+        "bdev_error_inject_error",
+        "EE_Cache0",
+        "write",
+        "failure",
+        "-n",
+        "1000000000",
+    ]);
+    let out = qio(&uri, &cmds(&["write -P 0x99 12M 4k"]));
+    assert!(
+        out.code != 0 || out.all().contains("failed"),
+        "a write the cache bdev fails must fail: {out:?}"
+    );
+    let s = stats(&t, "wc0");
+    assert_eq!(s["error"], libc::EIO, "{s}");
+    assert_eq!(s["dirty"], n, "nothing cached is dropped: {s}");
+    assert_eq!(driver(&t, "wc0")["error"], libc::EIO);
+    expect_err(&t, &["bdev_writecache_flush", "wc0"], -5, &["wc0", "error"]);
+    qio_ok(&t, &uri, &reads(&regions));
+
+    let _ = wc(&t, &["bdev_writecache_delete", "wc0"]);
+    assert!(!exists(&t, "wc0"));
+    t.rpc_ok(&["bdev_error_inject_error", "EE_Cache0", "clear", "failure"]);
+    assert_eq!(ok(&t, &create), "wc0");
+    let d = driver(&t, "wc0");
+    assert_eq!(
+        (d["error"].clone(), d["dirty"].clone()),
+        (json!(0), json!(n)),
+        "{d}"
+    );
+    assert_eq!(ok(&t, &["bdev_writecache_flush", "wc0"]), "true");
+    assert_file_holds(&origin, &regions);
+    assert_eq!(ok(&t, &["bdev_writecache_delete", "wc0"]), "true");
     t.stop();
 }

@@ -65,11 +65,79 @@ pub enum CacheDev {
 }
 
 impl CacheDev {
+    /// A blank device of `bytes` bytes of the current [`mode`].
+    pub fn blank(bytes: usize) -> CacheDev {
+        match mode() {
+            Mode::Pmem => CacheDev::Pmem(Arc::new(SimPmem::new(bytes))),
+            Mode::Ssd => CacheDev::Disk(Arc::new(SimDisk::new(bytes))),
+        }
+    }
+
     /// What the device holds now (visible stores or writes).
     pub fn visible(&self) -> Vec<u8> {
         match self {
             CacheDev::Pmem(p) => p.visible(),
             CacheDev::Disk(d) => d.visible(),
+        }
+    }
+
+    /// The device after a power cut now that loses everything not yet
+    /// durable (unfenced stores, unflushed writes).
+    pub fn crashed(&self) -> CacheDev {
+        match self {
+            CacheDev::Pmem(p) => {
+                CacheDev::Pmem(Arc::new(SimPmem::from_image(p.crash_all_pending_lost())))
+            }
+            CacheDev::Disk(d) => {
+                CacheDev::Disk(Arc::new(SimDisk::from_image(d.crash_all_unflushed_lost())))
+            }
+        }
+    }
+
+    /// What a power cut now would lose: unfenced words (pmem) or
+    /// unflushed writes (disk).
+    pub fn not_durable(&self) -> usize {
+        match self {
+            CacheDev::Pmem(p) => p.pending_words(),
+            CacheDev::Disk(d) => d.unflushed_writes(),
+        }
+    }
+
+    fn register(&self, name: &str) {
+        match self {
+            CacheDev::Pmem(p) => drop(wc_sim::register_pmem_bdev(name, p.clone(), BS).unwrap()),
+            CacheDev::Disk(d) => drop(wc_sim::register_disk_bdev(name, d.clone(), BS).unwrap()),
+        }
+    }
+}
+
+/// Registers a cache bdev `name` of `bytes` bytes in `block_size` blocks for
+/// rigs on real reactor threads (`wc_bdev::testing`): a pmem file bdev
+/// (pmem mode) or a malloc bdev (ssd mode: any block bdev). Returns the
+/// backing file to remove afterwards, if any.
+pub fn real_cache_bdev(
+    mode: Mode,
+    name: &str,
+    bytes: u64,
+    block_size: u32,
+) -> Option<std::path::PathBuf> {
+    match mode {
+        Mode::Pmem => {
+            let f = std::env::temp_dir().join(format!("wc-{name}-{}", std::process::id()));
+            let _ = std::fs::remove_file(&f);
+            let mut po = wc_bdev_pmem::PmemOpts::new(name, f.to_str().unwrap());
+            po.size = Some(bytes);
+            wc_bdev_pmem::create(po).unwrap();
+            Some(f)
+        }
+        Mode::Ssd => {
+            wc_bdev_malloc::create(wc_bdev_malloc::MallocOpts::new(
+                name,
+                bytes / block_size as u64,
+                block_size,
+            ))
+            .unwrap();
+            None
         }
     }
 }
@@ -176,6 +244,8 @@ pub struct Rig {
     pub name: String,
     pub layer: Layer,
     pub opts: CreateOpts,
+    /// `EE_<cache>` once [`Rig::wrap_cache_in_error`] put it in between.
+    pub cache_ee: Option<String>,
     chans: Vec<Rc<BdevChannel>>,
     descs: Vec<wc_bdev::Desc>,
 }
@@ -191,23 +261,28 @@ impl Rig {
         layer: Layer,
         tune: impl FnOnce(&mut CreateOpts),
     ) -> Rig {
-        let h = Harness::new(reactors);
         let disk = Arc::new(SimDisk::new((origin_blocks * BS as u64) as usize));
+        let cache = CacheDev::blank(pmem_size(cache_blocks));
+        Rig::on_devices(reactors, cache, disk, layer, tune)
+    }
+
+    /// An instance on existing devices (formatted or recovered, as their
+    /// contents say), in the device's mode.
+    pub fn on_devices(
+        reactors: usize,
+        cache: CacheDev,
+        disk: Arc<SimDisk>,
+        layer: Layer,
+        tune: impl FnOnce(&mut CreateOpts),
+    ) -> Rig {
+        let h = Harness::new(reactors);
         let disk_name = unique("fo");
         let cache_name = unique("fc");
         wc_sim::register_disk_bdev(&disk_name, disk.clone(), BS).unwrap();
-        let mode = mode();
-        let cache = match mode {
-            Mode::Pmem => {
-                let pmem = Arc::new(SimPmem::new(pmem_size(cache_blocks)));
-                wc_sim::register_pmem_bdev(&cache_name, pmem.clone(), BS).unwrap();
-                CacheDev::Pmem(pmem)
-            }
-            Mode::Ssd => {
-                let d = Arc::new(SimDisk::new(pmem_size(cache_blocks)));
-                wc_sim::register_disk_bdev(&cache_name, d.clone(), BS).unwrap();
-                CacheDev::Disk(d)
-            }
+        cache.register(&cache_name);
+        let mode = match cache {
+            CacheDev::Pmem(_) => Mode::Pmem,
+            CacheDev::Disk(_) => Mode::Ssd,
         };
         let origin_name = match layer {
             Layer::Plain => disk_name.clone(),
@@ -243,6 +318,7 @@ impl Rig {
             name,
             layer,
             opts,
+            cache_ee: None,
             chans: Vec::new(),
             descs: Vec::new(),
         };
@@ -276,6 +352,55 @@ impl Rig {
             self.descs.push(d);
         }
         Ok(())
+    }
+
+    /// Puts an error bdev (`EE_<cache>`) between the instance and its
+    /// cache (detach, wrap, re-attach); returns its name.
+    pub fn wrap_cache_in_error(&mut self) -> String {
+        self.detach(false).unwrap();
+        wc_bdev_error::create(&self.cache_name, None).unwrap();
+        let ee = format!("EE_{}", self.cache_name);
+        self.opts.cache_bdev = ee.clone();
+        self.cache_ee = Some(ee.clone());
+        self.attach().expect("re-attached over the error bdev");
+        ee
+    }
+
+    /// Makes the cache fail from now on: a media error (pmem) or failed
+    /// writes of the cache bdev (ssd mode, over [`Rig::wrap_cache_in_error`]).
+    pub fn inject_cache_error(&self) {
+        match (&self.cache, &self.cache_ee) {
+            (CacheDev::Pmem(p), _) => p.inject_media_error(libc::EIO),
+            (CacheDev::Disk(_), Some(ee)) => wc_bdev_error::inject(
+                ee,
+                wc_bdev_error::InjectIoType::Write,
+                wc_bdev_error::ErrorType::Failure,
+                u32::MAX,
+            )
+            .unwrap(),
+            (CacheDev::Disk(_), None) => panic!("wrap_cache_in_error first"),
+        }
+    }
+
+    /// Holds the next `n` cache-bdev I/Os of type `t` until
+    /// [`Rig::release_cache`] (over [`Rig::wrap_cache_in_error`]).
+    pub fn hold_cache(&self, t: wc_bdev_error::InjectIoType, n: u32) {
+        let ee = self.cache_ee.as_ref().expect("wrap_cache_in_error first");
+        wc_bdev_error::inject(ee, t, wc_bdev_error::ErrorType::Pending, n).unwrap();
+    }
+
+    /// Lets the held cache-bdev I/Os go (each on its reactor, when polled).
+    pub fn release_cache(&self) {
+        let ee = self.cache_ee.as_ref().expect("wrap_cache_in_error first");
+        wc_bdev_error::resume_pending(ee).unwrap();
+    }
+
+    /// A new instance (on `reactors` reactors, options as `tune` sets)
+    /// over copies of both devices after a power cut now that loses all
+    /// that is not durable. This rig is left as it is.
+    pub fn reboot(&self, reactors: usize, tune: impl FnOnce(&mut CreateOpts)) -> Rig {
+        let disk = Arc::new(SimDisk::from_image(self.disk.crash_all_unflushed_lost()));
+        Rig::on_devices(reactors, self.cache.crashed(), disk, Layer::Plain, tune)
     }
 
     /// Closes our channels and deletes the instance (`flush`: write back
@@ -566,6 +691,9 @@ impl Drop for Rig {
             Layer::Delay(_) => {
                 let _ = wc_bdev_delay::delete(&self.origin_name);
             }
+        }
+        if let Some(ee) = &self.cache_ee {
+            let _ = wc_bdev_error::delete(ee);
         }
         let _ = wc_sim::delete(&self.disk_name);
         let _ = wc_sim::delete(&self.cache_name);
