@@ -141,6 +141,7 @@ impl Drop for WcChannel {
         free.clear();
         drop(free);
         self.0.stats().free_cached.store(0, Ordering::Relaxed);
+        self.0.wc.remove_lane(self.0.core);
     }
 }
 
@@ -193,7 +194,15 @@ pub(crate) fn create_channel(wc: &Arc<Writecache>) -> Result<WcChannel, wc_bdev:
         None => PollStatus::Idle,
     });
     *local.poller.borrow_mut() = Some(p);
+    wc.add_lane(r.handle());
     Ok(WcChannel(local))
+}
+
+impl Local {
+    /// This reactor's channel of the origin (writeback shares go out on it).
+    pub(crate) fn origin_channel(&self) -> Rc<BdevChannel> {
+        self.origin.clone()
+    }
 }
 
 impl IoChannel for WcChannel {

@@ -583,6 +583,53 @@ fn an_autocommit_requested_during_a_commit_is_not_lost() {
     );
 }
 
+/// pmem mode spreads writeback over the reactors with a channel: home
+/// writes its share of a batch from its own origin channel and sends each
+/// other reactor its share, which that reactor writes from its own origin
+/// channel — so polling home alone writes back only part of the batch.
+#[test]
+fn writeback_is_spread_over_the_reactors_with_a_channel() {
+    wcrig::with_mode(wc_writecache::Mode::Pmem, || {
+        let rig = Rig::new(2, 64, 256, Layer::Plain, |o| {
+            o.max_age_ms = Some(20);
+        });
+        // Channels on both reactors; LBAs far apart: one run per block.
+        let lbas: Vec<u64> = (0..8).map(|i| i * 10).collect();
+        for &lba in &lbas {
+            rig.write((lba / 10 % 2) as usize, lba, 1);
+        }
+        rig.flush(0).expect("FLUSH");
+        std::thread::sleep(Duration::from_millis(40));
+        // Home's poller finds the blocks past max_age and sends them out.
+        for _ in 0..2000 {
+            rig.h.poll(0);
+            crossbeam::epoch::pin().flush();
+        }
+        let on_origin = |rig: &Rig| {
+            lbas.iter()
+                .filter(|&&l| rig.origin_block(l).is_some())
+                .count()
+        };
+        let by_home = on_origin(&rig);
+        assert!(
+            by_home > 0 && by_home < lbas.len(),
+            "home alone wrote back {by_home} of {} blocks: {:?}",
+            lbas.len(),
+            rig.stats()
+        );
+        assert!(
+            rig.wait_stats(Duration::from_secs(3), |s| s.dirty == 0),
+            "{:?}",
+            rig.stats()
+        );
+        for &lba in &lbas {
+            assert_eq!(rig.origin_block(lba), Some((lba, 1)), "lba {lba}");
+        }
+        let s = rig.settle();
+        assert_eq!(s.free_blocks, s.blocks, "{s:?}");
+    });
+}
+
 both_modes!(
     a_full_cache_blocks_writers_until_writeback_frees_blocks,
     writeback_starts_at_the_high_watermark_and_ends_below_the_low_one,
