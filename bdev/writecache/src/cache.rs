@@ -766,6 +766,9 @@ impl Writecache {
                 }
                 wb.lbas.insert(lba);
                 batch.push((lba, b));
+                if self.ssd.is_none() {
+                    self.take_neighbours(&mut wb, &mut batch, lba, room, committed_below);
+                }
             }
             for d in deferred.into_iter().rev() {
                 c.fifo.push_front(d);
@@ -780,6 +783,55 @@ impl Writecache {
             let Some(origin) = origin else { return };
             batch.sort_unstable();
             self.dispatch_batch(&origin, batch);
+        }
+    }
+
+    /// Coalescing (as dm-writecache): the committed, idle blocks of the
+    /// LBAs next to `lba` (either side, up to a run) join the batch, so a
+    /// random workload's writeback needs fewer, larger origin writes. They
+    /// stay in the queue; popped later, they are under writeback or freed
+    /// and skipped (a block reused meanwhile goes out a little early).
+    fn take_neighbours(
+        &self,
+        wb: &mut Writeback,
+        batch: &mut Vec<(u64, u32)>,
+        lba: u64,
+        room: u64,
+        committed_below: u32,
+    ) {
+        const SIDE: u64 = 31;
+        let guard = crossbeam::epoch::pin();
+        for forward in [true, false] {
+            for d in 1..=SIDE {
+                if batch.len() as u64 >= room {
+                    return;
+                }
+                let next = if forward {
+                    lba + d
+                } else {
+                    match lba.checked_sub(d) {
+                        Some(l) => l,
+                        None => break,
+                    }
+                };
+                if next >= self.num_blocks || wb.lbas.contains(&next) {
+                    break;
+                }
+                let Some(b) = self.index.lookup(&self.meta, next, &guard, |_| {}) else {
+                    break;
+                };
+                let m = self.meta.get(b);
+                let (gen, state) = m.gen_state();
+                if state != VALID
+                    || seq_at_or_after(m.seq(), committed_below)
+                    || m.lba.load(Ordering::Acquire) != next
+                    || !self.meta.begin_writeback(b, gen)
+                {
+                    break;
+                }
+                wb.lbas.insert(next);
+                batch.push((next, b));
+            }
         }
     }
 

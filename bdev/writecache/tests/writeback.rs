@@ -630,6 +630,41 @@ fn writeback_is_spread_over_the_reactors_with_a_channel() {
     });
 }
 
+/// Coalescing beyond the batch (as dm-writecache): writing back the oldest
+/// block takes its committed, idle neighbours along in one origin write,
+/// even when they are younger.
+#[test]
+fn writeback_takes_committed_neighbours_into_one_origin_write() {
+    wcrig::with_mode(wc_writecache::Mode::Pmem, || {
+        let rig = Rig::new(1, 64, 256, Layer::Plain, |o| {
+            o.max_age_ms = Some(600);
+        });
+        fill(&rig, 5..6);
+        rig.pump_for(Duration::from_millis(300));
+        // Younger neighbours on both sides (and one past a gap).
+        fill(&rig, 3..5);
+        fill(&rig, 6..8);
+        fill(&rig, 9..10);
+        assert!(
+            rig.wait_stats(Duration::from_secs(3), |s| s.writeback_completed_blocks > 0),
+            "{:?}",
+            rig.stats()
+        );
+        until_writeback_quiet(&rig, Duration::from_millis(20));
+        let s = rig.stats();
+        assert_eq!(s.writeback_ios, 1, "{s:?}");
+        assert_eq!(s.writeback_completed_blocks, 5, "{s:?}");
+        for lba in 3..8 {
+            assert_eq!(rig.origin_block(lba), Some((lba, 1)), "lba {lba}");
+        }
+        assert_eq!(
+            rig.origin_block(9),
+            None,
+            "past the gap: young, stays cached"
+        );
+    });
+}
+
 both_modes!(
     a_full_cache_blocks_writers_until_writeback_frees_blocks,
     writeback_starts_at_the_high_watermark_and_ends_below_the_low_one,
