@@ -877,7 +877,12 @@ impl Writecache {
     /// On a lane: writes a share of a batch from this reactor's origin
     /// channel (or, its channel gone meanwhile, from home's).
     fn issue_share(self: &Arc<Self>, share: Vec<(u64, u32)>) {
-        if let Some(origin) = crate::channel::local_of(self.id).map(|l| l.origin_channel()) {
+        // Released by delete meanwhile: home puts the blocks back.
+        let live = lock(&self.wb).origin.is_some();
+        if let Some(origin) = crate::channel::local_of(self.id)
+            .filter(|_| live)
+            .map(|l| l.origin_channel())
+        {
             return self.issue_runs(&origin, share);
         }
         let me = self.clone();
