@@ -6,11 +6,15 @@ one run, which is what a shared, noisy machine allows.
 Usage: perf/ab.py WORKLOAD QD MODE [RUNS] [SECS] [BDEVS]
 
   WORKLOAD  randwrite | randread_hit | randread_miss | write128k | randrw
+            | steady (4 KiB random writes into a 64 MiB cache first filled
+            to its watermark, writeback running; default BDEVS
+            delay,wc_steady: ratios to the origin+delay)
   MODE      1r | 2r
   BDEVS     comma-separated, default malloc,wc; `wc:PATH` runs the wc
             cell with the bdevperf binary at PATH (e.g. a copy of the base
             build), so `malloc,wc:/tmp/bdevperf.base,wc` compares two builds
-Environment: MIB (bdev size, default 256), BIN (default target/release/bdevperf).
+Environment: MIB (bdev size, default 256), BIN (default target/release/bdevperf),
+STEADY_WARM (s of QD 32 writes filling the steady-state cache, default 2).
 
 Read cells pre-write the whole range first (hits); malloc is always
 pre-written (faulted in). Prints the medians and every wc*/malloc ratio.
@@ -33,7 +37,11 @@ def main():
     wk, qd, mode = sys.argv[1], int(sys.argv[2]), sys.argv[3]
     runs = int(sys.argv[4]) if len(sys.argv) > 4 else 3
     secs = float(sys.argv[5]) if len(sys.argv) > 5 else 1
-    bdevs = sys.argv[6].split(",") if len(sys.argv) > 6 else ["malloc", "wc"]
+    steady = wk == "steady"
+    base = "delay" if steady else "malloc"
+    default = ["delay", "wc_steady"] if steady else ["malloc", "wc"]
+    bdevs = sys.argv[6].split(",") if len(sys.argv) > 6 else default
+    warm = float(os.environ.get("STEADY_WARM", 2))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     binp = os.environ.get("BIN", os.path.join(root, "target/release/bdevperf"))
     mib = int(os.environ.get("MIB", 256))
@@ -47,14 +55,16 @@ def main():
     a.origin_blocks = mib * 256
     a.origin_file = os.path.join(od, "origin.img")
     a.cache_file = os.path.join(tmp, "cache.pmem")
-    a.steady_blocks = 16384
+    a.steady_blocks = 64 * 256
     with open(a.origin_file, "wb") as f:
         f.truncate(mib << 20)
     cfgs = bench.configs(a)
     margs = dict((m[0], m[1]) for m in bench.MODES)[mode]
     target = {b[0]: b[1] for b in bench.BDEVS}
-    _, wl, size, mix, _ = bench.WL[wk]
+    target["wc_steady"] = "WC0"
+    _, wl, size, mix, _ = bench.WL["randwrite" if steady else wk]
     res = {b: [] for b in bdevs}
+    p99 = {b: [] for b in bdevs}
     try:
         for r in range(runs):
             for b in bdevs:
@@ -66,8 +76,11 @@ def main():
                 try:
                     if bd == "malloc" or (bd == "wc" and wk in ("randread_hit", "randrw")):
                         bench.prewrite(bp, 1, mode, a.origin_blocks)
+                    if bd == "wc_steady":
+                        bp.perform("randwrite", 4096, 32, warm)  # fill to the watermark
                     c = bench.summarize(bp.perform(wl, size, qd, secs, mix))
                     res[b].append(c["iops"] if c else 0)
+                    p99[b].append(c["p99_us"] if c else 0)
                     if c:
                         bench.log(f"{b} run {r + 1}: {c['iops']:,.0f} IOPS, p50 "
                                   f"{c['p50_us']} us, p99 {c['p99_us']} us")
@@ -79,8 +92,10 @@ def main():
     med = {b: statistics.median(v) for b, v in res.items()}
     out = " ".join(f"{b}={med[b]:,.0f}" for b in bdevs)
     for k in bdevs:
-        if k.startswith("wc") and med.get("malloc"):
-            out += f" {k}/malloc={med[k] / med['malloc']:.3f}"
+        if k.startswith("wc") and med.get(base):
+            out += f" {k}/{base}={med[k] / med[base]:.3f}"
+    for k in bdevs:
+        out += f" {k}.p99={statistics.median(p99[k]):.0f}us"
     print(f"{wk} qd{qd} {mode}: {out}")
     return 0
 

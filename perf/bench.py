@@ -835,6 +835,22 @@ def targets17_table(a, med):
             if n and d:
                 st.append((m, q, n / d))
     L.append(row("steady state with writeback, wc/origin+delay ≥ 1.0 everywhere", st, 1.0))
+    # Writeback must not starve foreground I/O: the writes' p99 in the
+    # steady state, next to the origin's own p99 at the same QD.
+    lat = []
+    for m in ("1r", "2r"):
+        for q in a.qds:
+            n, d = g("wc_steady", m, "randwrite", q, "p99_us"), g("delay", m, "randwrite", q,
+                                                                  "p99_us")
+            if n and d:
+                lat.append((m, q, n, d))
+    if lat:
+        txt = ", ".join(f"{m} QD{q} {n:,.0f}/{d:,.0f} µs" for m, q, n, d in lat)
+        met = all(n <= d for _, _, n, d in lat)
+        L.append(f"| steady state foreground write p99 ≤ origin+delay's p99 (wc/origin, "
+                 f"reported) | {txt} | {'yes' if met else '**no**'} |")
+    else:
+        L.append("| steady state foreground write p99 (reported) | not measured | – |")
     for q, goal in ((32, 12), (128, 9)):
         rs = ratios("wc", "uring", ["1r"], "randwrite", [q]) if q in a.qds else []
         L.append(row(f"burst (cache not full), wc/origin (uring) QD {q} ≥ {goal}×", rs, goal,

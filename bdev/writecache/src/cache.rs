@@ -3,8 +3,10 @@
 //!
 //! The coordinator and the writeback run on the instance's *home* reactor
 //! (where it was created); writers and readers run on any reactor and talk
-//! to home by messages. Everything home-only sits behind mutexes that only
-//! home takes, so they never contend.
+//! to home by messages. Everything home-only sits behind mutexes that home
+//! takes; other reactors take the writeback's only to finish a writeback
+//! run they issued (pmem mode: home picks the blocks and each reactor with
+//! a channel writes a share of them from its own origin channel).
 
 use std::collections::HashSet;
 use std::rc::Rc;
@@ -90,6 +92,15 @@ pub(crate) struct Writeback {
     retired: Vec<u32>,
     /// Runs completed since the retire poller last sent a new batch.
     completed: bool,
+    /// Reactors with a channel of this instance (pmem mode: each writes a
+    /// share of every writeback batch from its own origin channel).
+    lanes: Vec<ReactorHandle>,
+    /// The lane the next batch's first share goes to (so batches of one
+    /// run take turns).
+    next_lane: usize,
+    /// A run completed on another reactor sent home a kick that has not
+    /// run yet (one message however many complete meanwhile).
+    kick_pending: bool,
 }
 
 // SAFETY: `origin` is an Rc created and used only on the home reactor; the
@@ -763,6 +774,9 @@ impl Writecache {
                 }
                 wb.lbas.insert(lba);
                 batch.push((lba, b));
+                if self.ssd.is_none() {
+                    self.take_neighbours(&mut wb, &mut batch, lba, room, committed_below);
+                }
             }
             for d in deferred.into_iter().rev() {
                 c.fifo.push_front(d);
@@ -776,8 +790,138 @@ impl Writecache {
             drop(c);
             let Some(origin) = origin else { return };
             batch.sort_unstable();
-            self.issue_runs(&origin, batch);
+            self.dispatch_batch(&origin, batch);
         }
+    }
+
+    /// Coalescing (as dm-writecache): the committed, idle blocks of the
+    /// LBAs next to `lba` (either side, up to a run) join the batch, so a
+    /// random workload's writeback needs fewer, larger origin writes. They
+    /// stay in the queue; popped later, they are under writeback or freed
+    /// and skipped (a block reused meanwhile goes out a little early).
+    fn take_neighbours(
+        &self,
+        wb: &mut Writeback,
+        batch: &mut Vec<(u64, u32)>,
+        lba: u64,
+        room: u64,
+        committed_below: u32,
+    ) {
+        const SIDE: u64 = 31;
+        let guard = crossbeam::epoch::pin();
+        for forward in [true, false] {
+            for d in 1..=SIDE {
+                if batch.len() as u64 >= room {
+                    return;
+                }
+                let next = if forward {
+                    lba + d
+                } else {
+                    match lba.checked_sub(d) {
+                        Some(l) => l,
+                        None => break,
+                    }
+                };
+                if next >= self.num_blocks || wb.lbas.contains(&next) {
+                    break;
+                }
+                let Some(b) = self.index.lookup(&self.meta, next, &guard, |_| {}) else {
+                    break;
+                };
+                let m = self.meta.get(b);
+                let (gen, state) = m.gen_state();
+                if state != VALID
+                    || seq_at_or_after(m.seq(), committed_below)
+                    || m.lba.load(Ordering::Acquire) != next
+                    || !self.meta.begin_writeback(b, gen)
+                {
+                    break;
+                }
+                wb.lbas.insert(next);
+                batch.push((next, b));
+            }
+        }
+    }
+
+    /// Sends a sorted batch out. pmem mode: in shares of consecutive LBAs,
+    /// one per reactor with a channel, each written from that reactor's own
+    /// origin channel, so writeback is not bound by one reactor's I/O rate
+    /// (ssd mode reads the cache through home's channel: all on home).
+    fn dispatch_batch(self: &Arc<Self>, home_origin: &Rc<BdevChannel>, batch: Vec<(u64, u32)>) {
+        let (lanes, first) = {
+            let mut wb = lock(&self.wb);
+            if self.ssd.is_some() || wb.lanes.len() <= 1 {
+                drop(wb);
+                return self.issue_runs(home_origin, batch);
+            }
+            let first = wb.next_lane % wb.lanes.len();
+            wb.next_lane = wb.next_lane.wrapping_add(1);
+            (wb.lanes.clone(), first)
+        };
+        let share = batch.len().div_ceil(lanes.len());
+        let home = self.home.index();
+        let mut rest = &batch[..];
+        let mut k = first;
+        while !rest.is_empty() {
+            // A share ends at a gap between LBAs, so no run is split.
+            let mut end = share.min(rest.len());
+            while end < rest.len() && rest[end].0 == rest[end - 1].0 + 1 {
+                end += 1;
+            }
+            let (mine, more) = rest.split_at(end);
+            rest = more;
+            let lane = &lanes[k % lanes.len()];
+            k += 1;
+            if lane.index() == home {
+                self.issue_runs(home_origin, mine.to_vec());
+            } else {
+                let me = self.clone();
+                let mine = mine.to_vec();
+                lane.send(move || me.issue_share(mine));
+            }
+        }
+    }
+
+    /// On a lane: writes a share of a batch from this reactor's origin
+    /// channel (or, its channel gone meanwhile, from home's).
+    fn issue_share(self: &Arc<Self>, share: Vec<(u64, u32)>) {
+        // Released by delete meanwhile: home puts the blocks back.
+        let live = lock(&self.wb).origin.is_some();
+        if let Some(origin) = crate::channel::local_of(self.id)
+            .filter(|_| live)
+            .map(|l| l.origin_channel())
+        {
+            return self.issue_runs(&origin, share);
+        }
+        let me = self.clone();
+        self.home.send(move || {
+            let origin = lock(&me.wb).origin.clone();
+            match origin {
+                Some(o) => me.issue_runs(&o, share),
+                // Released (deleted): the blocks stay cached and queued.
+                None => me.abandon_run(&share),
+            }
+        });
+    }
+
+    /// A reactor with a channel of this instance takes a share of the
+    /// writeback from now on.
+    pub(crate) fn add_lane(&self, lane: ReactorHandle) {
+        lock(&self.wb).lanes.push(lane);
+    }
+
+    /// The channel on reactor `index` is going away.
+    pub(crate) fn remove_lane(&self, index: usize) {
+        let mut wb = lock(&self.wb);
+        if let Some(i) = wb.lanes.iter().position(|l| l.index() == index) {
+            wb.lanes.swap_remove(i);
+        }
+    }
+
+    /// The origin channel a run is retried or flushed on, if the instance
+    /// still writes back (not released by delete).
+    fn live_origin(&self, run: &WbRun) -> Option<Rc<BdevChannel>> {
+        lock(&self.wb).origin.as_ref().map(|_| run.origin.clone())
     }
 
     /// Writes a sorted batch as runs of contiguous LBAs (one origin write
@@ -796,6 +940,7 @@ impl Writecache {
                 Rc::new(WbRun {
                     wc: self.clone(),
                     run,
+                    origin: origin.clone(),
                     attempt: std::cell::Cell::new(0),
                     bufs: Default::default(),
                 }),
@@ -855,6 +1000,7 @@ impl Writecache {
                 let run = Rc::new(WbRun {
                     wc: self.clone(),
                     run: run.run.clone(),
+                    origin: run.origin.clone(),
                     attempt: std::cell::Cell::new(attempt),
                     bufs: Default::default(),
                 });
@@ -863,7 +1009,7 @@ impl Writecache {
                     self.name
                 );
                 wc_reactor::current().schedule_timer(delay, move || {
-                    let origin = lock(&me.wb).origin.clone();
+                    let origin = me.live_origin(&run);
                     if let Some(o) = origin {
                         me.issue_run(&o, run);
                     }
@@ -879,18 +1025,19 @@ impl Writecache {
         if !fua {
             // nofua: the data is durable on the origin only after a flush.
             let me = self.clone();
-            let origin = lock(&self.wb).origin.clone();
+            let origin = self.live_origin(run);
             if let Some(o) = origin {
                 let attempt = run.attempt.get();
                 let run = run.run.clone();
+                let o2 = o.clone();
                 let cb: Rc<dyn IoCompletion> = Rc::new(wc_bdev::FnCompletion(move |io: Io, _| {
-                    me.retire(&run, io.status().is_success(), attempt);
+                    me.retire(&run, io.status().is_success(), attempt, &o2);
                 }));
                 o.flush(0, o.bdev().num_blocks(), &cb, 0);
                 return;
             }
         }
-        self.retire(&run.run, true, run.attempt.get());
+        self.retire(&run.run, true, run.attempt.get(), &run.origin);
     }
 
     /// Puts a run that will not be written back (error state) back in
@@ -1012,13 +1159,20 @@ impl Writecache {
     }
 
     /// The origin holds these blocks durably: drop them from the cache.
-    fn retire(self: &Arc<Self>, run: &[(u64, u32)], ok: bool, attempt: u32) {
+    fn retire(
+        self: &Arc<Self>,
+        run: &[(u64, u32)],
+        ok: bool,
+        attempt: u32,
+        origin: &Rc<BdevChannel>,
+    ) {
         if !ok {
             // The origin flush after a nofua write failed: retry the whole
             // run (write + flush) under the same retry budget.
             let r = WbRun {
                 wc: self.clone(),
                 run: run.to_vec(),
+                origin: origin.clone(),
                 attempt: std::cell::Cell::new(attempt),
                 bufs: Default::default(),
             };
@@ -1037,9 +1191,12 @@ impl Writecache {
                 to_free.push(b);
             }
         }
-        {
+        let on_home = wc_reactor::current().index() == self.home.index();
+        let kick = {
             let mut wb = lock(&self.wb);
-            wb.retired.extend_from_slice(&to_free);
+            if on_home {
+                wb.retired.extend_from_slice(&to_free);
+            }
             for &(lba, _) in run {
                 wb.lbas.remove(&lba);
             }
@@ -1049,6 +1206,20 @@ impl Writecache {
             // The next batch goes out from the retire poller, once for all
             // the runs that complete in this reactor iteration.
             wb.completed = true;
+            !on_home && !std::mem::replace(&mut wb.kick_pending, true)
+        };
+        if !on_home {
+            // A lane frees its blocks at once (its writers waiting for
+            // them run next on this reactor) and wakes home, which may be
+            // asleep, for the next batch.
+            self.free_blocks(&to_free);
+            if kick {
+                let me = self.clone();
+                self.home.send(move || {
+                    lock(&me.wb).kick_pending = false;
+                    me.kick_writeback();
+                });
+            }
         }
     }
 
@@ -1147,6 +1318,9 @@ enum WbReason {
 struct WbRun {
     wc: Arc<Writecache>,
     run: Vec<(u64, u32)>,
+    /// The origin channel of the reactor that issued it (where it
+    /// completes, is retried and flushed).
+    origin: Rc<BdevChannel>,
     attempt: std::cell::Cell<u32>,
     /// ssd mode: the buffers the run was read into (back to the pool when
     /// the run is dropped).

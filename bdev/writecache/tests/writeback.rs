@@ -583,6 +583,88 @@ fn an_autocommit_requested_during_a_commit_is_not_lost() {
     );
 }
 
+/// pmem mode spreads writeback over the reactors with a channel: home
+/// writes its share of a batch from its own origin channel and sends each
+/// other reactor its share, which that reactor writes from its own origin
+/// channel — so polling home alone writes back only part of the batch.
+#[test]
+fn writeback_is_spread_over_the_reactors_with_a_channel() {
+    wcrig::with_mode(wc_writecache::Mode::Pmem, || {
+        let rig = Rig::new(2, 64, 256, Layer::Plain, |o| {
+            o.max_age_ms = Some(20);
+        });
+        // Channels on both reactors; LBAs far apart: one run per block.
+        let lbas: Vec<u64> = (0..8).map(|i| i * 10).collect();
+        for &lba in &lbas {
+            rig.write((lba / 10 % 2) as usize, lba, 1);
+        }
+        rig.flush(0).expect("FLUSH");
+        std::thread::sleep(Duration::from_millis(40));
+        // Home's poller finds the blocks past max_age and sends them out.
+        for _ in 0..2000 {
+            rig.h.poll(0);
+            crossbeam::epoch::pin().flush();
+        }
+        let on_origin = |rig: &Rig| {
+            lbas.iter()
+                .filter(|&&l| rig.origin_block(l).is_some())
+                .count()
+        };
+        let by_home = on_origin(&rig);
+        assert!(
+            by_home > 0 && by_home < lbas.len(),
+            "home alone wrote back {by_home} of {} blocks: {:?}",
+            lbas.len(),
+            rig.stats()
+        );
+        assert!(
+            rig.wait_stats(Duration::from_secs(3), |s| s.dirty == 0),
+            "{:?}",
+            rig.stats()
+        );
+        for &lba in &lbas {
+            assert_eq!(rig.origin_block(lba), Some((lba, 1)), "lba {lba}");
+        }
+        let s = rig.settle();
+        assert_eq!(s.free_blocks, s.blocks, "{s:?}");
+    });
+}
+
+/// Coalescing beyond the batch (as dm-writecache): writing back the oldest
+/// block takes its committed, idle neighbours along in one origin write,
+/// even when they are younger.
+#[test]
+fn writeback_takes_committed_neighbours_into_one_origin_write() {
+    wcrig::with_mode(wc_writecache::Mode::Pmem, || {
+        let rig = Rig::new(1, 64, 256, Layer::Plain, |o| {
+            o.max_age_ms = Some(600);
+        });
+        fill(&rig, 5..6);
+        rig.pump_for(Duration::from_millis(300));
+        // Younger neighbours on both sides (and one past a gap).
+        fill(&rig, 3..5);
+        fill(&rig, 6..8);
+        fill(&rig, 9..10);
+        assert!(
+            rig.wait_stats(Duration::from_secs(3), |s| s.writeback_completed_blocks > 0),
+            "{:?}",
+            rig.stats()
+        );
+        until_writeback_quiet(&rig, Duration::from_millis(20));
+        let s = rig.stats();
+        assert_eq!(s.writeback_ios, 1, "{s:?}");
+        assert_eq!(s.writeback_completed_blocks, 5, "{s:?}");
+        for lba in 3..8 {
+            assert_eq!(rig.origin_block(lba), Some((lba, 1)), "lba {lba}");
+        }
+        assert_eq!(
+            rig.origin_block(9),
+            None,
+            "past the gap: young, stays cached"
+        );
+    });
+}
+
 both_modes!(
     a_full_cache_blocks_writers_until_writeback_frees_blocks,
     writeback_starts_at_the_high_watermark_and_ends_below_the_low_one,
