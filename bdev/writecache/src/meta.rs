@@ -921,7 +921,10 @@ impl FreePool {
 
     /// Bytes of RAM the pool holds.
     pub(crate) fn ram_bytes(&self) -> usize {
-        self.cap * std::mem::size_of::<u32>()
+        match &*self.lock() {
+            Blocks::Lifo(_) => self.cap * std::mem::size_of::<u32>(),
+            Blocks::Sorted(s) => s.words.len() * 8,
+        }
     }
 
     /// Returns `blocks` to the pool once every reader pinned now has
@@ -1514,6 +1517,7 @@ mod tests {
             }
             assert_eq!(pool.len(), model.len() as u64, "op {op}: len");
         }
+        assert_eq!(pool.ram_bytes(), 32, "one bit per block");
     }
 
     #[test]
