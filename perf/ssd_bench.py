@@ -11,15 +11,23 @@ Each writecache cell starts from a blank cache (burst: watermarks at 95/90,
 so no writeback runs). Then the steady state (a small cache kept at the
 high watermark while writeback runs; the second of two runs) against the
 origin alone, and the recovery time of a 4 Mi-block ssd-mode cache
-(wc_recovery). Writes a markdown report.
+(wc_recovery). Writes a markdown report that ends with issue 13's
+targets table (measured, met or not).
+
+--ab BASE_BDEVPERF instead compares two builds in one run: the
+ssd-malloc cells (and malloc alone) with BASE_BDEVPERF and with --bin's,
+alternating process by process, median of --runs; prints the ratios.
 
 Usage: cargo build --release -p wc-perf
-       perf/ssd_bench.py --bin target/release [--secs 1] [--cache-mib 2048] [--out FILE]
+       perf/ssd_bench.py --bin target/release [--secs 0.5] [--cache-mib 4096] [--out FILE]
+       perf/ssd_bench.py --bin target/release --ab /tmp/bdevperf.base [--runs 3]
 """
 
 import argparse
 import os
+import re
 import shutil
+import statistics
 import subprocess
 import sys
 import tempfile
@@ -63,11 +71,19 @@ def cfg_for(name, a, tmp, origin_file):
     }[name]
 
 
-def run(a, tmp, origin_file, name, reactors, qd, secs, repeat=1):
+# The cache bdevs alone are measured in their second pass, with their
+# memory faulted in (as SPDK's hugepage-backed malloc always is): a first
+# pass over a fresh 4 GiB malloc bdev spends most of a short cell clearing
+# pages. ssd mode is measured in one pass on a fresh cache (it writes
+# fresh blocks, so it pays those faults as it goes: conservative).
+ALONE_PASSES = {"malloc": 2, "shm": 2}
+
+
+def run(a, tmp, origin_file, name, reactors, qd, secs, repeat=1, binary=None):
     config, target = cfg_for(name, a, tmp, origin_file)
     mode = ["-m", "0x1"] if reactors == 1 else ["-m", "0x3", "-C"]
-    bp = bench.Bdevperf(os.path.join(a.bin, "bdevperf"), tmp, f"{name}-{reactors}-{qd}",
-                        config, mode, target)
+    bp = bench.Bdevperf(binary or os.path.join(a.bin, "bdevperf"), tmp,
+                        f"{name}-{reactors}-{qd}", config, mode, target)
     try:
         cell = None
         for _ in range(repeat):
@@ -77,21 +93,89 @@ def run(a, tmp, origin_file, name, reactors, qd, secs, repeat=1):
         bp.close()
 
 
+# Issue 13's targets: (what, measured ratio or seconds, goal, met).
+def targets(res, iops, steady, recovery_s, reactors, qds):
+    def worst(num, den):
+        r = [iops(num, x, q) / iops(den, x, q) for x in reactors for q in qds
+             if iops(num, x, q) and iops(den, x, q)]
+        return min(r) if r else None
+
+    so, ss = steady.get("origin"), steady.get("steady")
+    rows = [
+        ("ssd mode on malloc vs malloc alone (worst cell)", worst("ssd-malloc", "malloc"), 0.7),
+        ("ssd mode on /dev/shm uring vs that bdev alone (worst cell)",
+         worst("ssd-shm", "shm"), 0.7),
+        ("burst, ssd mode on malloc vs origin (worst cell)", worst("ssd-malloc", "origin"), 5.0),
+        ("burst, ssd mode on /dev/shm uring vs origin (worst cell)",
+         worst("ssd-shm", "origin"), 5.0),
+        ("steady state with writeback vs origin",
+         ss["iops"] / so["iops"] if ss and so and so["iops"] else None, 1.0),
+    ]
+    out = ["| target | measured | goal | met |", "|---|---|---|---|"]
+    for what, v, goal in rows:
+        met = "–" if v is None else ("yes" if v >= goal else "**no**")
+        out.append(f"| {what} | {'–' if v is None else f'{v:.2f}x'} | >= {goal}x | {met} |")
+    met = "–" if recovery_s is None else ("yes" if recovery_s < 2.0 else "**no**")
+    out.append(f"| recovery of a 4 Mi-block ssd cache | "
+               f"{'–' if recovery_s is None else f'{recovery_s:.3f} s'} | < 2 s | {met} |")
+    return out
+
+
+def recovery_seconds(text):
+    """The recovery time wc_recovery prints ("recovery of N committed blocks: 0.525s")."""
+    m = re.search(r"recovery of \d+ committed blocks: ([0-9.]+)s", text)
+    return float(m.group(1)) if m else None
+
+
+def ab(a, tmp, origin_file):
+    """Base build vs this build on the ssd-malloc cells, alternating."""
+    base, new = a.ab, os.path.join(a.bin, "bdevperf")
+    qds = [int(q) for q in a.qds.split()]
+    lines = ["| reactors | QD | malloc | ssd-malloc base | ssd-malloc new | base x malloc "
+             "| new x malloc | new x base |", "|---|---|---|---|---|---|---|---|"]
+    for r in [int(x) for x in a.reactors.split()]:
+        for q in qds:
+            got = {"malloc": [], "base": [], "new": []}
+            for _ in range(a.runs):
+                for key, name, binary in (("malloc", "malloc", new), ("base", "ssd-malloc", base),
+                                          ("new", "ssd-malloc", new)):
+                    cell = run(a, tmp, origin_file, name, r, q, a.secs, binary=binary,
+                               repeat=ALONE_PASSES.get(name, 1))
+                    if cell:
+                        got[key].append(cell["iops"])
+            med = {k: statistics.median(v) if v else None for k, v in got.items()}
+            bench.log(f"ab reactors {r} qd {q}: {got}")
+
+            def x(n, d):
+                return f"{n / d:.2f}" if n and d else "-"
+            lines.append(f"| {r} | {q} | {bench.fmt_i(med['malloc'])} | {bench.fmt_i(med['base'])} "
+                         f"| {bench.fmt_i(med['new'])} | {x(med['base'], med['malloc'])} "
+                         f"| {x(med['new'], med['malloc'])} | {x(med['new'], med['base'])} |")
+    print(f"A/B, 4 KiB randwrite, medians of {a.runs} runs of {a.secs} s, base {base} "
+          f"vs new {new}:\n")
+    print("\n".join(lines))
+
+
 def main():
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--bin", required=True)
-    ap.add_argument("--secs", type=int, default=1)
+    ap.add_argument("--secs", type=float, default=0.5)
     ap.add_argument("--qds", default="1 32 128")
     ap.add_argument("--reactors", default="1 2")
-    # The cache must outlast a run: at 500k IOPS a 1 s run writes 2 GiB;
-    # a cache that fills mid-run measures the writeback, not the burst.
-    ap.add_argument("--cache-mib", type=int, default=2048)
+    # The cache must outlast a run: at 1M IOPS a 0.5 s run writes 2 GiB
+    # (most of it new blocks: the origin has 2 Mi of them); a cache that
+    # reaches its high watermark mid-run measures the writeback, not the
+    # burst (a 2 GiB cache capped ssd mode near 600k IOPS).
+    ap.add_argument("--cache-mib", type=int, default=4096)
     ap.add_argument("--origin-mib", type=int, default=8192)
     ap.add_argument("--steady-cache-mib", type=int, default=64)
     ap.add_argument("--steady-secs", type=int, default=5)
     ap.add_argument("--shm", default="/dev/shm")
     ap.add_argument("--origin-dir", default="/var/tmp")
     ap.add_argument("--out", default="perf/results/ssd.md")
+    ap.add_argument("--ab", metavar="BASE_BDEVPERF",
+                    help="compare the ssd-malloc cells of this bdevperf binary with --bin's")
+    ap.add_argument("--runs", type=int, default=3, help="runs per A/B cell (median)")
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="wc-ssd-bench.", dir=a.shm)
     odir = tempfile.mkdtemp(prefix="wc-ssd-bench-origin.", dir=a.origin_dir)
@@ -99,11 +183,18 @@ def main():
     sparse(origin_file, a.origin_mib)
     qds = [int(q) for q in a.qds.split()]
     res = {}
+    if a.ab:
+        try:
+            return ab(a, tmp, origin_file)
+        finally:
+            shutil.rmtree(tmp, ignore_errors=True)
+            shutil.rmtree(odir, ignore_errors=True)
     try:
         for r in [int(x) for x in a.reactors.split()]:
             for q in qds:
                 for name in ("malloc", "shm", "origin", "ssd-malloc", "ssd-shm"):
-                    cell = run(a, tmp, origin_file, name, r, q, a.secs)
+                    cell = run(a, tmp, origin_file, name, r, q, a.secs,
+                               repeat=ALONE_PASSES.get(name, 1))
                     res[(name, r, q)] = cell
                     bench.log(f"{name} reactors {r} qd {q}: "
                               f"{cell['iops'] if cell else 'failed'}")
@@ -130,11 +221,12 @@ def main():
         return f"{x / y:.2f}" if x and y else "-"
 
     lines = ["# ssd mode: 4 KiB random writes (bdevperf, one run of "
-             f"{a.secs} s per cell)", "",
+             f"{a.secs:g} s per cell)", "",
              f"Cache {a.cache_mib} MiB (malloc, or uring over a file in {a.shm}); "
              f"origin: uring O_DIRECT over a {a.origin_mib} MiB file in {a.origin_dir}. "
              "writecache cells start from a blank cache with watermarks 95/90 (burst: "
-             "no writeback). Machine: " + bench.machine_info().get("cpu", "?") + ".", "",
+             "no writeback); the cache bdevs alone are measured in a second pass (memory "
+             "faulted in). Machine: " + bench.machine_info().get("cpu", "?") + ".", "",
              "| reactors | QD | malloc | ssd-malloc | x cache | shm | ssd-shm | x cache "
              "| origin | ssd-malloc x origin | ssd-shm x origin |",
              "|---|---|---|---|---|---|---|---|---|---|---|"]
@@ -152,7 +244,12 @@ def main():
               f"writecache {bench.fmt_i(ss and ss['iops'])} IOPS vs origin alone "
               f"{bench.fmt_i(so and so['iops'])} IOPS: "
               f"{ratio(ss and ss['iops'], so and so['iops'])}x.", "",
-              f"Recovery: `wc_recovery {4 << 20} 512 {a.shm} ssd`: {recovery}", ""]
+              f"Recovery: `wc_recovery {4 << 20} 512 {a.shm} ssd`: {recovery}", "",
+              "## Targets (issue 13)", ""]
+    lines += targets(res, iops, steady, recovery_seconds(recovery),
+                     [int(x) for x in a.reactors.split()], qds)
+    lines += ["", "Burst on /dev/shm is bounded by that bdev alone: its ratio to the origin "
+              "is the shm column over the origin column.", ""]
     os.makedirs(os.path.dirname(os.path.abspath(a.out)), exist_ok=True)
     with open(a.out, "w") as f:
         f.write("\n".join(lines))

@@ -735,26 +735,26 @@ impl Index {
 }
 
 /// The free blocks themselves: a stack (pmem mode: the most recently freed
-/// block is reused first, still warm in the CPU cache) or a min-heap (ssd
-/// mode: the lowest free block goes out first, so cache-device writes stay
-/// mostly sequential, as dm-writecache's sorted freelist).
+/// block is reused first, still warm in the CPU cache) or a sorted set
+/// (ssd mode: the lowest free block goes out first, so cache-device writes
+/// stay mostly sequential, as dm-writecache's sorted freelist).
 enum Blocks {
     Lifo(Vec<u32>),
-    Sorted(std::collections::BinaryHeap<std::cmp::Reverse<u32>>),
+    Sorted(SortedBlocks),
 }
 
 impl Blocks {
     fn len(&self) -> usize {
         match self {
             Blocks::Lifo(v) => v.len(),
-            Blocks::Sorted(h) => h.len(),
+            Blocks::Sorted(s) => s.len,
         }
     }
 
     fn extend(&mut self, blocks: &[u32]) {
         match self {
             Blocks::Lifo(v) => v.extend_from_slice(blocks),
-            Blocks::Sorted(h) => h.extend(blocks.iter().map(|&b| std::cmp::Reverse(b))),
+            Blocks::Sorted(s) => s.extend(blocks),
         }
     }
 
@@ -767,12 +767,72 @@ impl Blocks {
                 out.extend_from_slice(&v[at..]);
                 v.truncate(at);
             }
-            Blocks::Sorted(h) => {
+            Blocks::Sorted(s) => {
                 let start = out.len();
-                out.extend((0..k).filter_map(|_| h.pop().map(|r| r.0)));
+                s.take_lowest(k, out);
                 out[start..].reverse();
             }
         }
+    }
+}
+
+/// A set of block numbers below a fixed bound, one bit each, handing out
+/// the lowest first: a batch of 64 costs a few word scans (a binary heap
+/// paid a sift-down of ~log2(n) levels per block, in the allocating
+/// write's path).
+struct SortedBlocks {
+    words: Vec<u64>,
+    /// The bound: blocks are below it.
+    n: usize,
+    len: usize,
+    /// Every word below this one is zero.
+    low: usize,
+}
+
+impl SortedBlocks {
+    fn new(n: usize) -> SortedBlocks {
+        SortedBlocks {
+            words: vec![0; n.div_ceil(64)],
+            n,
+            len: 0,
+            low: 0,
+        }
+    }
+
+    fn extend(&mut self, blocks: &[u32]) {
+        for &b in blocks {
+            let w = b as usize / 64;
+            let bit = 1u64 << (b % 64);
+            match self.words.get_mut(w).filter(|_| (b as usize) < self.n) {
+                Some(word) if *word & bit == 0 => {
+                    *word |= bit;
+                    self.len += 1;
+                    self.low = self.low.min(w);
+                }
+                Some(_) => tracing::error!("writecache: block {b} freed twice"),
+                None => tracing::error!("writecache: freed block {b} is past the cache"),
+            }
+        }
+    }
+
+    /// Appends the `k` (at most `len`) lowest blocks to `out`, ascending.
+    fn take_lowest(&mut self, k: usize, out: &mut Vec<u32>) {
+        let mut left = k.min(self.len);
+        self.len -= left;
+        let mut w = self.low;
+        while left > 0 && w < self.words.len() {
+            let word = &mut self.words[w];
+            while *word != 0 && left > 0 {
+                let bit = word.trailing_zeros();
+                *word &= *word - 1;
+                out.push((w * 64) as u32 + bit);
+                left -= 1;
+            }
+            if *word == 0 {
+                w += 1;
+            }
+        }
+        self.low = w;
     }
 }
 
@@ -797,10 +857,7 @@ impl FreePool {
 
     /// A pool that always hands out its lowest free blocks first.
     pub(crate) fn new_sorted(n: usize) -> Arc<FreePool> {
-        Self::with_blocks(
-            n,
-            Blocks::Sorted(std::collections::BinaryHeap::with_capacity(n)),
-        )
+        Self::with_blocks(n, Blocks::Sorted(SortedBlocks::new(n)))
     }
 
     fn with_blocks(n: usize, blocks: Blocks) -> Arc<FreePool> {
@@ -864,7 +921,10 @@ impl FreePool {
 
     /// Bytes of RAM the pool holds.
     pub(crate) fn ram_bytes(&self) -> usize {
-        self.cap * std::mem::size_of::<u32>()
+        match &*self.lock() {
+            Blocks::Lifo(_) => self.cap * std::mem::size_of::<u32>(),
+            Blocks::Sorted(s) => s.words.len() * 8,
+        }
     }
 
     /// Returns `blocks` to the pool once every reader pinned now has
@@ -1420,6 +1480,44 @@ mod tests {
             }
             assert_eq!(pool.len(), model.len() as u64, "op {op}: len");
         }
+    }
+
+    #[test]
+    fn sorted_free_pool_matches_ordered_set_model() {
+        const CAP: usize = 200;
+        let pool = FreePool::new_sorted(CAP);
+        let mut model = std::collections::BTreeSet::new();
+        let mut rng = Rng(0x5EED);
+        for op in 0..20_000 {
+            match rng.below(3) {
+                0 => {
+                    // Some pushes are double frees or out of range: ignored.
+                    let b: Vec<u32> = (0..rng.below(8)).map(|_| rng.below(210) as u32).collect();
+                    pool.push_all(&b);
+                    for x in b {
+                        if (x as usize) < CAP {
+                            model.insert(x);
+                        }
+                    }
+                }
+                1 => assert_eq!(pool.pop(), model.pop_first(), "op {op}: pop"),
+                _ => {
+                    let k = rng.below(70) as usize;
+                    let mut got = vec![u32::MAX];
+                    let n = pool.pop_batch(k, &mut got);
+                    let mut want: Vec<u32> = (0..k).map_while(|_| model.pop_first()).collect();
+                    // `out.pop()` yields the lowest first.
+                    want.reverse();
+                    assert_eq!(
+                        (n, &got[1..]),
+                        (want.len(), &want[..]),
+                        "op {op}: pop_batch({k})"
+                    );
+                }
+            }
+            assert_eq!(pool.len(), model.len() as u64, "op {op}: len");
+        }
+        assert_eq!(pool.ram_bytes(), 32, "one bit per block");
     }
 
     #[test]

@@ -38,6 +38,12 @@ const READS_IN_FLIGHT: usize = 16;
 /// The metadata region of the cache device, in RAM: device bytes
 /// `[0, data_start)` (absolute offsets, as the geometry gives them) as
 /// 64-bit words, plus a dirty bit per region.
+///
+/// The dirty bits are kept per reactor: every write stamps two entry words
+/// and marks their region, and the cores allocate neighbouring blocks, so
+/// one shared bitmap word would bounce between the cores on every write.
+/// Each core sets bits in its own map (an atomic OR on a line it owns);
+/// the metadata sync takes the union.
 pub(crate) struct RamMeta {
     words: Box<[AtomicU64]>,
     /// Device offset where the metadata starts (the superblock).
@@ -45,26 +51,63 @@ pub(crate) struct RamMeta {
     /// Device offset where it ends (the data area).
     end: u64,
     dirty: Box<[AtomicU64]>,
+    /// Words of one map (a region bit each).
+    map_words: usize,
+    /// Distance between two maps in `dirty` (padded: no shared lines).
+    stride: usize,
+    maps: usize,
+}
+
+thread_local! {
+    /// This thread's reactor index (`usize::MAX` until first asked).
+    static REACTOR: std::cell::Cell<usize> = const { std::cell::Cell::new(usize::MAX) };
+}
+
+/// The dirty map this thread marks: its reactor's (any map is correct —
+/// the sync takes all of them — this one just stays in this core's cache).
+#[inline]
+fn map_of_thread(maps: usize) -> usize {
+    let i = REACTOR.with(|c| {
+        let v = c.get();
+        if v != usize::MAX {
+            return v;
+        }
+        let v = wc_reactor::try_current().map_or(0, |r| r.index());
+        c.set(v);
+        v
+    });
+    i % maps
 }
 
 impl RamMeta {
     fn new(geo: &Geometry) -> RamMeta {
+        let maps = wc_reactor::try_current().map_or(1, |r| r.count());
+        Self::with_maps(geo, maps)
+    }
+
+    fn with_maps(geo: &Geometry, maps: usize) -> RamMeta {
+        let maps = maps.max(1);
         let end = geo.data_start();
         let regions = end.div_ceil(REGION) as usize;
+        let map_words = regions.div_ceil(64);
+        // A cache line of words between maps, whatever the alignment.
+        let stride = map_words + 8;
         RamMeta {
             words: (0..end.div_ceil(8)).map(|_| AtomicU64::new(0)).collect(),
             start: geo.superblock_offset(),
             end,
-            dirty: (0..regions.div_ceil(64))
-                .map(|_| AtomicU64::new(0))
-                .collect(),
+            dirty: (0..stride * maps).map(|_| AtomicU64::new(0)).collect(),
+            map_words,
+            stride,
+            maps,
         }
     }
 
     #[inline]
     fn mark(&self, offset: usize) {
         let r = offset as u64 / REGION;
-        self.dirty[(r / 64) as usize].fetch_or(1 << (r % 64), Ordering::AcqRel);
+        let at = map_of_thread(self.maps) * self.stride + (r / 64) as usize;
+        self.dirty[at].fetch_or(1 << (r % 64), Ordering::AcqRel);
     }
 
     fn mark_all(&self) {
@@ -73,12 +116,16 @@ impl RamMeta {
         }
     }
 
-    /// Takes (and clears) the dirty regions. A region dirtied again while
-    /// it is being copied is simply dirty again for the next sync.
+    /// Takes (and clears) the dirty regions of every map. A region dirtied
+    /// again while it is being copied is simply dirty again for the next
+    /// sync.
     fn take_dirty(&self) -> Vec<u64> {
         let mut out = Vec::new();
-        for (i, w) in self.dirty.iter().enumerate() {
-            let mut bits = w.swap(0, Ordering::AcqRel);
+        for i in 0..self.map_words {
+            let mut bits = 0;
+            for m in 0..self.maps {
+                bits |= self.dirty[m * self.stride + i].swap(0, Ordering::AcqRel);
+            }
             while bits != 0 {
                 let b = bits.trailing_zeros() as u64;
                 bits &= bits - 1;
@@ -99,9 +146,18 @@ impl RamMeta {
     /// Copies device bytes `[from, from + out.len())` (8-byte aligned).
     fn copy_out(&self, from: u64, out: &mut [u8]) {
         let w0 = (from / 8) as usize;
-        for (i, c) in out.chunks_mut(8).enumerate() {
-            let v = self.words[w0 + i].load(Ordering::Acquire).to_le_bytes();
-            c.copy_from_slice(&v[..c.len()]);
+        let whole = out.len() / 8 * 8;
+        let (body, tail) = out.split_at_mut(whole);
+        // Whole words: fixed 8-byte copies the compiler turns into stores
+        // (a commit copies whole 64 KiB regions).
+        for (c, w) in body.chunks_exact_mut(8).zip(&self.words[w0..]) {
+            c.copy_from_slice(&w.load(Ordering::Acquire).to_le_bytes());
+        }
+        if !tail.is_empty() {
+            let v = self.words[w0 + whole / 8]
+                .load(Ordering::Acquire)
+                .to_le_bytes();
+            tail.copy_from_slice(&v[..tail.len()]);
         }
     }
 
@@ -810,6 +866,30 @@ mod tests {
             vec![0],
             "write_nt marked; store_clean did not"
         );
+    }
+
+    #[test]
+    fn each_core_marks_its_own_map_and_the_sync_takes_all() {
+        let geo = Geometry::compute(64 << 20, 0, 4096).unwrap();
+        let m = RamMeta::with_maps(&geo, 3);
+        let r = |b: u64| geo.entry_offset(b) / REGION;
+        std::thread::scope(|s| {
+            for core in 0..4usize {
+                let m = &m;
+                let geo = &geo;
+                s.spawn(move || {
+                    // Core 3 shares map 0 (more reactors than maps).
+                    REACTOR.with(|c| c.set(core));
+                    m.write_u64(geo.entry_offset(core as u64 * 5000) as usize, 1);
+                    m.write_u64(geo.entry_offset(9000) as usize, 2);
+                });
+            }
+        });
+        let mut want = vec![r(0), r(5000), r(10_000), r(15_000), r(9000)];
+        want.sort_unstable();
+        want.dedup();
+        assert_eq!(m.take_dirty(), want);
+        assert!(m.take_dirty().is_empty(), "every map cleared");
     }
 
     #[test]

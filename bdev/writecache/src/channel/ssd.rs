@@ -250,12 +250,15 @@ impl Local {
         };
         let mut runs: SmallVec<[Run; 4]> = SmallVec::new();
         let st = self.stats();
+        // One pin for the write's index lookups (each `Index::get` would
+        // pin on its own).
+        let guard = crossbeam::epoch::pin();
         for i in from..n {
             let lba = first + i;
             // Some(committed) when a version of the block is cached.
             let mut hit = None;
             let mut placed = None;
-            if let Some(b) = wc.index.get(&wc.meta, lba) {
+            if let Some(b) = wc.index.lookup(&wc.meta, lba, &guard, |_| {}) {
                 let m = wc.meta.get(b);
                 let (g, state) = m.gen_state();
                 hit = Some(!seq_at_or_after(
@@ -263,7 +266,7 @@ impl Local {
                     seq32(wc.sb_seq.load(Ordering::Acquire)),
                 ));
                 if state == VALID && wc.meta.begin_inplace(b, g) {
-                    if wc.index.get(&wc.meta, lba) == Some(b) {
+                    if wc.index.lookup(&wc.meta, lba, &guard, |_| {}) == Some(b) {
                         placed = Some((b, g, Kind::InPlace));
                     } else {
                         // Left the index between our two looks (written
@@ -277,6 +280,7 @@ impl Local {
                 Some(p) => p,
                 None => {
                     let Some(b) = self.alloc() else {
+                        drop(guard);
                         self.ssd_wait(key, i);
                         return self.ssd_submit(key, runs, t == IoType::WriteZeroes);
                     };
@@ -305,6 +309,7 @@ impl Local {
                 }),
             }
         }
+        drop(guard);
         self.ssd_submit(key, runs, t == IoType::WriteZeroes);
         // The submission's own reference.
         self.child_done(key, 0);
@@ -414,8 +419,14 @@ impl Local {
                     return self.child_done(run.key, libc::EIO);
                 }
                 if let Some(ssd) = &wc.ssd {
-                    // The next commit flushes the device for it.
-                    ssd.overwrote.store(true, Ordering::Release);
+                    // The next commit flushes the device for it. Set only
+                    // when clear: every core's in-place writes would
+                    // otherwise bounce the flag's line between the cores.
+                    // (Seen set, it is still to be taken by a commit that
+                    // flushes after taking it, so after this write.)
+                    if !ssd.overwrote.load(Ordering::Acquire) {
+                        ssd.overwrote.store(true, Ordering::Release);
+                    }
                 }
                 self.child_done(run.key, 0);
             }
@@ -423,32 +434,40 @@ impl Local {
     }
 
     /// The data of newly allocated blocks is on the cache device: stamp
-    /// their entries, publish them, log them for the commit.
+    /// their entries, publish them (one index lock per shard group of the
+    /// run), log them for the commit.
     fn ssd_publish(&self, run: &Run) {
         let wc = &self.wc;
         // The stamp: a commit that bumps the sequence after this load runs
         // its per-core step here only after this (see `Writecache::start_commit`).
         let seq = wc.seq.load(Ordering::Acquire);
-        for (j, &(b, g)) in run.blocks.iter().enumerate() {
-            let lba = run.lba + j as u64;
-            let m = wc.meta.get(b);
-            wc.media.write_entry(b, wc.sector_of(lba), seq);
-            m.lba.store(lba, Ordering::Relaxed);
-            m.set_seq(seq);
-            m.set(g, VALID);
-            let displaced = wc.index.insert(&wc.meta, lba, b);
-            self.write_log.borrow_mut().push(LogEntry {
-                block: b,
-                gen: g,
-                seq,
-            });
-            if let Some(old) = displaced {
-                self.ssd_displace(old, seq);
+        let mut mapped: SmallVec<[(u64, u32); 8]> = SmallVec::with_capacity(run.blocks.len());
+        {
+            let mut log = self.write_log.borrow_mut();
+            for (j, &(b, g)) in run.blocks.iter().enumerate() {
+                let lba = run.lba + j as u64;
+                let m = wc.meta.get(b);
+                wc.media.write_entry(b, wc.sector_of(lba), seq);
+                m.lba.store(lba, Ordering::Relaxed);
+                m.set_seq(seq);
+                m.set(g, VALID);
+                mapped.push((lba, b));
+                log.push(LogEntry {
+                    block: b,
+                    gen: g,
+                    seq,
+                });
             }
+            self.stats()
+                .uncommitted
+                .store(log.len() as u64, Ordering::Release);
         }
-        self.stats()
-            .uncommitted
-            .store(self.write_log.borrow().len() as u64, Ordering::Release);
+        let mut displaced: SmallVec<[u32; 8]> = SmallVec::new();
+        wc.index
+            .insert_run(&wc.meta, &mapped, |_, old| displaced.push(old));
+        for old in displaced {
+            self.ssd_displace(old, seq);
+        }
         if self.to_free.borrow().len() >= FREE_BATCH {
             self.free_displaced();
         }
