@@ -25,7 +25,7 @@ set -euo pipefail
 SECS=${SECS:-3}
 WARM=${WARM:-3}
 ARGS=()
-usage() { sed -n '2,26p' "$0" | sed 's/^# \{0,1\}//'; }
+usage() { awk 'NR > 1 && /^#/ { sub(/^# ?/, ""); print; next } NR > 1 { exit }' "$0"; }
 while [[ $# -gt 0 ]]; do
   case "$1" in
     --quick) SECS=1; WARM=1 ;;
