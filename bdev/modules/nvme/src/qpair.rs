@@ -391,6 +391,7 @@ impl Qpair {
             let Some(conn) = self.conn.as_mut() else {
                 return Err(QpError::Closed);
             };
+            let room = self.rx.len() - self.rx_end;
             let n = match conn.read(&mut self.rx[self.rx_end..]) {
                 Ok(0) => return Err(QpError::Io("target closed the connection".into())),
                 Ok(n) => n,
@@ -404,6 +405,11 @@ impl Qpair {
             if self.rx_start == self.rx_end {
                 self.rx_start = 0;
                 self.rx_end = 0;
+            }
+            if n < room {
+                // The socket is empty: another read would only say EAGAIN.
+                // The next poll reads again.
+                break;
             }
         }
         Ok(busy)
