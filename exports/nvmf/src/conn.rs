@@ -59,8 +59,10 @@ const READS_PER_PUMP: usize = 16;
 /// A connection that read bytes within this many of its reactor's
 /// iterations is "hot": read directly each iteration, without asking
 /// epoll first (at depth the next commands are usually already there, and
-/// an empty read costs what an empty epoll_wait does).
-const HOT_IDLE_POLLS: u32 = 4096;
+/// an empty read costs what an empty epoll_wait does, so staying hot
+/// through a pause costs nothing: 64 Ki busy iterations are tens of ms,
+/// longer than a host's stall on a shared machine; 4 Ki went cold in them).
+const HOT_IDLE_POLLS: u32 = 64 * 1024;
 /// While connections are hot, epoll is still asked every this many
 /// iterations (other connections, hang-ups, room to send).
 const EPOLL_EVERY: u32 = 16;
