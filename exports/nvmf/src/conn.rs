@@ -16,7 +16,7 @@
 //! I/O. A connection that dies with I/O in flight is kept (socket shut)
 //! until the bdev has completed it, so no buffer goes away under an I/O.
 
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::{HashMap, VecDeque};
 use std::io::{self, IoSlice, IoSliceMut, Read, Write};
 use std::net::{Shutdown, SocketAddr, TcpStream};
@@ -56,6 +56,19 @@ const DIRECT_READ_MIN: usize = 4096;
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 /// Reads per wake-up, so one busy host cannot starve the others.
 const READS_PER_PUMP: usize = 16;
+/// A connection that read bytes within this many of its reactor's
+/// iterations is "hot": read directly each iteration, without asking
+/// epoll first (at depth the next commands are usually already there, and
+/// an empty read costs what an empty epoll_wait does, so staying hot
+/// through a pause costs nothing: 64 Ki busy iterations are tens of ms,
+/// longer than a host's stall on a shared machine; 4 Ki went cold in them).
+const HOT_IDLE_POLLS: u32 = 64 * 1024;
+/// While connections are hot, epoll is still asked every this many
+/// iterations (other connections, hang-ups, room to send).
+const EPOLL_EVERY: u32 = 16;
+/// Hot connections per reactor at most (a flood of connections must not
+/// turn into a read per connection per iteration).
+const MAX_HOT: usize = 8;
 /// Largest SQSIZE of the admin queue (SPDK's default max_aq_depth is 128).
 const MIN_SLOT_SIZE: usize = 16 * 1024;
 /// The largest H2CData payload we accept (and announce in ICResp).
@@ -93,6 +106,9 @@ struct NvmfReactor {
     /// iteration, so the responses of a batch of completions leave in one
     /// `writev`.
     to_flush: RefCell<Vec<u64>>,
+    /// Hot connections (see HOT_IDLE_POLLS).
+    hot: RefCell<Vec<u64>>,
+    iteration: Cell<u32>,
     pollers: RefCell<Option<(PollerHandle, PollerHandle)>>,
     handle: ReactorHandle,
 }
@@ -106,6 +122,8 @@ impl NvmfReactor {
             ep,
             conns: RefCell::new(HashMap::new()),
             to_flush: RefCell::new(Vec::with_capacity(64)),
+            hot: RefCell::new(Vec::with_capacity(16)),
+            iteration: Cell::new(0),
             pollers: RefCell::new(None),
             handle: wc_reactor::current().handle(),
         }
@@ -119,21 +137,65 @@ impl NvmfReactor {
     }
 
     fn poll(&self) -> PollStatus {
-        let flushed = self.flush_completions();
+        let mut any = self.flush_completions();
+        any |= self.poll_hot();
         let Some(ep) = &self.ep else {
-            return PollStatus::from(flushed);
+            return PollStatus::from(any);
         };
+        let it = self.iteration.get().wrapping_add(1);
+        self.iteration.set(it);
+        // A sleeping reactor polls rarely anyway: epoll each time, so
+        // cold connections do not wait 16 sleeps.
+        if !self.hot.borrow().is_empty() && it % EPOLL_EVERY != 0 && !self.handle.in_interrupt() {
+            return PollStatus::from(any);
+        }
         let mut buf = Epoll::ready_buf();
-        let mut any = flushed;
         for (id, events) in ep.poll_now(&mut buf) {
             any = true;
             let conn = self.conns.borrow().get(&id).cloned();
             if let Some(c) = conn {
-                c.on_event(events);
+                if c.hot.get() && events & (libc::EPOLLERR | libc::EPOLLHUP) as u32 == 0 {
+                    // Read (and flushed) by poll_hot this iteration.
+                    continue;
+                }
+                if c.on_event(events) && !c.hot.get() && self.hot.borrow().len() < MAX_HOT {
+                    c.hot.set(true);
+                    self.hot.borrow_mut().push(id);
+                }
                 self.reap_if_done(&c);
             }
         }
         PollStatus::from(any)
+    }
+
+    /// Reads the hot connections directly; those idle for HOT_IDLE_POLLS
+    /// iterations go back to waiting for epoll. Returns whether any read
+    /// bytes.
+    fn poll_hot(&self) -> bool {
+        let mut any = false;
+        let mut i = 0;
+        loop {
+            let Some(id) = self.hot.borrow().get(i).copied() else {
+                break;
+            };
+            let conn = self.conns.borrow().get(&id).cloned();
+            let keep = match conn {
+                Some(c) => {
+                    let (read, hot) = c.pump_hot();
+                    any |= read;
+                    self.reap_if_done(&c);
+                    c.hot.set(hot);
+                    hot
+                }
+                None => false,
+            };
+            if keep {
+                i += 1;
+            } else {
+                self.hot.borrow_mut().swap_remove(i);
+            }
+        }
+        any
     }
 
     /// Sends what completions queued since the last iteration.
@@ -253,6 +315,7 @@ fn adopt(stream: TcpStream, peer: SocketAddr, listener: Arc<Listener>, opts: Arc
         let completer: Rc<dyn IoCompletion> = Rc::new(Completer { conn: me.clone() });
         ConnCell {
             id,
+            hot: Cell::new(false),
             inner: RefCell::new(Conn::new(
                 id, stream, peer, listener, opts, completer, thread,
             )),
@@ -314,20 +377,40 @@ impl IoCompletion for Completer {
 
 struct ConnCell {
     id: u64,
+    /// On its reactor's hot list.
+    hot: Cell<bool>,
     inner: RefCell<Conn>,
 }
 
 impl ConnCell {
-    fn on_event(&self, events: u32) {
+    /// Handles an epoll event; returns whether bytes were read.
+    fn on_event(&self, events: u32) -> bool {
         let Ok(mut c) = self.inner.try_borrow_mut() else {
-            return;
+            return false;
         };
         if events & (libc::EPOLLERR | libc::EPOLLHUP) as u32 != 0 {
             c.kill("socket error or hang-up");
-            return;
+            return false;
         }
+        let before = c.rx_bytes;
         c.pump();
         c.update_interest();
+        c.idle_polls = 0;
+        c.rx_bytes != before && !c.dead
+    }
+
+    /// Reads a hot connection without an epoll event: (bytes were read,
+    /// still hot).
+    fn pump_hot(&self) -> (bool, bool) {
+        let Ok(mut c) = self.inner.try_borrow_mut() else {
+            return (false, true);
+        };
+        let before = c.rx_bytes;
+        c.pump();
+        c.update_interest();
+        let read = c.rx_bytes != before;
+        c.idle_polls = if read { 0 } else { c.idle_polls + 1 };
+        (read, !c.dead && c.idle_polls < HOT_IDLE_POLLS)
     }
 
     fn kick(&self, nr: &NvmfReactor) {
@@ -510,6 +593,10 @@ struct Conn {
     rx_start: usize,
     rx_end: usize,
     rx_state: RxState,
+    /// Bytes read from the socket so far (hot-connection bookkeeping).
+    rx_bytes: u64,
+    /// Reactor iterations since the last read that got bytes.
+    idle_polls: u32,
     tx: VecDeque<TxItem>,
     tx_off: usize,
     interest: u32,
@@ -569,6 +656,8 @@ impl Conn {
             rx_start: 0,
             rx_end: 0,
             rx_state: RxState::Header,
+            rx_bytes: 0,
+            idle_polls: 0,
             tx: VecDeque::with_capacity(16),
             tx_off: 0,
             interest: 0,
@@ -674,20 +763,35 @@ impl Conn {
             if !self.wants_input() {
                 break;
             }
-            if self.direct_read() {
-                continue;
+            match self.direct_read() {
+                Some(true) => continue,
+                Some(false) => break,
+                None => {}
             }
             if self.rx_end == self.rx.len() {
                 self.rx.copy_within(self.rx_start..self.rx_end, 0);
                 self.rx_end -= self.rx_start;
                 self.rx_start = 0;
             }
+            let room = self.rx.len() - self.rx_end;
             match self.stream.read(&mut self.rx[self.rx_end..]) {
                 Ok(0) => {
                     self.kill("host closed the connection");
                     break;
                 }
-                Ok(n) => self.rx_end += n,
+                // A read that did not fill the buffer emptied the socket:
+                // another would only return EAGAIN (a syscall per wake-up
+                // for nothing). The epoll watch is level-triggered, so
+                // bytes that arrive meanwhile wake us again.
+                Ok(n) if n < room => {
+                    self.rx_end += n;
+                    self.rx_bytes += n as u64;
+                    break;
+                }
+                Ok(n) => {
+                    self.rx_end += n;
+                    self.rx_bytes += n as u64;
+                }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
                 Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
                 Err(e) => {
@@ -720,8 +824,9 @@ impl Conn {
 
     /// When a large part of a PDU's data is missing and nothing is
     /// buffered, reads it straight into its slot (and what follows into
-    /// the receive buffer). Returns false when it did not apply.
-    fn direct_read(&mut self) -> bool {
+    /// the receive buffer). None when it did not apply; else whether the
+    /// socket may have more (the read filled both buffers).
+    fn direct_read(&mut self) -> Option<bool> {
         let RxState::Data {
             pad: 0,
             sink: Sink::Slot { slot, off },
@@ -730,14 +835,15 @@ impl Conn {
             ..
         } = self.rx_state
         else {
-            return false;
+            return None;
         };
         if self.rx_start != self.rx_end || len - got < DIRECT_READ_MIN {
-            return false;
+            return None;
         }
-        let Some(q) = &self.q else { return false };
+        let Some(q) = &self.q else { return None };
         self.rx_start = 0;
         self.rx_end = 0;
+        let room = len - got + self.rx.len();
         // SAFETY: the slot is in Receiving/Executing-before-submit state:
         // no bdev I/O uses its buffer while its data is being received, and
         // no other slice of it is alive.
@@ -746,17 +852,19 @@ impl Conn {
         match self.stream.read_vectored(&mut iov) {
             Ok(0) => self.kill("host closed the connection"),
             Ok(n) => {
+                self.rx_bytes += n as u64;
                 let direct = n.min(len - got);
                 self.rx_end = n - direct;
                 if let RxState::Data { got: g, .. } = &mut self.rx_state {
                     *g += direct;
                 }
+                return Some(n == room);
             }
-            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return false,
-            Err(e) if e.kind() == io::ErrorKind::Interrupted => {}
+            Err(e) if e.kind() == io::ErrorKind::WouldBlock => return Some(false),
+            Err(e) if e.kind() == io::ErrorKind::Interrupted => return Some(true),
             Err(e) => self.kill(&format!("read: {e}")),
         }
-        true
+        Some(false)
     }
 
     fn process_rx(&mut self) {

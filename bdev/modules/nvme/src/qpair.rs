@@ -35,6 +35,8 @@ const RX_CAP: usize = MAX_XFER as usize + 512;
 pub(crate) const ADMIN_ICD: u32 = 8192;
 /// Reads per poll, so one busy queue cannot starve the reactor.
 const READS_PER_POLL: usize = 8;
+/// Pieces one `writev` gathers (headers and write data).
+const TX_IOV: usize = 256;
 
 /// Why a queue pair stopped.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -149,6 +151,17 @@ struct Parent {
     status: IoStatus,
 }
 
+/// Write data that leaves from the bdev I/O's own buffers (no copy into
+/// `tx`): it goes out after the first `at` bytes of `tx`.
+struct TxData {
+    at: usize,
+    parent: u16,
+    off: u64,
+    len: usize,
+    /// End of this data in the whole outgoing stream (tx and data).
+    end: usize,
+}
+
 /// One queue pair.
 pub(crate) struct Qpair {
     cfg: QpConfig,
@@ -163,7 +176,12 @@ pub(crate) struct Qpair {
     rx_start: usize,
     rx_end: usize,
     tx: Vec<u8>,
-    tx_off: usize,
+    /// Write data interleaved with `tx`, in stream order.
+    tx_data: VecDeque<TxData>,
+    /// Bytes of `tx_data` queued.
+    tx_data_len: usize,
+    /// Bytes of the stream (tx and tx_data) already sent.
+    tx_sent: usize,
     slots: Vec<Slot>,
     free: Vec<u16>,
     parents: Vec<Parent>,
@@ -217,7 +235,9 @@ impl Qpair {
             rx_start: 0,
             rx_end: 0,
             tx: Vec::with_capacity(64 * 1024),
-            tx_off: 0,
+            tx_data: VecDeque::with_capacity(depth),
+            tx_data_len: 0,
+            tx_sent: 0,
             slots,
             free: (0..depth as u16).rev().collect(),
             parents,
@@ -261,7 +281,9 @@ impl Qpair {
         self.rx_start = 0;
         self.rx_end = 0;
         self.tx.clear();
-        self.tx_off = 0;
+        self.tx_data.clear();
+        self.tx_data_len = 0;
+        self.tx_sent = 0;
     }
 
     /// Commands outstanding.
@@ -356,17 +378,28 @@ impl Qpair {
         Ok(())
     }
 
-    /// Writes queued bytes until the socket stops taking them.
+    /// Writes queued bytes (headers from `tx`, write data from the I/O
+    /// buffers, one `writev`) until the socket stops taking them.
     fn flush(&mut self) -> Result<bool, QpError> {
         let mut busy = false;
-        while self.tx_off < self.tx.len() {
+        let total = self.tx.len() + self.tx_data_len;
+        while self.tx_sent < total {
             let Some(conn) = self.conn.as_mut() else {
                 return Err(QpError::Closed);
             };
-            match conn.write_vectored(&[IoSlice::new(&self.tx[self.tx_off..])]) {
+            let mut iov = [IoSlice::new(&[]); TX_IOV];
+            let k = gather(
+                &self.tx,
+                &self.tx_data,
+                &self.parents,
+                self.tx_sent,
+                &mut iov,
+            )
+            .ok_or_else(|| QpError::Protocol("queued write data lost its I/O".into()))?;
+            match conn.write_vectored(&iov[..k]) {
                 Ok(0) => return Err(QpError::Io("connection closed while sending".into())),
                 Ok(n) => {
-                    self.tx_off += n;
+                    self.tx_sent += n;
                     busy = true;
                 }
                 Err(e) if e.kind() == io::ErrorKind::WouldBlock => break,
@@ -374,9 +407,11 @@ impl Qpair {
                 Err(e) => return Err(QpError::Io(e.to_string())),
             }
         }
-        if self.tx_off == self.tx.len() {
+        if self.tx_sent == total {
             self.tx.clear();
-            self.tx_off = 0;
+            self.tx_data.clear();
+            self.tx_data_len = 0;
+            self.tx_sent = 0;
         }
         Ok(busy)
     }
@@ -394,6 +429,7 @@ impl Qpair {
             let Some(conn) = self.conn.as_mut() else {
                 return Err(QpError::Closed);
             };
+            let room = self.rx.len() - self.rx_end;
             let n = match conn.read(&mut self.rx[self.rx_end..]) {
                 Ok(0) => return Err(QpError::Io("target closed the connection".into())),
                 Ok(n) => n,
@@ -407,6 +443,11 @@ impl Qpair {
             if self.rx_start == self.rx_end {
                 self.rx_start = 0;
                 self.rx_end = 0;
+            }
+            if n < room {
+                // The socket is empty: another read would only say EAGAIN.
+                // The next poll reads again.
+                break;
             }
         }
         Ok(busy)
@@ -588,8 +629,22 @@ impl Qpair {
         Ok(())
     }
 
-    /// Appends `n` data bytes of slot `i` from `off` (and the data digest).
+    /// Appends `n` data bytes of slot `i` from `off` (and the data digest):
+    /// bdev I/O data without digests is sent from the I/O's buffers.
     fn append_data(&mut self, i: usize, off: u64, n: usize) {
+        if let SlotKind::Io { parent, off: base } = self.slots[i].kind {
+            if !self.digests.data && self.parents[parent as usize].io.is_some() {
+                self.tx_data_len += n;
+                self.tx_data.push_back(TxData {
+                    at: self.tx.len(),
+                    parent,
+                    off: base + off,
+                    len: n,
+                    end: self.tx.len() + self.tx_data_len,
+                });
+                return;
+            }
+        }
         let at = self.tx.len();
         self.tx.resize(at + n, 0);
         let dst = &mut self.tx[at..at + n];
@@ -633,8 +688,26 @@ impl Qpair {
             self.phase = Phase::Ready;
             return Ok(());
         }
+        if let SlotKind::Io { parent, .. } = s.kind {
+            // The I/O's buffers go back to its owner when this completes
+            // it: none of its write data may still be waiting to be sent
+            // from them (a target answering before it has all the data).
+            if s.write && self.parents[parent as usize].pending <= 1 && self.data_unsent(parent) {
+                return Err(QpError::Protocol(format!(
+                    "write command {} completed before its data was sent",
+                    cqe.cid
+                )));
+            }
+        }
         self.complete(i, cqe);
         Ok(())
+    }
+
+    /// Whether write data of bdev I/O `parent` still waits to be sent.
+    fn data_unsent(&self, parent: u16) -> bool {
+        self.tx_data
+            .iter()
+            .any(|d| d.parent == parent && d.end > self.tx_sent)
     }
 
     /// Finishes slot `i` with `cqe`.
@@ -952,6 +1025,68 @@ impl Qpair {
         }
         self.reset_buffers();
     }
+}
+
+/// Fills `iov` with the unsent part of the outgoing stream, `tx`
+/// interleaved with the write data of `data` (read in place from the
+/// bdev I/Os of `parents`), skipping the first `sent` bytes. Returns the
+/// number of pieces filled; None when an I/O whose data is queued is gone
+/// (on_cqe prevents that).
+fn gather<'a>(
+    tx: &'a [u8],
+    data: &VecDeque<TxData>,
+    parents: &'a [Parent],
+    sent: usize,
+    iov: &mut [IoSlice<'a>],
+) -> Option<usize> {
+    let mut k = 0;
+    let mut skip = sent;
+    let mut push = |piece: &'a [u8], k: &mut usize| -> bool {
+        if skip >= piece.len() {
+            skip -= piece.len();
+            return true;
+        }
+        if *k == iov.len() {
+            return false;
+        }
+        iov[*k] = IoSlice::new(&piece[skip..]);
+        skip = 0;
+        *k += 1;
+        true
+    };
+    let mut at = 0;
+    for d in data {
+        if !push(&tx[at..d.at], &mut k) {
+            return Some(k);
+        }
+        at = d.at;
+        let io = parents[d.parent as usize].io.as_ref()?;
+        let (start, end) = (d.off, d.off + d.len as u64);
+        let mut seg_off = 0u64;
+        for v in io.iovs() {
+            let seg_end = seg_off + v.len as u64;
+            let (lo, hi) = (start.max(seg_off), end.min(seg_end));
+            if lo < hi {
+                // SAFETY: the bdev I/O owns its segments until it
+                // completes, and it is borrowed (in `parents`) for as long
+                // as the slices live; a write's data is only read here,
+                // and on_cqe refuses a completion while its data is
+                // unsent. `lo..hi` lies inside the segment.
+                let piece = unsafe {
+                    std::slice::from_raw_parts(
+                        v.base.add((lo - seg_off) as usize),
+                        (hi - lo) as usize,
+                    )
+                };
+                if !push(piece, &mut k) {
+                    return Some(k);
+                }
+            }
+            seg_off = seg_end;
+        }
+    }
+    push(&tx[at..], &mut k);
+    Some(k)
 }
 
 /// Copies `src` into `io`'s segments starting `at` bytes into its data.
