@@ -4,11 +4,16 @@
 //!
 //! The I/O path allocates nothing: `io_u` buffers are passed to the bdev as
 //! a one-segment vector (copied into the pooled descriptor), the fio
-//! `io_u` pointer rides as the completion tag, and completions land in a
-//! queue sized for the job's queue depth up front.
+//! `io_u` pointer rides as the completion tag, and completions land in an
+//! array sized for the job's queue depth up front.
+//!
+//! As SPDK's plugin, the engine has no `commit`: `queue` submits to the
+//! bdev at once, and only `getevents` polls the reactor. (fio calls
+//! `commit` after each batch of queues *and* before each `getevents`; a
+//! poll there found nothing new to do at QD 1 and cost one empty reactor
+//! iteration per I/O.)
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -41,18 +46,17 @@ impl Op {
     }
 }
 
-/// Completed I/O waiting for fio: (`io_u` tag, errno).
+/// Completed I/O waiting for fio: (`io_u` tag, errno) in completion
+/// order; `event(i)` indexes it directly.
 struct Completions {
-    ready: RefCell<VecDeque<(u64, i32)>>,
+    ready: RefCell<Vec<(u64, i32)>>,
     in_flight: Cell<u64>,
 }
 
 impl IoCompletion for Completions {
     fn io_done(&self, io: Io, tag: u64) {
         self.in_flight.set(self.in_flight.get().saturating_sub(1));
-        self.ready
-            .borrow_mut()
-            .push_back((tag, io.status().errno()));
+        self.ready.borrow_mut().push((tag, io.status().errno()));
     }
 }
 
@@ -89,8 +93,8 @@ impl Job {
             .map_err(|e| format!("job {index}: {e}"))?;
         let done = Rc::new(Completions {
             // Twice the depth: fio never has more than `iodepth` in flight,
-            // so the queue never grows on the I/O path.
-            ready: RefCell::new(VecDeque::with_capacity(iodepth.max(1) * 2)),
+            // so the array never grows on the I/O path.
+            ready: RefCell::new(Vec::with_capacity(iodepth.max(1) * 2)),
             in_flight: Cell::new(0),
         });
         let cb: Rc<dyn IoCompletion> = done.clone();
@@ -186,40 +190,38 @@ impl Job {
         Ok(())
     }
 
-    /// Lets submitted I/O make progress without waiting (fio's `commit`).
-    pub fn kick(&self) {
-        self.reactor.poll();
-    }
-
     /// Polls the reactor until at least `min` completions are ready or
     /// `timeout` passes; returns how many fio may take (at most `max`).
     pub fn getevents(&mut self, min: usize, max: usize, timeout: Option<Duration>) -> usize {
-        {
+        let min = min.min(max);
+        let mut ready = {
             let mut q = self.done.ready.borrow_mut();
+            // Those handed out by the last call are fio's now; what it
+            // could not take (more than its `max`) moves to the front.
             let n = self.delivered.min(q.len());
             q.drain(..n);
-        }
+            q.len()
+        };
         self.delivered = 0;
-        let min = min.min(max);
-        let mut deadline: Option<Instant> = None;
-        // Poll at least once unless completions are already waiting (the
-        // usual case: `commit` ran an iteration), so min = 0 still reaps.
-        if self.done.ready.borrow().len() < min.max(1) {
+        // Poll at least once, so min = 0 still reaps.
+        if ready < min.max(1) {
             self.reactor.poll();
+            ready = self.done.ready.borrow().len();
         }
-        while self.done.ready.borrow().len() < min {
-            if self.reactor.poll() {
-                continue;
-            }
-            if let Some(t) = timeout {
-                let d = *deadline.get_or_insert_with(|| Instant::now() + t);
-                if Instant::now() >= d {
-                    break;
+        let mut deadline: Option<Instant> = None;
+        while ready < min {
+            if !self.reactor.poll() {
+                if let Some(t) = timeout {
+                    let d = *deadline.get_or_insert_with(|| Instant::now() + t);
+                    if Instant::now() >= d {
+                        break;
+                    }
                 }
+                self.reactor.idle_wait();
             }
-            self.reactor.idle_wait();
+            ready = self.done.ready.borrow().len();
         }
-        self.delivered = self.done.ready.borrow().len().min(max);
+        self.delivered = ready.min(max);
         self.delivered
     }
 

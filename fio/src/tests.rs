@@ -95,7 +95,6 @@ fn job_writes_and_reads_back_through_its_hosted_reactor() {
             ),
             0
         );
-        wc_fio_job_commit(j);
         assert_eq!(wc_fio_job_getevents(j, 1, 4, -1), 1);
         let mut en = -1;
         assert_eq!(wc_fio_job_event(j, 0, &mut en) as usize, wtag);
