@@ -64,8 +64,26 @@ impl IoCompletion for Completions {
 struct Target {
     ch: Rc<BdevChannel>,
     block_size: u64,
+    /// log2 of `block_size` when it is a power of two (every bdev we have):
+    /// byte offsets become blocks by a shift, not two 64-bit divisions per
+    /// I/O.
+    block_shift: Option<u32>,
     num_blocks: u64,
     _desc: Desc,
+}
+
+impl Target {
+    /// `bytes` in blocks; `None` unless it is a whole number of them.
+    #[inline]
+    fn blocks(&self, bytes: u64) -> Option<u64> {
+        match self.block_shift {
+            Some(s) => (bytes & (self.block_size - 1) == 0).then_some(bytes >> s),
+            None => match bytes.checked_rem(self.block_size) {
+                Some(0) => Some(bytes / self.block_size),
+                _ => None,
+            },
+        }
+    }
 }
 
 /// One fio job thread's state. Lives on (and only on) that thread.
@@ -115,8 +133,12 @@ impl Job {
             .channel()
             .map_err(|e| format!("bdev {bdev}: cannot get an I/O channel: {e}"))?;
         let b = desc.bdev();
+        let block_size = b.block_size() as u64;
         let t = Target {
-            block_size: b.block_size() as u64,
+            block_size,
+            block_shift: block_size
+                .is_power_of_two()
+                .then(|| block_size.trailing_zeros()),
             num_blocks: b.num_blocks(),
             ch,
             _desc: desc,
@@ -157,11 +179,9 @@ impl Job {
         let Some(Some(t)) = self.targets.get(target) else {
             return Err(libc::EBADF);
         };
-        let bs = t.block_size;
-        if offset % bs != 0 || len % bs != 0 {
+        let (Some(first), Some(n)) = (t.blocks(offset), t.blocks(len)) else {
             return Err(libc::EINVAL);
-        }
-        let (first, n) = (offset / bs, len / bs);
+        };
         let cb = &self.cb;
         match op {
             Op::Read | Op::Write => {
