@@ -12,7 +12,8 @@
  *            each filename is a bdev, report its size, check bs alignment
  *   init     attach this fio thread to its own reactor
  *   open     open the bdev and get this reactor's channel
- *   queue    submit (never waits); commit runs one reactor iteration
+ *   queue    submit to the bdev (never waits); no commit, as SPDK's plugin:
+ *            fio would call it before every getevents too (an empty poll)
  *   getevents/event  poll the reactor, hand back completed io_u's
  *   cleanup  wait for in-flight I/O, close, detach the reactor
  *
@@ -42,7 +43,6 @@ int wc_fio_job_open(void *job, const char *bdev, char *err, size_t errlen);
 void wc_fio_job_close(void *job, int target);
 int wc_fio_job_queue(void *job, int target, int op, void *buf, uint64_t len, uint64_t offset,
 		     void *tag);
-void wc_fio_job_commit(void *job);
 int wc_fio_job_getevents(void *job, uint32_t min, uint32_t max, int64_t timeout_ns);
 void *wc_fio_job_event(void *job, int i, int *err);
 void wc_fio_job_free(void *job);
@@ -257,12 +257,6 @@ static enum fio_q_status wc_queue(struct thread_data *td, struct io_u *io_u)
 	return FIO_Q_QUEUED;
 }
 
-static int wc_commit(struct thread_data *td)
-{
-	wc_fio_job_commit(td->io_ops_data);
-	return 0;
-}
-
 static int wc_getevents(struct thread_data *td, unsigned int min, unsigned int max,
 			const struct timespec *t)
 {
@@ -297,7 +291,6 @@ struct ioengine_ops ioengine = {
 	.setup = wc_setup,
 	.init = wc_init,
 	.queue = wc_queue,
-	.commit = wc_commit,
 	.getevents = wc_getevents,
 	.event = wc_event,
 	.cleanup = wc_cleanup,

@@ -6,18 +6,18 @@
 #
 # Same bdevs (malloc; writecache with a pmem cache file in /dev/shm over a
 # uring origin file + bdev_delay, as perf/run.sh), 4 KiB random writes and
-# reads, QD 1 and 32, one run of 2 s per cell (about 2 min). Builds
-# bdevperf, writecache_tgt and the engine (release) first.
+# reads, QD 1 and 32, 2 s per cell, RUNS=3 rounds of all methods (medians;
+# about 4 min). Builds bdevperf, writecache_tgt and the engine first.
 #
 # Writes perf/results/fio_engine.md (the report: IOPS ratios to bdevperf
-# from the same run) and fio_engine.json. Overrides (environment): SECS,
-# RAMP, QDS="1 32", SIZE_MIB, SHM_DIR=/dev/shm, ORIGIN_DIR_PARENT=/var/tmp,
-# RESULTS_DIR=perf/results.
+# from the same rounds) and fio_engine.json. Overrides (environment): RUNS,
+# SECS, RAMP, QDS="1 32", SIZE_MIB, SHM_DIR=/dev/shm,
+# ORIGIN_DIR_PARENT=/var/tmp, RESULTS_DIR=perf/results.
 set -euo pipefail
 
 for arg in "$@"; do
   case "$arg" in
-    -h|--help) sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "usage: $0" >&2; exit 2 ;;
   esac
 done

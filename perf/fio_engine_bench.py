@@ -2,7 +2,8 @@
 """fio in-process (our writecache_bdev engine) vs bdevperf vs fio over NBD:
 the same bdevs (malloc, and a writecache as perf/run.sh builds it), the
 same workloads (4 KiB random writes, 4 KiB random reads after a full
-pre-write) and queue depths, one run.
+pre-write) and queue depths; RUNS rounds of every method in turn, each
+cell reported as its median.
 
 Called by perf/fio_engine.sh (which builds, makes the temp dirs and cleans
 up); run that, not this. Job files: perf/fio/engine/*.fio (in-process),
@@ -135,7 +136,7 @@ def run_overhead(a, cfgs, raw):
     try:
         subprocess.run(["fio", "--name=null", "--ioengine=null", "--thread=1", "--rw=randwrite",
                         "--bs=4k", f"--size={a.size_mib}m", "--iodepth=1", "--time_based=1",
-                        f"--runtime={int(a.secs * 1000)}ms", "--norandommap=1", "--randrepeat=0",
+                        f"--runtime={int(a.secs * 1000)}ms", "--norandommap=1",
                         "--output-format=json", f"--output={out}"],
                        capture_output=True, timeout=a.secs + 60, check=True, cwd=a.tmp)
         with open(out) as f:
@@ -159,12 +160,30 @@ def run_overhead(a, cfgs, raw):
 
 
 def record(raw, method, bkey, wkey, q, cell):
-    raw["cells"][f"{method}|{bkey}|{wkey}|{q}"] = cell
+    raw["samples"].setdefault(f"{method}|{bkey}|{wkey}|{q}", []).append(cell)
     if cell:
         log(f"  {method:8} {bkey:6} {wkey:9} QD {q:3}: {cell['iops']:12,.0f} IOPS "
             f"p99 {cell['p99_us']:.1f} us")
     else:
         log(f"  {method:8} {bkey:6} {wkey:9} QD {q:3}: FAILED")
+
+
+def median(xs):
+    xs = sorted(xs)
+    n = len(xs)
+    return xs[n // 2] if n % 2 else (xs[n // 2 - 1] + xs[n // 2]) / 2
+
+
+def medians(samples):
+    """Each cell's median over the rounds that produced it (None if none
+    did); a failed round is left out and noted."""
+    cells, notes = {}, []
+    for key, runs in samples.items():
+        ok = [c for c in runs if c]
+        if len(ok) < len(runs):
+            notes.append(f"{key}: {len(runs) - len(ok)} of {len(runs)} rounds failed")
+        cells[key] = {k: median([c[k] for c in ok]) for k in ok[0]} if ok else None
+    return cells, notes
 
 
 def write_report(a, raw, path):
@@ -183,8 +202,13 @@ def write_report(a, raw, path):
       f"Linux {info['kernel']}. Date: {info['date']}. Commit: {info['commit']}. "
       f"{raw['fio_version']}. Time: {raw['elapsed_s'] / 60:.1f} min.")
     w("")
-    w("**One run, on a shared and noisy machine** (other engineers compile on its cores "
-      "at the same time): the ratios are indicative, single samples, not medians.")
+    if a.runs == 1:
+        w("**One run, on a shared and noisy machine** (other engineers compile on its cores "
+          "at the same time): the ratios are indicative, single samples, not medians.")
+    else:
+        w(f"**Medians of {a.runs} rounds** (each round runs every method and cell in turn, "
+          "so a slow spell of the machine hits all methods alike); every figure below is "
+          "the median of its cell's rounds, ratios are ratios of those medians.")
     w("")
     w("## Method")
     w("")
@@ -277,8 +301,9 @@ def main():
     a.ramp = float(env.get("RAMP", 0.5))
     a.qds = [int(x) for x in env.get("QDS", "1 32").split()]
     a.size_mib = int(env.get("SIZE_MIB", 128))
-    if a.secs <= 0 or a.ramp < 0 or not a.qds or a.size_mib < 1:
-        sys.exit("fio_engine_bench: SECS, QDS and SIZE_MIB must be positive (RAMP ≥ 0)")
+    a.runs = int(env.get("RUNS", 3))
+    if a.secs <= 0 or a.ramp < 0 or not a.qds or a.size_mib < 1 or a.runs < 1:
+        sys.exit("fio_engine_bench: SECS, QDS, SIZE_MIB and RUNS must be positive (RAMP ≥ 0)")
     a.bdevperf = os.path.join(a.bin, "bdevperf")
     a.tgt = os.path.join(a.bin, "writecache_tgt")
     a.nblocks = a.size_mib * (1 << 20) // BS
@@ -289,22 +314,26 @@ def main():
     a.nbd_sock = os.path.join(a.tmp, "nbd.sock")
     cfgs = bench.configs(a)
     t0 = time.time()
-    raw = {"info": bench.machine_info(), "notes": [], "cells": {},
+    raw = {"info": bench.machine_info(), "notes": [], "cells": {}, "samples": {},
            "fio_version": subprocess.run(["fio", "--version"], capture_output=True,
                                          text=True).stdout.strip(),
-           "settings": {"secs": a.secs, "ramp": a.ramp, "qds": a.qds,
+           "settings": {"secs": a.secs, "ramp": a.ramp, "qds": a.qds, "runs": a.runs,
                         "size_mib": a.size_mib, "delay_us": bench.DELAY_US}}
     subprocess.run(["dd", "if=/dev/zero", f"of={a.origin_file}", "bs=1M",
                     f"count={a.size_mib}", "oflag=direct", "status=none"], check=True)
-    for name, fn in (("bdevperf", lambda: run_bdevperf(a, cfgs, raw)),
-                     ("in-process", lambda: run_inproc(a, cfgs, raw)),
-                     ("NBD", lambda: run_nbd(a, raw)),
-                     ("overhead", lambda: run_overhead(a, cfgs, raw))):
-        try:
-            fn()
-        except (RuntimeError, bench.RpcError, OSError) as e:
-            log(f"{name} failed: {e}")
-            raw["notes"].append(f"{name} failed: {e}")
+    for r in range(a.runs):
+        log(f"round {r + 1} of {a.runs}")
+        for name, fn in (("bdevperf", lambda: run_bdevperf(a, cfgs, raw)),
+                         ("in-process", lambda: run_inproc(a, cfgs, raw)),
+                         ("NBD", lambda: run_nbd(a, raw)),
+                         ("overhead", lambda: run_overhead(a, cfgs, raw))):
+            try:
+                fn()
+            except (RuntimeError, bench.RpcError, OSError) as e:
+                log(f"{name} failed: {e}")
+                raw["notes"].append(f"round {r + 1}: {name} failed: {e}")
+    raw["cells"], notes = medians(raw["samples"])
+    raw["notes"].extend(notes)
     raw["elapsed_s"] = time.time() - t0
     os.makedirs(a.out, exist_ok=True)
     with open(os.path.join(a.out, "fio_engine.json"), "w") as f:

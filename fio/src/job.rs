@@ -4,11 +4,16 @@
 //!
 //! The I/O path allocates nothing: `io_u` buffers are passed to the bdev as
 //! a one-segment vector (copied into the pooled descriptor), the fio
-//! `io_u` pointer rides as the completion tag, and completions land in a
-//! queue sized for the job's queue depth up front.
+//! `io_u` pointer rides as the completion tag, and completions land in an
+//! array sized for the job's queue depth up front.
+//!
+//! As SPDK's plugin, the engine has no `commit`: `queue` submits to the
+//! bdev at once, and only `getevents` polls the reactor. (fio calls
+//! `commit` after each batch of queues *and* before each `getevents`; a
+//! poll there found nothing new to do at QD 1 and cost one empty reactor
+//! iteration per I/O.)
 
 use std::cell::{Cell, RefCell};
-use std::collections::VecDeque;
 use std::rc::Rc;
 use std::time::{Duration, Instant};
 
@@ -41,18 +46,17 @@ impl Op {
     }
 }
 
-/// Completed I/O waiting for fio: (`io_u` tag, errno).
+/// Completed I/O waiting for fio: (`io_u` tag, errno) in completion
+/// order; `event(i)` indexes it directly.
 struct Completions {
-    ready: RefCell<VecDeque<(u64, i32)>>,
+    ready: RefCell<Vec<(u64, i32)>>,
     in_flight: Cell<u64>,
 }
 
 impl IoCompletion for Completions {
     fn io_done(&self, io: Io, tag: u64) {
         self.in_flight.set(self.in_flight.get().saturating_sub(1));
-        self.ready
-            .borrow_mut()
-            .push_back((tag, io.status().errno()));
+        self.ready.borrow_mut().push((tag, io.status().errno()));
     }
 }
 
@@ -60,8 +64,26 @@ impl IoCompletion for Completions {
 struct Target {
     ch: Rc<BdevChannel>,
     block_size: u64,
+    /// log2 of `block_size` when it is a power of two (every bdev we have):
+    /// byte offsets become blocks by a shift, not two 64-bit divisions per
+    /// I/O.
+    block_shift: Option<u32>,
     num_blocks: u64,
     _desc: Desc,
+}
+
+impl Target {
+    /// `bytes` in blocks; `None` unless it is a whole number of them.
+    #[inline]
+    fn blocks(&self, bytes: u64) -> Option<u64> {
+        match self.block_shift {
+            Some(s) => (bytes & (self.block_size - 1) == 0).then_some(bytes >> s),
+            None => match bytes.checked_rem(self.block_size) {
+                Some(0) => Some(bytes / self.block_size),
+                _ => None,
+            },
+        }
+    }
 }
 
 /// One fio job thread's state. Lives on (and only on) that thread.
@@ -89,8 +111,8 @@ impl Job {
             .map_err(|e| format!("job {index}: {e}"))?;
         let done = Rc::new(Completions {
             // Twice the depth: fio never has more than `iodepth` in flight,
-            // so the queue never grows on the I/O path.
-            ready: RefCell::new(VecDeque::with_capacity(iodepth.max(1) * 2)),
+            // so the array never grows on the I/O path.
+            ready: RefCell::new(Vec::with_capacity(iodepth.max(1) * 2)),
             in_flight: Cell::new(0),
         });
         let cb: Rc<dyn IoCompletion> = done.clone();
@@ -111,8 +133,12 @@ impl Job {
             .channel()
             .map_err(|e| format!("bdev {bdev}: cannot get an I/O channel: {e}"))?;
         let b = desc.bdev();
+        let block_size = b.block_size() as u64;
         let t = Target {
-            block_size: b.block_size() as u64,
+            block_size,
+            block_shift: block_size
+                .is_power_of_two()
+                .then(|| block_size.trailing_zeros()),
             num_blocks: b.num_blocks(),
             ch,
             _desc: desc,
@@ -153,11 +179,9 @@ impl Job {
         let Some(Some(t)) = self.targets.get(target) else {
             return Err(libc::EBADF);
         };
-        let bs = t.block_size;
-        if offset % bs != 0 || len % bs != 0 {
+        let (Some(first), Some(n)) = (t.blocks(offset), t.blocks(len)) else {
             return Err(libc::EINVAL);
-        }
-        let (first, n) = (offset / bs, len / bs);
+        };
         let cb = &self.cb;
         match op {
             Op::Read | Op::Write => {
@@ -186,40 +210,38 @@ impl Job {
         Ok(())
     }
 
-    /// Lets submitted I/O make progress without waiting (fio's `commit`).
-    pub fn kick(&self) {
-        self.reactor.poll();
-    }
-
     /// Polls the reactor until at least `min` completions are ready or
     /// `timeout` passes; returns how many fio may take (at most `max`).
     pub fn getevents(&mut self, min: usize, max: usize, timeout: Option<Duration>) -> usize {
-        {
+        let min = min.min(max);
+        let mut ready = {
             let mut q = self.done.ready.borrow_mut();
+            // Those handed out by the last call are fio's now; what it
+            // could not take (more than its `max`) moves to the front.
             let n = self.delivered.min(q.len());
             q.drain(..n);
-        }
+            q.len()
+        };
         self.delivered = 0;
-        let min = min.min(max);
-        let mut deadline: Option<Instant> = None;
-        // Poll at least once unless completions are already waiting (the
-        // usual case: `commit` ran an iteration), so min = 0 still reaps.
-        if self.done.ready.borrow().len() < min.max(1) {
+        // Poll at least once, so min = 0 still reaps.
+        if ready < min.max(1) {
             self.reactor.poll();
+            ready = self.done.ready.borrow().len();
         }
-        while self.done.ready.borrow().len() < min {
-            if self.reactor.poll() {
-                continue;
-            }
-            if let Some(t) = timeout {
-                let d = *deadline.get_or_insert_with(|| Instant::now() + t);
-                if Instant::now() >= d {
-                    break;
+        let mut deadline: Option<Instant> = None;
+        while ready < min {
+            if !self.reactor.poll() {
+                if let Some(t) = timeout {
+                    let d = *deadline.get_or_insert_with(|| Instant::now() + t);
+                    if Instant::now() >= d {
+                        break;
+                    }
                 }
+                self.reactor.idle_wait();
             }
-            self.reactor.idle_wait();
+            ready = self.done.ready.borrow().len();
         }
-        self.delivered = self.done.ready.borrow().len().min(max);
+        self.delivered = ready.min(max);
         self.delivered
     }
 

@@ -248,16 +248,6 @@ pub unsafe extern "C" fn wc_fio_job_queue(
     }
 }
 
-/// fio's `commit`: one reactor iteration so submitted I/O progresses.
-///
-/// # Safety
-/// `j` as for [`job`].
-#[no_mangle]
-pub unsafe extern "C" fn wc_fio_job_commit(j: *mut c_void) {
-    // SAFETY: per this function's contract.
-    unsafe { job(j) }.kick();
-}
-
 /// fio's `getevents`: polls until `min` completions (or `timeout_ns`
 /// passes; negative: no timeout); returns how many are ready (<= `max`).
 ///

@@ -95,7 +95,6 @@ fn job_writes_and_reads_back_through_its_hosted_reactor() {
             ),
             0
         );
-        wc_fio_job_commit(j);
         assert_eq!(wc_fio_job_getevents(j, 1, 4, -1), 1);
         let mut en = -1;
         assert_eq!(wc_fio_job_event(j, 0, &mut en) as usize, wtag);
@@ -144,6 +143,35 @@ fn job_writes_and_reads_back_through_its_hosted_reactor() {
         assert_eq!(wc_fio_job_getevents(j, 1, 4, 1_000_000_000), 1);
         assert_eq!(wc_fio_job_event(j, 0, &mut en) as usize, rtag);
         assert_eq!(en, libc::EINVAL);
+        // More completions than fio's `max`: the rest wait, in order, for
+        // the next getevents (which needs no further poll for them).
+        let tags = [0x3000usize, 0x4000, 0x5000];
+        let mut three = vec![0u8; 3 * 512];
+        for (k, &tag) in tags.iter().enumerate() {
+            assert_eq!(
+                wc_fio_job_queue(
+                    j,
+                    t,
+                    0,
+                    three[k * 512..].as_mut_ptr().cast(),
+                    512,
+                    k as u64 * 512,
+                    tag as *mut c_void
+                ),
+                0
+            );
+        }
+        assert_eq!(wc_fio_job_getevents(j, 3, 2, -1), 2);
+        let mut got = Vec::new();
+        for i in 0..2 {
+            got.push(wc_fio_job_event(j, i, &mut en) as usize);
+            assert_eq!(en, 0);
+        }
+        assert!(wc_fio_job_event(j, 2, &mut en).is_null());
+        assert_eq!(wc_fio_job_getevents(j, 0, 4, -1), 1);
+        got.push(wc_fio_job_event(j, 0, &mut en) as usize);
+        assert_eq!(en, 0);
+        assert_eq!(got, tags);
         // Nothing in flight: a timed wait returns empty.
         assert_eq!(wc_fio_job_getevents(j, 1, 4, 1_000_000), 0);
     }

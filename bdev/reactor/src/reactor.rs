@@ -490,26 +490,39 @@ impl Reactor {
         let start = ticks();
         let mut busy = false;
 
-        // Bounded batches keep one flood from starving pollers.
-        for _ in 0..256 {
-            match self.shared.inbox.pop() {
-                Some(msg) => {
-                    msg();
-                    busy = true;
+        // Bounded batches keep one flood from starving pollers. Empty
+        // queues (the usual case on an I/O reactor) are seen by
+        // `is_empty`, two loads: a `pop` on an empty SegQueue costs a
+        // SeqCst fence (mfence) each. A push racing with the check is
+        // served by the next iteration, as one racing with `pop` was; the
+        // sleep path re-checks after its own fence (`idle_wait`).
+        if !self.shared.inbox.is_empty() {
+            for _ in 0..256 {
+                match self.shared.inbox.pop() {
+                    Some(msg) => {
+                        msg();
+                        busy = true;
+                    }
+                    None => break,
                 }
-                None => break,
             }
         }
-        for _ in 0..256 {
-            match self.shared.tasks.pop() {
-                Some(r) => {
-                    r.run();
-                    busy = true;
+        if !self.shared.tasks.is_empty() {
+            for _ in 0..256 {
+                match self.shared.tasks.pop() {
+                    Some(r) => {
+                        r.run();
+                        busy = true;
+                    }
+                    None => break,
                 }
-                None => break,
             }
         }
-        busy |= self.run_pollers();
+        // The clock read at the start serves the timed pollers unless
+        // messages or tasks ran meanwhile (one TSC read less per idle
+        // iteration).
+        let now = if busy { ticks() } else { start };
+        busy |= self.run_pollers(now);
 
         let end = ticks();
         let counter = if busy {
@@ -521,10 +534,9 @@ impl Reactor {
         busy
     }
 
-    fn run_pollers(&self) -> bool {
+    fn run_pollers(&self, now: u64) -> bool {
         self.apply_removals();
         let mut busy = false;
-        let now = ticks();
         // Pollers may register or remove pollers; iterate over a snapshot of
         // ids and re-look each up.
         let n = self.pollers.borrow().len();
