@@ -121,10 +121,14 @@ pub struct Writecache {
     pub(crate) meta: Meta,
     pub(crate) index: Index,
     pub(crate) pool: Arc<FreePool>,
-    /// Sequence number new writes are stamped with.
-    pub(crate) seq: AtomicU64,
-    /// The superblock's sequence count (entries below it are committed).
-    pub(crate) sb_seq: AtomicU64,
+    /// Sequence number new writes are stamped with. Every write reads it,
+    /// every commit writes it: on a line of its own, so a commit costs
+    /// the other cores one miss on it, not on the read-only fields every
+    /// I/O looks at (flags, tunables, the media and index handles).
+    pub(crate) seq: CachePadded<AtomicU64>,
+    /// The superblock's sequence count (entries below it are committed);
+    /// written per commit, so apart from the read-mostly fields too.
+    pub(crate) sb_seq: CachePadded<AtomicU64>,
     pub(crate) stats: Box<[CachePadded<CoreStats>]>,
     pub(crate) tunables: Tunables,
     pub(crate) error: AtomicI32,
@@ -134,8 +138,13 @@ pub struct Writecache {
     /// I/O looks at (sequence, flags, tunables) do not miss each time.
     pub(crate) coord: CachePadded<Mutex<Coordinator>>,
     pub(crate) wb: CachePadded<Mutex<Writeback>>,
-    pub(crate) commit_requested: AtomicBool,
-    pub(crate) last_write_around: AtomicU64,
+    /// Set by the core that asks for a commit, cleared by home when it
+    /// starts one (per commit): on a line of its own, as `seq`.
+    pub(crate) commit_requested: CachePadded<AtomicBool>,
+    /// When a write last went around the cache (ticks; cleaner mode):
+    /// written by every core, at most every [`AROUND_STAMP_TICKS`], on a
+    /// line of its own.
+    pub(crate) last_write_around: CachePadded<AtomicU64>,
     pub(crate) flush_on_suspend: AtomicBool,
     /// Set by delete: new I/O fails with ENODEV.
     pub(crate) closing: AtomicBool,

@@ -50,6 +50,12 @@ static FLUSH_PERIOD_TICKS: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|
     wc_reactor::tick::duration_to_ticks(std::time::Duration::from_micros(10))
 });
 
+/// How stale the last-write-around stamp may get (the writeback pause it
+/// drives is counted in milliseconds).
+pub(crate) static AROUND_STAMP_TICKS: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| {
+    wc_reactor::tick::duration_to_ticks(std::time::Duration::from_micros(50))
+});
+
 /// A run of missed blocks: first block index, count, and its segments.
 type MissRun = (u64, u64, SmallVec<[IoVec; 4]>);
 
@@ -264,10 +270,9 @@ impl Local {
     /// Completes a read or write, recording its latency.
     fn finish(&self, io: Io, status: IoStatus) {
         if status.is_success() {
-            let ns = wc_reactor::tick::ticks_to_duration(
+            let ns = crate::stats::ticks_to_ns(
                 wc_reactor::tick::ticks().saturating_sub(io.submit_ticks()),
-            )
-            .as_nanos() as u64;
+            );
             match io.io_type() {
                 IoType::Read => self.stats().read_lat.record(ns),
                 IoType::Write | IoType::WriteZeroes => self.stats().write_lat.record(ns),
@@ -742,8 +747,12 @@ impl Local {
         let wc = &self.wc;
         inc(&self.stats().writes_around, io.num_blocks());
         inc(&self.stats().write_blocks, io.num_blocks());
-        wc.last_write_around
-            .store(wc_reactor::tick::ticks().max(1), Ordering::Relaxed);
+        // A store only when the stamp has aged: every core writing the
+        // shared line on every write around would bounce it between them.
+        let now = wc_reactor::tick::ticks().max(1);
+        if now.wrapping_sub(wc.last_write_around.load(Ordering::Relaxed)) >= *AROUND_STAMP_TICKS {
+            wc.last_write_around.store(now, Ordering::Relaxed);
+        }
         let ratio = wc.origin_ratio;
         let (lba, n) = (io.offset_blocks(), io.num_blocks());
         let zeroes = io.io_type() == IoType::WriteZeroes;
