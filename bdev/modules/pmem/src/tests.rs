@@ -147,7 +147,7 @@ fn long_copies_at_every_alignment() {
         let src: Vec<u8> = (0..8192 + 64).map(|i| (i * 31 + 7) as u8).collect();
         let mut at = 4096;
         for align in 0..64usize {
-            for (k, n) in [127usize, 128, 129, 255, 300, 4095, 4096, 4097]
+            for (k, n) in [127usize, 128, 129, 255, 256, 257, 300, 511, 4095, 4096, 4097]
                 .iter()
                 .enumerate()
             {
