@@ -161,6 +161,15 @@ pub struct Writecache {
     pub(crate) ssd: Option<Arc<crate::ssd::Ssd>>,
 }
 
+/// Appends `more` to `v`, taking `more`'s allocation when `v` is empty.
+fn append<T>(v: &mut Vec<T>, mut more: Vec<T>) {
+    if v.is_empty() {
+        *v = more;
+    } else {
+        v.append(&mut more);
+    }
+}
+
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
@@ -410,9 +419,11 @@ impl Writecache {
                 }
                 me.media.pmem.fence();
                 if let Some((w, sup)) = drained {
+                    // The first core's logs are taken as they are (one
+                    // core: no copy at all), the others' appended.
                     let mut c = lock(&col);
-                    c.0.extend(w);
-                    c.1.extend(sup);
+                    append(&mut c.0, w);
+                    append(&mut c.1, sup);
                 }
             },
             {
@@ -516,18 +527,19 @@ impl Writecache {
         c.superseded.extend(superseded);
         // Free superseded versions whose successor is now committed.
         let committed_below = self.sb_seq.load(Ordering::Acquire);
-        let (ready, keep): (Vec<LogEntry>, Vec<LogEntry>) = c
-            .superseded
-            .drain(..)
-            .partition(|e| e.seq < committed_below);
-        c.superseded = keep;
-        let mut to_free = Vec::new();
-        for e in ready {
+        // In place (the list keeps its capacity), one allocation for what
+        // is freed: this runs once per commit, every 64 writes.
+        let mut to_free = Vec::with_capacity(c.superseded.len());
+        c.superseded.retain(|e| {
+            if e.seq >= committed_below {
+                return true;
+            }
             // Under writeback: the writeback frees it when done.
             if self.meta.begin_free(e.block, e.gen) {
                 to_free.push(e.block);
             }
-        }
+            false
+        });
         let more = !c.next.is_empty() || std::mem::take(&mut c.again);
         let next = if more {
             std::mem::take(&mut c.next)
