@@ -147,9 +147,11 @@ fn long_copies_at_every_alignment() {
         let src: Vec<u8> = (0..8192 + 64).map(|i| (i * 31 + 7) as u8).collect();
         let mut at = 4096;
         for align in 0..64usize {
-            for (k, n) in [127usize, 128, 129, 255, 256, 257, 300, 511, 4095, 4096, 4097]
-                .iter()
-                .enumerate()
+            for (k, n) in [
+                127usize, 128, 129, 255, 256, 257, 300, 511, 4095, 4096, 4097,
+            ]
+            .iter()
+            .enumerate()
             {
                 let off = at + align;
                 let from = (align + k) % 64;
