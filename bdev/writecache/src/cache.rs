@@ -121,10 +121,14 @@ pub struct Writecache {
     pub(crate) meta: Meta,
     pub(crate) index: Index,
     pub(crate) pool: Arc<FreePool>,
-    /// Sequence number new writes are stamped with.
-    pub(crate) seq: AtomicU64,
-    /// The superblock's sequence count (entries below it are committed).
-    pub(crate) sb_seq: AtomicU64,
+    /// Sequence number new writes are stamped with. Every write reads it,
+    /// every commit writes it: on a line of its own, so a commit costs
+    /// the other cores one miss on it, not on the read-only fields every
+    /// I/O looks at (flags, tunables, the media and index handles).
+    pub(crate) seq: CachePadded<AtomicU64>,
+    /// The superblock's sequence count (entries below it are committed);
+    /// written per commit, so apart from the read-mostly fields too.
+    pub(crate) sb_seq: CachePadded<AtomicU64>,
     pub(crate) stats: Box<[CachePadded<CoreStats>]>,
     pub(crate) tunables: Tunables,
     pub(crate) error: AtomicI32,
@@ -134,8 +138,13 @@ pub struct Writecache {
     /// I/O looks at (sequence, flags, tunables) do not miss each time.
     pub(crate) coord: CachePadded<Mutex<Coordinator>>,
     pub(crate) wb: CachePadded<Mutex<Writeback>>,
-    pub(crate) commit_requested: AtomicBool,
-    pub(crate) last_write_around: AtomicU64,
+    /// Set by the core that asks for a commit, cleared by home when it
+    /// starts one (per commit): on a line of its own, as `seq`.
+    pub(crate) commit_requested: CachePadded<AtomicBool>,
+    /// When a write last went around the cache (ticks; cleaner mode):
+    /// written by every core, at most every [`AROUND_STAMP_TICKS`], on a
+    /// line of its own.
+    pub(crate) last_write_around: CachePadded<AtomicU64>,
     pub(crate) flush_on_suspend: AtomicBool,
     /// Set by delete: new I/O fails with ENODEV.
     pub(crate) closing: AtomicBool,
@@ -150,6 +159,15 @@ pub struct Writecache {
     /// ssd mode: the cache bdev's I/O and the metadata writer (None in
     /// pmem mode).
     pub(crate) ssd: Option<Arc<crate::ssd::Ssd>>,
+}
+
+/// Appends `more` to `v`, taking `more`'s allocation when `v` is empty.
+fn append<T>(v: &mut Vec<T>, mut more: Vec<T>) {
+    if v.is_empty() {
+        *v = more;
+    } else {
+        v.append(&mut more);
+    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -401,9 +419,11 @@ impl Writecache {
                 }
                 me.media.pmem.fence();
                 if let Some((w, sup)) = drained {
+                    // The first core's logs are taken as they are (one
+                    // core: no copy at all), the others' appended.
                     let mut c = lock(&col);
-                    c.0.extend(w);
-                    c.1.extend(sup);
+                    append(&mut c.0, w);
+                    append(&mut c.1, sup);
                 }
             },
             {
@@ -507,18 +527,19 @@ impl Writecache {
         c.superseded.extend(superseded);
         // Free superseded versions whose successor is now committed.
         let committed_below = self.sb_seq.load(Ordering::Acquire);
-        let (ready, keep): (Vec<LogEntry>, Vec<LogEntry>) = c
-            .superseded
-            .drain(..)
-            .partition(|e| e.seq < committed_below);
-        c.superseded = keep;
-        let mut to_free = Vec::new();
-        for e in ready {
+        // In place (the list keeps its capacity), one allocation for what
+        // is freed: this runs once per commit, every 64 writes.
+        let mut to_free = Vec::with_capacity(c.superseded.len());
+        c.superseded.retain(|e| {
+            if e.seq >= committed_below {
+                return true;
+            }
             // Under writeback: the writeback frees it when done.
             if self.meta.begin_free(e.block, e.gen) {
                 to_free.push(e.block);
             }
-        }
+            false
+        });
         let more = !c.next.is_empty() || std::mem::take(&mut c.again);
         let next = if more {
             std::mem::take(&mut c.next)

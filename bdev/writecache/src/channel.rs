@@ -50,6 +50,12 @@ static FLUSH_PERIOD_TICKS: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|
     wc_reactor::tick::duration_to_ticks(std::time::Duration::from_micros(10))
 });
 
+/// How stale the last-write-around stamp may get (the writeback pause it
+/// drives is counted in milliseconds).
+pub(crate) static AROUND_STAMP_TICKS: std::sync::LazyLock<u64> = std::sync::LazyLock::new(|| {
+    wc_reactor::tick::duration_to_ticks(std::time::Duration::from_micros(50))
+});
+
 /// A run of missed blocks: first block index, count, and its segments.
 type MissRun = (u64, u64, SmallVec<[IoVec; 4]>);
 
@@ -264,10 +270,9 @@ impl Local {
     /// Completes a read or write, recording its latency.
     fn finish(&self, io: Io, status: IoStatus) {
         if status.is_success() {
-            let ns = wc_reactor::tick::ticks_to_duration(
+            let ns = crate::stats::ticks_to_ns(
                 wc_reactor::tick::ticks().saturating_sub(io.submit_ticks()),
-            )
-            .as_nanos() as u64;
+            );
             match io.io_type() {
                 IoType::Read => self.stats().read_lat.record(ns),
                 IoType::Write | IoType::WriteZeroes => self.stats().write_lat.record(ns),
@@ -503,7 +508,6 @@ impl Local {
         let n = io.num_blocks();
         let first = io.offset_blocks();
         let zeroes = io.io_type() == IoType::WriteZeroes;
-        let bs = wc.block_size as usize;
 
         // Cleaner mode: new data goes around the cache, straight to the
         // origin (hits still go to the cache to keep versions ordered).
@@ -518,6 +522,21 @@ impl Local {
         }
 
         let start = io.driver_ctx()[PROGRESS];
+        if n == 1 && start == 0 {
+            // The common 4 KiB write: no run to batch, one index insert.
+            let Some(b) = self.alloc() else {
+                return self.wait_for_blocks(io, 0);
+            };
+            let log = self.write_block(&io, 0, b, zeroes);
+            // As `publish`, for one block: index, log, then the displaced.
+            let old = wc.index.insert(&wc.meta, first, b);
+            self.write_log.borrow_mut().push(log);
+            if let Some(old) = old {
+                self.displace(old, log.seq);
+            }
+            io.driver_ctx()[PROGRESS] = 1;
+            return self.written(io, 1);
+        }
         let mut i = start;
         // Blocks written and not yet in the index: published a run at a
         // time (one shard lock per group of neighbouring LBAs).
@@ -528,47 +547,11 @@ impl Local {
                 // What is written so far is published: the write resumes
                 // at block `i`.
                 self.publish(&run, &logs);
-                io.driver_ctx()[PROGRESS] = i;
-                if io.driver_ctx()[BLOCKED] == 0 {
-                    io.driver_ctx()[BLOCKED] = 1;
-                    inc(&self.stats().writes_blocked_on_freelist, 1);
-                }
-                self.waiting.borrow_mut().push_back(io);
-                self.stats()
-                    .waiting
-                    .store(self.waiting.borrow().len() as u64, Ordering::Relaxed);
-                self.make_room();
-                return;
+                return self.wait_for_blocks(io, i);
             };
-            let lba = first + i;
-            let m = wc.meta.get(b);
-            // A new allocation: bump the generation (state stays 0 until
-            // the block is published).
-            let gen = crate::meta::BlockMeta::next_gen(m.gen());
-            m.set(gen, 0);
-            // The stamp: a commit that bumps the sequence after this load
-            // runs its fence on this core only after this write is done.
-            let seq = wc.seq.load(Ordering::Acquire);
-            let off = wc.media.data_offset(b);
-            if zeroes {
-                let mut done = 0;
-                while done < bs {
-                    let len = (bs - done).min(ZEROES.len());
-                    wc.media.pmem.write_nt(off + done, &ZEROES[..len]);
-                    done += len;
-                }
-            } else {
-                let start = i as usize * bs;
-                let pmem = &wc.media.pmem;
-                for_each_piece(&io, start, bs, |at, piece| pmem.write_nt(off + at, piece));
-            }
-            wc.media.write_entry(b, wc.sector_of(lba), seq);
-
-            m.lba.store(lba, Ordering::Relaxed);
-            m.set_seq(seq);
-            m.set(gen, VALID);
-            run.push((lba, b));
-            logs.push(LogEntry { block: b, gen, seq });
+            let log = self.write_block(&io, i, b, zeroes);
+            run.push((first + i, b));
+            logs.push(log);
             i += 1;
             if run.len() == RUN_MAX {
                 self.publish(&run, &logs);
@@ -578,11 +561,70 @@ impl Local {
         }
         self.publish(&run, &logs);
         io.driver_ctx()[PROGRESS] = n;
+        self.written(io, n - start)
+    }
+
+    /// Parks a write that found no free block at its block `i` (the blocks
+    /// before it are published); it resumes there once blocks come back.
+    fn wait_for_blocks(&self, mut io: Io, i: u64) {
+        io.driver_ctx()[PROGRESS] = i;
+        if io.driver_ctx()[BLOCKED] == 0 {
+            io.driver_ctx()[BLOCKED] = 1;
+            inc(&self.stats().writes_blocked_on_freelist, 1);
+        }
+        self.waiting.borrow_mut().push_back(io);
+        self.stats()
+            .waiting
+            .store(self.waiting.borrow().len() as u64, Ordering::Relaxed);
+        self.make_room();
+    }
+
+    /// Writes block `i` of `io` (zeroes for a write-zeroes) into cache
+    /// block `b`: data, entry stamp and in-memory state, ready to publish.
+    #[inline]
+    fn write_block(&self, io: &Io, i: u64, b: u32, zeroes: bool) -> LogEntry {
+        let wc = &self.wc;
+        let bs = wc.block_size as usize;
+        let lba = io.offset_blocks() + i;
+        let m = wc.meta.get(b);
+        // A new allocation: bump the generation (state stays 0 until
+        // the block is published).
+        let gen = crate::meta::BlockMeta::next_gen(m.gen());
+        m.set(gen, 0);
+        // The stamp: a commit that bumps the sequence after this load
+        // runs its fence on this core only after this write is done.
+        let seq = wc.seq.load(Ordering::Acquire);
+        let off = wc.media.data_offset(b);
+        if zeroes {
+            let mut done = 0;
+            while done < bs {
+                let len = (bs - done).min(ZEROES.len());
+                wc.media.pmem.write_nt(off + done, &ZEROES[..len]);
+                done += len;
+            }
+        } else {
+            let start = i as usize * bs;
+            let pmem = &wc.media.pmem;
+            for_each_piece(io, start, bs, |at, piece| pmem.write_nt(off + at, piece));
+        }
+        wc.media.write_entry(b, wc.sector_of(lba), seq);
+
+        m.lba.store(lba, Ordering::Relaxed);
+        m.set_seq(seq);
+        m.set(gen, VALID);
+        LogEntry { block: b, gen, seq }
+    }
+
+    /// The end of a write whose `blocks` new blocks are all published:
+    /// counters, deferred frees, autocommit, completion (a FUA write
+    /// after a commit).
+    fn written(self: &Rc<Self>, io: Io, blocks: u64) {
+        let wc = &self.wc;
         let st = self.stats();
         st.uncommitted
             .store(self.write_log.borrow().len() as u64, Ordering::Release);
-        inc(&st.write_blocks, n - start);
-        inc(&st.writes_allocate, n - start);
+        inc(&st.write_blocks, blocks);
+        inc(&st.writes_allocate, blocks);
         if self.to_free.borrow().len() >= FREE_BATCH {
             self.free_displaced();
         }
@@ -705,8 +747,12 @@ impl Local {
         let wc = &self.wc;
         inc(&self.stats().writes_around, io.num_blocks());
         inc(&self.stats().write_blocks, io.num_blocks());
-        wc.last_write_around
-            .store(wc_reactor::tick::ticks().max(1), Ordering::Relaxed);
+        // A store only when the stamp has aged: every core writing the
+        // shared line on every write around would bounce it between them.
+        let now = wc_reactor::tick::ticks().max(1);
+        if now.wrapping_sub(wc.last_write_around.load(Ordering::Relaxed)) >= *AROUND_STAMP_TICKS {
+            wc.last_write_around.store(now, Ordering::Relaxed);
+        }
         let ratio = wc.origin_ratio;
         let (lba, n) = (io.offset_blocks(), io.num_blocks());
         let zeroes = io.io_type() == IoType::WriteZeroes;

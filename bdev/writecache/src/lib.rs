@@ -44,6 +44,7 @@ use std::collections::HashMap;
 use std::sync::atomic::{AtomicBool, AtomicI32, AtomicU64, Ordering};
 use std::sync::{Arc, Mutex, OnceLock};
 
+use crossbeam::utils::CachePadded;
 use serde_json::{json, Value};
 use wc_bdev::{Bdev, BdevConfig, BdevError, BdevOps, ClaimGuard, IoChannel, IoType};
 
@@ -430,8 +431,8 @@ fn start(
         } else {
             FreePool::new(n)
         },
-        seq: AtomicU64::new(attached.sb_seq),
-        sb_seq: AtomicU64::new(attached.sb_seq),
+        seq: CachePadded::new(AtomicU64::new(attached.sb_seq)),
+        sb_seq: CachePadded::new(AtomicU64::new(attached.sb_seq)),
         // One slot per reactor of the runtime (fixed for its life): the
         // commit and watermark checks sum over them on every round.
         stats: (0..wc_reactor::current().count().clamp(1, MAX_CORES))
@@ -440,12 +441,10 @@ fn start(
         tunables,
         error: AtomicI32::new(0),
         home: wc_reactor::current().handle(),
-        coord: crossbeam::utils::CachePadded::new(std::sync::Mutex::new(cache::Coordinator::new(
-            n,
-        ))),
+        coord: CachePadded::new(std::sync::Mutex::new(cache::Coordinator::new(n))),
         wb: Default::default(),
-        commit_requested: AtomicBool::new(false),
-        last_write_around: AtomicU64::new(0),
+        commit_requested: CachePadded::new(AtomicBool::new(false)),
+        last_write_around: CachePadded::new(AtomicU64::new(0)),
         flush_on_suspend: AtomicBool::new(false),
         closing: AtomicBool::new(false),
         suspended: AtomicBool::new(false),

@@ -135,6 +135,41 @@ fn every_head_and_tail_alignment() {
     }
 }
 
+/// Copies long enough for the wide (AVX2) loop, at every destination
+/// alignment mod 64 and from unaligned sources, around a whole block.
+#[test]
+fn long_copies_at_every_alignment() {
+    let dir = dirs().pop().unwrap();
+    for s in strategies() {
+        let path = temp_path(&dir, "long");
+        let m = open(&path, 256 << 10, s);
+        let mut oracle = vec![0u8; m.len()];
+        let src: Vec<u8> = (0..8192 + 64).map(|i| (i * 31 + 7) as u8).collect();
+        let mut at = 4096;
+        for align in 0..64usize {
+            for (k, n) in [
+                127usize, 128, 129, 255, 256, 257, 300, 511, 4095, 4096, 4097,
+            ]
+            .iter()
+            .enumerate()
+            {
+                let off = at + align;
+                let from = (align + k) % 64;
+                let data = &src[from..from + n];
+                m.write_nt(off, data);
+                oracle[off..off + n].copy_from_slice(data);
+                at += 4096;
+                if at + 8192 > m.len() {
+                    at = 4096;
+                }
+            }
+        }
+        m.fence();
+        assert!(contents(&m) == oracle, "{}", s.name());
+        let _ = std::fs::remove_file(&path);
+    }
+}
+
 #[test]
 fn bad_offsets_are_ignored_not_fatal() {
     let dir = dirs().pop().unwrap();
