@@ -347,6 +347,19 @@ impl Io {
         unsafe { (*ctx).completed.borrow_mut().push_back(self) };
     }
 
+    /// Completes the I/O at once: records it and runs its callback before
+    /// returning, as SPDK completes a bdev_io outside its submit call. For
+    /// a stacked module completing its parent I/O from a child's
+    /// completion callback, which saves the parent a trip through the
+    /// completion queue. Never call it inside the module's own `submit`
+    /// (a submitter resubmitting from its callback would recurse; use
+    /// [`complete`](Self::complete) there), nor while holding state the
+    /// submitter's callback could reach (it may submit again at once).
+    pub fn complete_now(mut self, status: IoStatus) {
+        self.inner_mut().status = status;
+        crate::channel::finish_io(self);
+    }
+
     /// Shorthand: success, or failure with `errno`.
     pub fn complete_errno(self, errno: i32) {
         self.complete(if errno == 0 {

@@ -106,6 +106,12 @@ pub(crate) struct Local {
     batch_reads: Cell<bool>,
     /// When waiting writes last pushed deferred frees along (ticks).
     last_flush: Cell<u64>,
+    /// Set while a cache-bdev completion runs (ssd mode): the parent it
+    /// finishes completes at once ([`Io::complete_now`]) instead of taking
+    /// another trip through the completion queue. Taken by that
+    /// completion, so nothing finished inside the submitter's callback
+    /// (which may submit again) completes inline.
+    complete_now: Cell<bool>,
 }
 
 struct ChildDone(Weak<Local>);
@@ -185,6 +191,7 @@ pub(crate) fn create_channel(wc: &Arc<Writecache>) -> Result<WcChannel, wc_bdev:
         reads_seen: Cell::new(0),
         batch_reads: Cell::new(false),
         last_flush: Cell::new(0),
+        complete_now: Cell::new(false),
     });
     r.local(Locals::default)
         .0
@@ -274,7 +281,11 @@ impl Local {
                 _ => {}
             }
         }
-        io.complete(status);
+        if self.complete_now.replace(false) {
+            io.complete_now(status);
+        } else {
+            io.complete(status);
+        }
     }
 
     // ---------------------------------------------------------------- parents

@@ -93,7 +93,11 @@ impl IoCompletion for RunDone {
         let status = io.status();
         drop(io);
         if let Some(l) = self.0.upgrade() {
+            // A completion callback, outside any submit: the parent this
+            // finishes may complete inline (see `Local::complete_now`).
+            l.complete_now.set(true);
             l.run_done(ctx as usize, status.errno());
+            l.complete_now.set(false);
         }
     }
 }
@@ -155,6 +159,10 @@ impl Local {
             .and_then(|p| p.as_ref())
             .and_then(|p| p.io.as_ref())
         {
+            // The whole I/O (a one-run write, the common case): as is.
+            Some(io) if start == 0 && len as u64 == io.len_bytes() => {
+                SmallVec::from_slice(io.iovs())
+            }
             Some(io) => slice_iovs(io.iovs(), start, len),
             None => SmallVec::new(),
         }
