@@ -436,6 +436,11 @@ impl BdevChannel {
                 });
                 b.buf = Some(buf);
             }
+            // One segment (most I/O): a push, not SmallVec's generic extend.
+            Data::Raw(&[one]) => {
+                data_len = Some(one.len as u64);
+                b.iovs.push(one);
+            }
             Data::Raw(v) => {
                 data_len = Some(v.iter().map(|x| x.len as u64).sum());
                 b.iovs.extend(v.iter().copied());
