@@ -112,6 +112,8 @@ pub(crate) struct Local {
     /// completion, so nothing finished inside the submitter's callback
     /// (which may submit again) completes inline.
     complete_now: Cell<bool>,
+    /// Nanoseconds per tick in 32.32 fixed point (latency records).
+    ns_per_tick_q32: u64,
 }
 
 struct ChildDone(Weak<Local>);
@@ -192,6 +194,8 @@ pub(crate) fn create_channel(wc: &Arc<Writecache>) -> Result<WcChannel, wc_bdev:
         batch_reads: Cell::new(false),
         last_flush: Cell::new(0),
         complete_now: Cell::new(false),
+        ns_per_tick_q32: ((1_000_000_000u128 << 32) / wc_reactor::tick::tick_rate().max(1) as u128)
+            as u64,
     });
     r.local(Locals::default)
         .0
@@ -271,10 +275,10 @@ impl Local {
     /// Completes a read or write, recording its latency.
     fn finish(&self, io: Io, status: IoStatus) {
         if status.is_success() {
-            let ns = wc_reactor::tick::ticks_to_duration(
-                wc_reactor::tick::ticks().saturating_sub(io.submit_ticks()),
-            )
-            .as_nanos() as u64;
+            let ticks = wc_reactor::tick::ticks().saturating_sub(io.submit_ticks());
+            // Fixed point, not `ticks_to_duration`'s 128-bit division.
+            let ns =
+                ((ticks as u128 * self.ns_per_tick_q32 as u128) >> 32).min(u64::MAX as u128) as u64;
             match io.io_type() {
                 IoType::Read => self.stats().read_lat.record(ns),
                 IoType::Write | IoType::WriteZeroes => self.stats().write_lat.record(ns),

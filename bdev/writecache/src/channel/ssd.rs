@@ -269,8 +269,10 @@ impl Local {
         inc(&self.stats().write_blocks, n);
         let fua = io.fua();
         let key = self.new_parent(io, 1);
-        if let Some(Some(p)) = self.parents.borrow_mut().get_mut(key) {
-            p.fua = fua;
+        if fua {
+            if let Some(Some(p)) = self.parents.borrow_mut().get_mut(key) {
+                p.fua = true;
+            }
         }
         self.ssd_write_blocks(key, 0);
     }
@@ -486,7 +488,9 @@ impl Local {
         let Some(ssd) = wc.ssd.as_ref() else {
             return;
         };
-        let mut mapped: SmallVec<[(u64, u32); 8]> = SmallVec::with_capacity(run.len());
+        let one = run.len() == 1;
+        // A one-block run (a 4 KiB write) is mapped with a single insert.
+        let mut mapped: SmallVec<[(u64, u32); 8]> = SmallVec::new();
         {
             let mut log = self.write_log.borrow_mut();
             for (j, (b, g)) in run.blocks().enumerate() {
@@ -502,7 +506,9 @@ impl Local {
                 m.lba.store(lba, Ordering::Relaxed);
                 m.set_seq(seq);
                 m.set(g, VALID);
-                mapped.push((lba, b));
+                if !one {
+                    mapped.push((lba, b));
+                }
                 log.push(LogEntry {
                     block: b,
                     gen: g,
@@ -513,11 +519,17 @@ impl Local {
                 .uncommitted
                 .store(log.len() as u64, Ordering::Release);
         }
-        let mut displaced: SmallVec<[u32; 8]> = SmallVec::new();
-        wc.index
-            .insert_run(&wc.meta, &mapped, |_, old| displaced.push(old));
-        for old in displaced {
-            self.ssd_displace(old, seq);
+        if one {
+            if let Some(old) = wc.index.insert(&wc.meta, run.lba, run.block) {
+                self.ssd_displace(old, seq);
+            }
+        } else {
+            let mut displaced: SmallVec<[u32; 8]> = SmallVec::new();
+            wc.index
+                .insert_run(&wc.meta, &mapped, |_, old| displaced.push(old));
+            for old in displaced {
+                self.ssd_displace(old, seq);
+            }
         }
         if self.to_free.borrow().len() >= FREE_BATCH {
             self.free_displaced();
