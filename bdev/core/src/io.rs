@@ -435,8 +435,9 @@ mod tests {
         let ctx = Rc::new(IoContext::new(4));
         let seen: Rc<Cell<Option<(IoStatus, u64)>>> = Rc::new(Cell::new(None));
         let s = seen.clone();
-        let cb: Rc<dyn IoCompletion> =
-            Rc::new(FnCompletion(move |io: Io, tag| s.set(Some((io.status(), tag)))));
+        let cb: Rc<dyn IoCompletion> = Rc::new(FnCompletion(move |io: Io, tag| {
+            s.set(Some((io.status(), tag)))
+        }));
 
         let mut io = Io::alloc(&ctx).expect("pool has room");
         io.set_common(IoType::Write, 0, 1, 512, cb.clone(), 7);
