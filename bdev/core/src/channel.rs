@@ -147,18 +147,10 @@ fn run_completions(ctx: &Rc<IoContext>) -> PollStatus {
     // (resubmissions completing inline) wait for the next iteration.
     let n = ctx.completed.borrow().len();
     for _ in 0..n {
-        let Some(mut io) = ctx.completed.borrow_mut().pop_front() else {
+        let Some(io) = ctx.completed.borrow_mut().pop_front() else {
             break;
         };
-        if let Some(ch) = io.inner_mut().channel.take() {
-            let b = io.inner();
-            let lat = wc_reactor::tick::ticks().wrapping_sub(b.submit_ticks);
-            ch.stats
-                .record(b.io_type, b.num_blocks * b.block_size as u64, lat, b.status);
-        }
-        if let Some((cb, tag)) = io.take_callback() {
-            cb.io_done(io, tag);
-        }
+        finish_io(io);
     }
     let mut served = false;
     loop {
@@ -173,6 +165,20 @@ fn run_completions(ctx: &Rc<IoContext>) -> PollStatus {
         served = true;
     }
     PollStatus::from(n > 0 || served)
+}
+
+/// Records a completed I/O in its channel's statistics and runs its
+/// callback.
+pub(crate) fn finish_io(mut io: Io) {
+    if let Some(ch) = io.inner_mut().channel.take() {
+        let b = io.inner();
+        let lat = wc_reactor::tick::ticks().wrapping_sub(b.submit_ticks);
+        ch.stats
+            .record(b.io_type, b.num_blocks * b.block_size as u64, lat, b.status);
+    }
+    if let Some((cb, tag)) = io.take_callback() {
+        cb.io_done(io, tag);
+    }
 }
 
 /// Where a submission's data lives.
@@ -429,6 +435,11 @@ impl BdevChannel {
                     len: buf.len(),
                 });
                 b.buf = Some(buf);
+            }
+            // One segment (most I/O): a push, not SmallVec's generic extend.
+            Data::Raw(&[one]) => {
+                data_len = Some(one.len as u64);
+                b.iovs.push(one);
             }
             Data::Raw(v) => {
                 data_len = Some(v.iter().map(|x| x.len as u64).sum());

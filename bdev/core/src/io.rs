@@ -347,6 +347,19 @@ impl Io {
         unsafe { (*ctx).completed.borrow_mut().push_back(self) };
     }
 
+    /// Completes the I/O at once: records it and runs its callback before
+    /// returning, as SPDK completes a bdev_io outside its submit call. For
+    /// a stacked module completing its parent I/O from a child's
+    /// completion callback, which saves the parent a trip through the
+    /// completion queue. Never call it inside the module's own `submit`
+    /// (a submitter resubmitting from its callback would recurse; use
+    /// [`complete`](Self::complete) there), nor while holding state the
+    /// submitter's callback could reach (it may submit again at once).
+    pub fn complete_now(mut self, status: IoStatus) {
+        self.inner_mut().status = status;
+        crate::channel::finish_io(self);
+    }
+
     /// Shorthand: success, or failure with `errno`.
     pub fn complete_errno(self, errno: i32) {
         self.complete(if errno == 0 {
@@ -409,5 +422,34 @@ impl std::fmt::Debug for Io {
             b.fua,
             b.status
         )
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::cell::Cell;
+
+    #[test]
+    fn complete_now_runs_the_callback_before_returning_and_complete_defers_it() {
+        let ctx = Rc::new(IoContext::new(4));
+        let seen: Rc<Cell<Option<(IoStatus, u64)>>> = Rc::new(Cell::new(None));
+        let s = seen.clone();
+        let cb: Rc<dyn IoCompletion> = Rc::new(FnCompletion(move |io: Io, tag| {
+            s.set(Some((io.status(), tag)))
+        }));
+
+        let mut io = Io::alloc(&ctx).expect("pool has room");
+        io.set_common(IoType::Write, 0, 1, 512, cb.clone(), 7);
+        io.complete_now(IoStatus::Failed(libc::EIO));
+        assert_eq!(seen.take(), Some((IoStatus::Failed(libc::EIO), 7)));
+        assert!(ctx.completed.borrow().is_empty(), "nothing queued");
+        assert_eq!(ctx.free.borrow().len(), 1, "descriptor back in the pool");
+
+        let mut io = Io::alloc(&ctx).expect("pool has room");
+        io.set_common(IoType::Write, 0, 1, 512, cb, 8);
+        io.complete(IoStatus::Success);
+        assert_eq!(seen.take(), None, "complete defers the callback");
+        assert_eq!(ctx.completed.borrow().len(), 1);
     }
 }

@@ -110,6 +110,19 @@ impl RamMeta {
         self.dirty[at].fetch_or(1 << (r % 64), Ordering::AcqRel);
     }
 
+    /// Stores an entry (sector and sequence: the two words at `offset`)
+    /// and marks its region once (an entry is 16-byte aligned, so both
+    /// words share it; checked anyway).
+    #[inline]
+    pub(crate) fn write_entry(&self, offset: usize, sector: u64, seq: u64) {
+        self.words[offset / 8].store(sector, Ordering::Release);
+        self.words[offset / 8 + 1].store(seq, Ordering::Release);
+        self.mark(offset);
+        if (offset as u64 + 8) / REGION != offset as u64 / REGION {
+            self.mark(offset + 8);
+        }
+    }
+
     fn mark_all(&self) {
         for r in self.start / REGION..self.end.div_ceil(REGION) {
             self.dirty[(r / 64) as usize].fetch_or(1 << (r % 64), Ordering::AcqRel);

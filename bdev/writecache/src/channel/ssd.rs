@@ -29,25 +29,59 @@ pub(super) enum Kind {
 }
 
 /// One cache-bdev I/O over adjacent cache blocks holding adjacent LBAs.
+/// Kept small: it is built, parked in a slot and taken back once per
+/// cache-bdev I/O.
 pub(super) struct Run {
     key: usize,
-    kind: Kind,
     /// Index (in blocks) of its first block within the parent I/O.
     first: u64,
     /// LBA of its first block.
     lba: u64,
-    /// (cache block, its allocation generation when the I/O started).
-    blocks: SmallVec<[(u32, u32); 8]>,
+    /// Its first cache block; block `j` of the run is `block + j`.
+    block: u32,
+    kind: Kind,
+    /// Each block's allocation generation when the I/O started.
+    gens: SmallVec<[u32; 8]>,
 }
 
 impl Run {
+    fn new(key: usize, kind: Kind, first: u64, lba: u64, b: u32, g: u32) -> Run {
+        let mut gens = SmallVec::new();
+        gens.push(g);
+        Run {
+            key,
+            first,
+            lba,
+            block: b,
+            kind,
+            gens,
+        }
+    }
+
+    fn len(&self) -> usize {
+        self.gens.len()
+    }
+
+    /// (cache block, generation) of each block of the run.
+    fn blocks(&self) -> impl Iterator<Item = (u32, u32)> + '_ {
+        self.gens
+            .iter()
+            .enumerate()
+            .map(|(j, &g)| (self.block + j as u32, g))
+    }
+
     /// Whether block `b` for parent block `i` extends this run.
     fn extends(&self, kind: Kind, i: u64, b: u32) -> bool {
-        let n = self.blocks.len();
+        let n = self.len();
         self.kind == kind
             && self.first + n as u64 == i
-            && self.blocks[n - 1].0.checked_add(1) == Some(b)
+            && (self.block as u64 + n as u64) == b as u64
             && n < 64
+    }
+
+    /// Appends block `b` (which [`Run::extends`] it) with generation `g`.
+    fn push(&mut self, g: u32) {
+        self.gens.push(g);
     }
 }
 
@@ -59,7 +93,11 @@ impl IoCompletion for RunDone {
         let status = io.status();
         drop(io);
         if let Some(l) = self.0.upgrade() {
+            // A completion callback, outside any submit: the parent this
+            // finishes may complete inline (see `Local::complete_now`).
+            l.complete_now.set(true);
             l.run_done(ctx as usize, status.errno());
+            l.complete_now.set(false);
         }
     }
 }
@@ -121,6 +159,10 @@ impl Local {
             .and_then(|p| p.as_ref())
             .and_then(|p| p.io.as_ref())
         {
+            // The whole I/O (a one-run write, the common case): as is.
+            Some(io) if start == 0 && len as u64 == io.len_bytes() => {
+                SmallVec::from_slice(io.iovs())
+            }
             Some(io) => slice_iovs(io.iovs(), start, len),
             None => SmallVec::new(),
         }
@@ -170,14 +212,8 @@ impl Local {
                 Some((b, g)) => {
                     n_hits += 1;
                     match hits.last_mut() {
-                        Some(r) if r.extends(Kind::Read, i, b) => r.blocks.push((b, g)),
-                        _ => hits.push(Run {
-                            key,
-                            kind: Kind::Read,
-                            first: i,
-                            lba,
-                            blocks: smallvec::smallvec![(b, g)],
-                        }),
+                        Some(r) if r.extends(Kind::Read, i, b) => r.push(g),
+                        _ => hits.push(Run::new(key, Kind::Read, i, lba, b, g)),
                     }
                 }
                 None => match misses.last_mut() {
@@ -187,9 +223,9 @@ impl Local {
             }
         }
         for run in hits {
-            let len = run.blocks.len();
+            let len = run.len();
             let iovs = self.parent_iovs(key, run.first as usize * bs, len * bs);
-            let at = ssd.block_lba(run.blocks[0].0);
+            let at = ssd.block_lba(run.block);
             self.add_child(key);
             let slot = self.new_run(run);
             // SAFETY: the segments are sub-ranges of the parent I/O's
@@ -233,22 +269,26 @@ impl Local {
         inc(&self.stats().write_blocks, n);
         let fua = io.fua();
         let key = self.new_parent(io, 1);
-        if let Some(Some(p)) = self.parents.borrow_mut().get_mut(key) {
-            p.fua = fua;
+        if fua {
+            if let Some(Some(p)) = self.parents.borrow_mut().get_mut(key) {
+                p.fua = true;
+            }
         }
         self.ssd_write_blocks(key, 0);
     }
 
     /// Places blocks `from..` of write `key` (in place or in new blocks)
-    /// and sends their data to the cache bdev; waits for free blocks when
-    /// there are none (holding the submission's reference), else drops
-    /// that reference.
+    /// and sends their data to the cache bdev, each run as soon as it is
+    /// complete (no run vector: a 4 KiB write is one run); waits for free
+    /// blocks when there are none (holding the submission's reference),
+    /// else drops that reference.
     fn ssd_write_blocks(self: &Rc<Self>, key: usize, from: u64) {
         let wc = &self.wc;
         let Some((first, n, t)) = self.parent_io(key) else {
             return;
         };
-        let mut runs: SmallVec<[Run; 4]> = SmallVec::new();
+        let zeroes = t == IoType::WriteZeroes;
+        let mut run: Option<Run> = None;
         let st = self.stats();
         // One pin for the write's index lookups (each `Index::get` would
         // pin on its own).
@@ -282,7 +322,10 @@ impl Local {
                     let Some(b) = self.alloc() else {
                         drop(guard);
                         self.ssd_wait(key, i);
-                        return self.ssd_submit(key, runs, t == IoType::WriteZeroes);
+                        if let Some(r) = run {
+                            self.ssd_submit(r, zeroes);
+                        }
+                        return;
                     };
                     let m = wc.meta.get(b);
                     let g = BlockMeta::next_gen(m.gen());
@@ -298,19 +341,20 @@ impl Local {
                 Some(false) => inc(&st.write_hits_uncommitted, 1),
                 None => {}
             }
-            match runs.last_mut() {
-                Some(r) if r.extends(kind, i, b) => r.blocks.push((b, g)),
-                _ => runs.push(Run {
-                    key,
-                    kind,
-                    first: i,
-                    lba,
-                    blocks: smallvec::smallvec![(b, g)],
-                }),
+            match &mut run {
+                Some(r) if r.extends(kind, i, b) => r.push(g),
+                _ => {
+                    let next = Run::new(key, kind, i, lba, b, g);
+                    if let Some(done) = run.replace(next) {
+                        self.ssd_submit(done, zeroes);
+                    }
+                }
             }
         }
         drop(guard);
-        self.ssd_submit(key, runs, t == IoType::WriteZeroes);
+        if let Some(r) = run {
+            self.ssd_submit(r, zeroes);
+        }
         // The submission's own reference.
         self.child_done(key, 0);
     }
@@ -331,40 +375,40 @@ impl Local {
         self.make_room();
     }
 
-    fn ssd_submit(self: &Rc<Self>, key: usize, runs: SmallVec<[Run; 4]>, zeroes: bool) {
+    /// Sends run `run` of its write to the cache bdev.
+    fn ssd_submit(self: &Rc<Self>, run: Run, zeroes: bool) {
         let (Some(ssd), Some(cache)) = (self.wc.ssd.as_ref(), self.cache.as_ref()) else {
             return;
         };
         let bs = self.wc.block_size as usize;
-        for run in runs {
-            let len = run.blocks.len();
-            let iovs: SmallVec<[IoVec; 4]> = if zeroes {
-                (0..len)
-                    .map(|_| IoVec {
-                        // Only read (a write's source); block sizes are at
-                        // most 4096 bytes.
-                        base: ZERO_BLOCK.0.as_ptr() as *mut u8,
-                        len: bs,
-                    })
-                    .collect()
-            } else {
-                self.parent_iovs(key, run.first as usize * bs, len * bs)
-            };
-            let at = ssd.block_lba(run.blocks[0].0);
-            self.add_child(key);
-            let slot = self.new_run(run);
-            // SAFETY: the segments are the parent's buffers (valid until it
-            // completes, after this child) or the static zero block.
-            unsafe {
-                cache.writev(
-                    at,
-                    len as u64 * ssd.ratio,
-                    &iovs,
-                    false,
-                    &self.ssd_cb,
-                    slot as u64,
-                );
-            }
+        let len = run.len();
+        let key = run.key;
+        let iovs: SmallVec<[IoVec; 4]> = if zeroes {
+            (0..len)
+                .map(|_| IoVec {
+                    // Only read (a write's source); block sizes are at
+                    // most 4096 bytes.
+                    base: ZERO_BLOCK.0.as_ptr() as *mut u8,
+                    len: bs,
+                })
+                .collect()
+        } else {
+            self.parent_iovs(key, run.first as usize * bs, len * bs)
+        };
+        let at = ssd.block_lba(run.block);
+        self.add_child(key);
+        let slot = self.new_run(run);
+        // SAFETY: the segments are the parent's buffers (valid until it
+        // completes, after this child) or the static zero block.
+        unsafe {
+            cache.writev(
+                at,
+                len as u64 * ssd.ratio,
+                &iovs,
+                false,
+                &self.ssd_cb,
+                slot as u64,
+            );
         }
     }
 
@@ -382,7 +426,7 @@ impl Local {
                 }
                 // A block reallocated while we read it may have given us
                 // another sector's data: read those blocks again.
-                for (j, &(b, g)) in run.blocks.iter().enumerate() {
+                for (j, (b, g)) in run.blocks().enumerate() {
                     if wc.meta.get(b).gen() != g {
                         let i = run.first + j as u64;
                         self.ssd_read_blocks(run.key, i, i + 1);
@@ -395,7 +439,7 @@ impl Local {
                     self.cache_error("write", errno);
                     // Never published: straight back to this core's cache.
                     let mut free = self.free.borrow_mut();
-                    free.extend(run.blocks.iter().map(|&(b, _)| b));
+                    free.extend(run.blocks().map(|(b, _)| b));
                     self.stats()
                         .free_cached
                         .store(free.len() as u64, Ordering::Relaxed);
@@ -406,7 +450,7 @@ impl Local {
                 self.child_done(run.key, 0);
             }
             Kind::InPlace => {
-                for (j, &(b, g)) in run.blocks.iter().enumerate() {
+                for (j, (b, g)) in run.blocks().enumerate() {
                     wc.meta.end_inplace(b);
                     if wc.index.get(&wc.meta, run.lba + j as u64) != Some(b) {
                         // Displaced or unmapped meanwhile: whoever tried to
@@ -441,17 +485,30 @@ impl Local {
         // The stamp: a commit that bumps the sequence after this load runs
         // its per-core step here only after this (see `Writecache::start_commit`).
         let seq = wc.seq.load(Ordering::Acquire);
-        let mut mapped: SmallVec<[(u64, u32); 8]> = SmallVec::with_capacity(run.blocks.len());
+        let Some(ssd) = wc.ssd.as_ref() else {
+            return;
+        };
+        let one = run.len() == 1;
+        // A one-block run (a 4 KiB write) is mapped with a single insert.
+        let mut mapped: SmallVec<[(u64, u32); 8]> = SmallVec::new();
         {
             let mut log = self.write_log.borrow_mut();
-            for (j, &(b, g)) in run.blocks.iter().enumerate() {
+            for (j, (b, g)) in run.blocks().enumerate() {
                 let lba = run.lba + j as u64;
                 let m = wc.meta.get(b);
-                wc.media.write_entry(b, wc.sector_of(lba), seq);
+                // The RAM metadata directly (one region mark per entry,
+                // no dynamic dispatch): what `Media::write_entry` does.
+                ssd.meta.write_entry(
+                    wc.media.geo.entry_offset(b as u64) as usize,
+                    wc.sector_of(lba),
+                    seq,
+                );
                 m.lba.store(lba, Ordering::Relaxed);
                 m.set_seq(seq);
                 m.set(g, VALID);
-                mapped.push((lba, b));
+                if !one {
+                    mapped.push((lba, b));
+                }
                 log.push(LogEntry {
                     block: b,
                     gen: g,
@@ -462,11 +519,17 @@ impl Local {
                 .uncommitted
                 .store(log.len() as u64, Ordering::Release);
         }
-        let mut displaced: SmallVec<[u32; 8]> = SmallVec::new();
-        wc.index
-            .insert_run(&wc.meta, &mapped, |_, old| displaced.push(old));
-        for old in displaced {
-            self.ssd_displace(old, seq);
+        if one {
+            if let Some(old) = wc.index.insert(&wc.meta, run.lba, run.block) {
+                self.ssd_displace(old, seq);
+            }
+        } else {
+            let mut displaced: SmallVec<[u32; 8]> = SmallVec::new();
+            wc.index
+                .insert_run(&wc.meta, &mapped, |_, old| displaced.push(old));
+            for old in displaced {
+                self.ssd_displace(old, seq);
+            }
         }
         if self.to_free.borrow().len() >= FREE_BATCH {
             self.free_displaced();
