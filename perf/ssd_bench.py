@@ -39,8 +39,12 @@ BS = 4096
 
 
 def sparse(path, mib):
+    """A cache file of `mib` MiB with its tmpfs pages allocated up front, so
+    ssd mode's first-pass writes into it pay no page allocation that the
+    cache bdev alone (measured in its second pass) does not pay either."""
     with open(path, "wb") as f:
         f.truncate(mib << 20)
+        os.posix_fallocate(f.fileno(), 0, mib << 20)
 
 
 def cfg_for(name, a, tmp, origin_file):
