@@ -689,7 +689,9 @@ impl Local {
 
     fn maybe_autocommit(&self) {
         let wc = &self.wc;
-        let cores = self.cores;
+        // Split among the cores that write, so the whole instance commits
+        // every `autocommit_blocks` however many reactors the runtime has.
+        let cores = wc.channel_cores.load(Ordering::Relaxed).max(1);
         let limit = (wc.tunables.autocommit_blocks.load(Ordering::Relaxed) / cores).max(1);
         // A plain load first: while a commit is pending every write gets
         // here, and a swap on each would bounce the line between cores.

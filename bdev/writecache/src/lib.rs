@@ -445,6 +445,7 @@ fn start(
         ))),
         wb: Default::default(),
         commit_requested: AtomicBool::new(false),
+        channel_cores: AtomicU64::new(0),
         last_write_around: AtomicU64::new(0),
         flush_on_suspend: AtomicBool::new(false),
         closing: AtomicBool::new(false),
