@@ -50,14 +50,28 @@ where
     F: Fn() + Send + Sync + 'static,
     D: FnOnce() + Send + 'static,
 {
+    for_each_of(current().siblings(), f, done);
+}
+
+/// As [`for_each_reactor`], over the given reactors only (those that hold
+/// the state `f` visits: a sleeping reactor that holds none is not woken
+/// for nothing). With none, `done` still runs, via a message.
+pub fn for_each_of<F, D>(reactors: Vec<ReactorHandle>, f: F, done: D)
+where
+    F: Fn() + Send + Sync + 'static,
+    D: FnOnce() + Send + 'static,
+{
     use std::sync::atomic::{AtomicUsize, Ordering};
     use std::sync::{Arc, Mutex};
     let me = current().handle();
-    let all = me.siblings();
-    let remaining = Arc::new(AtomicUsize::new(all.len()));
+    if reactors.is_empty() {
+        me.send(done);
+        return;
+    }
+    let remaining = Arc::new(AtomicUsize::new(reactors.len()));
     let f = Arc::new(f);
     let done = Arc::new(Mutex::new(Some(done)));
-    for h in all {
+    for h in reactors {
         let f = f.clone();
         let remaining = remaining.clone();
         let done = done.clone();

@@ -141,6 +141,11 @@ pub struct Writecache {
     /// Set by the core that asks for a commit, cleared by home when it
     /// starts one (per commit): on a line of its own, as `seq`.
     pub(crate) commit_requested: CachePadded<AtomicBool>,
+    /// Reactors with a channel of this instance (`lanes.len()`, readable
+    /// without the lock): autocommit splits its block count among them,
+    /// not among every reactor of the runtime (fio's control reactor, or
+    /// a target's idle cores, never write).
+    pub(crate) channel_cores: AtomicU64,
     /// When a write last went around the cache (ticks; cleaner mode):
     /// written by every core, at most every [`AROUND_STAMP_TICKS`], on a
     /// line of its own.
@@ -408,7 +413,15 @@ impl Writecache {
         } else {
             self.sb_seq.load(Ordering::Acquire)
         };
-        wc_reactor::for_each_reactor(
+        // Only the cores with a channel hold logs or unfenced stores (one
+        // that closed its channel fenced and handed its logs over): a
+        // control reactor or a standby hosted reactor asleep is not woken
+        // each round (under fio, two wake-ups per commit). Taken after the
+        // bump under the lock `add_lane` takes, so a channel that opens
+        // later stamps `s + 1` or above.
+        let lanes = lock(&self.wb).lanes.clone();
+        wc_reactor::for_each_of(
+            lanes,
             move || {
                 // On each core: write back the entries it stamped (cached
                 // stores), fence so they and its data are durable, then
@@ -928,7 +941,10 @@ impl Writecache {
     /// A reactor with a channel of this instance takes a share of the
     /// writeback from now on.
     pub(crate) fn add_lane(&self, lane: ReactorHandle) {
-        lock(&self.wb).lanes.push(lane);
+        let mut wb = lock(&self.wb);
+        wb.lanes.push(lane);
+        self.channel_cores
+            .store(wb.lanes.len() as u64, Ordering::Relaxed);
     }
 
     /// The channel on reactor `index` is going away.
@@ -937,6 +953,8 @@ impl Writecache {
         if let Some(i) = wb.lanes.iter().position(|l| l.index() == index) {
             wb.lanes.swap_remove(i);
         }
+        self.channel_cores
+            .store(wb.lanes.len() as u64, Ordering::Relaxed);
     }
 
     /// The origin channel a run is retried or flushed on, if the instance

@@ -746,7 +746,9 @@ impl Local {
 
     fn maybe_autocommit(&self) {
         let wc = &self.wc;
-        let cores = self.cores;
+        // Split among the cores that write, so the whole instance commits
+        // every `autocommit_blocks` however many reactors the runtime has.
+        let cores = wc.channel_cores.load(Ordering::Relaxed).max(1);
         let blocks = wc.tunables.autocommit_blocks.load(Ordering::Relaxed);
         let logged = self.write_log.borrow().len() as u64;
         // A plain load first: while a commit is pending every write gets
