@@ -1067,11 +1067,10 @@ fn gather<'a>(
             let seg_end = seg_off + v.len as u64;
             let (lo, hi) = (start.max(seg_off), end.min(seg_end));
             if lo < hi {
-                // SAFETY: the bdev I/O owns its segments until it
-                // completes, and it is borrowed (in `parents`) for as long
-                // as the slices live; a write's data is only read here,
-                // and on_cqe refuses a completion while its data is
-                // unsent. `lo..hi` lies inside the segment.
+                // The bdev I/O (borrowed in `parents`) owns its segments
+                // until it completes; on_cqe refuses a completion while
+                // its data is unsent, and the data is only read here.
+                // SAFETY: the segment outlives the slice; `lo..hi` is in it.
                 let piece = unsafe {
                     std::slice::from_raw_parts(
                         v.base.add((lo - seg_off) as usize),

@@ -179,10 +179,9 @@ unsafe fn stream_copy_avx2(dst: *mut u8, src: *const u8, n: usize) {
     const WORDS: usize = STREAM_CHUNK / 32;
     let mut off = 0;
     while off < n {
-        // SAFETY: off + STREAM_CHUNK <= n (n is a multiple of it), so the
-        // loads and stores stay inside the caller's ranges; every `dst +
-        // off + 32k` is 32-byte aligned (dst is, off is a multiple of 32),
-        // as `_mm256_stream_si256` requires; the loads are unaligned.
+        // off + STREAM_CHUNK <= n (n is a multiple of it); dst is 32-byte
+        // aligned and off a multiple of 32; the loads are unaligned.
+        // SAFETY: in the caller's ranges; stream stores 32-byte aligned.
         unsafe {
             let s = src.add(off) as *const __m256i;
             let d = dst.add(off) as *mut __m256i;
