@@ -831,6 +831,19 @@ impl Local {
         PollStatus::Busy
     }
 
+    /// Why writes waiting for free blocks must fail now, if they must: in
+    /// the error state writeback has stopped, so no block will come back
+    /// (nothing cached is dropped); a deleted instance takes no I/O.
+    pub(super) fn waiting_fails_with(&self) -> Option<i32> {
+        if self.wc.error() != 0 {
+            Some(libc::EIO)
+        } else if self.wc.closing.load(Ordering::Acquire) {
+            Some(libc::ENODEV)
+        } else {
+            None
+        }
+    }
+
     fn retry_waiting(self: &Rc<Self>) -> PollStatus {
         if self.cache.is_some() {
             return self.ssd_retry_waiting();
@@ -838,14 +851,7 @@ impl Local {
         if self.waiting.borrow().is_empty() {
             return PollStatus::Idle;
         }
-        // In the error state writeback has stopped: no block will come
-        // back, so waiting writes fail (nothing cached is dropped).
-        if self.wc.error() != 0 || self.wc.closing.load(Ordering::Acquire) {
-            let errno = if self.wc.error() != 0 {
-                libc::EIO
-            } else {
-                libc::ENODEV
-            };
+        if let Some(errno) = self.waiting_fails_with() {
             let waiting: Vec<Io> = self.waiting.borrow_mut().drain(..).collect();
             self.stats().waiting.store(0, Ordering::Relaxed);
             for io in waiting {

@@ -564,12 +564,7 @@ impl Local {
         if self.ssd_waiting.borrow().is_empty() {
             return PollStatus::Idle;
         }
-        if self.wc.error() != 0 || self.wc.closing.load(Ordering::Acquire) {
-            let errno = if self.wc.error() != 0 {
-                libc::EIO
-            } else {
-                libc::ENODEV
-            };
+        if let Some(errno) = self.waiting_fails_with() {
             let keys: Vec<usize> = self.ssd_waiting.borrow_mut().drain(..).collect();
             self.stats().waiting.store(0, Ordering::Relaxed);
             for k in keys {
