@@ -42,6 +42,26 @@ impl Epoll {
         }
     }
 
+    /// Sets a registered connection's interest to readable and/or
+    /// writable, with one `EPOLL_CTL_MOD` only when it differs from
+    /// `*current` (updated on success).
+    pub fn set_interest(
+        &self,
+        fd: RawFd,
+        id: u64,
+        current: &mut u32,
+        readable: bool,
+        writable: bool,
+    ) -> io::Result<()> {
+        let want = if readable { libc::EPOLLIN as u32 } else { 0 }
+            | if writable { libc::EPOLLOUT as u32 } else { 0 };
+        if want != *current {
+            self.ctl(libc::EPOLL_CTL_MOD, fd, want, id)?;
+            *current = want;
+        }
+        Ok(())
+    }
+
     /// The ready descriptors as `(id, events)`, without blocking.
     pub fn poll_now<'a>(&self, buf: &'a mut Ready) -> impl Iterator<Item = (u64, u32)> + 'a {
         // SAFETY: `buf` has room for BATCH events; timeout 0 never blocks.

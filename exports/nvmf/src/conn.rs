@@ -1940,23 +1940,14 @@ impl Conn {
         if self.dead {
             return;
         }
-        let mut want = 0u32;
-        if self.wants_input() {
-            want |= libc::EPOLLIN as u32;
-        }
-        if !self.tx.is_empty() {
-            want |= libc::EPOLLOUT as u32;
-        }
-        if want == self.interest {
-            return;
-        }
+        let (readable, writable) = (self.wants_input(), !self.tx.is_empty());
         if let Some(nr) = local() {
-            if nr
-                .ctl(libc::EPOLL_CTL_MOD, self.stream.as_raw_fd(), want, self.id)
-                .is_ok()
-            {
-                self.interest = want;
-            } else {
+            let fd = self.stream.as_raw_fd();
+            let set = match &nr.ep {
+                Some(ep) => ep.set_interest(fd, self.id, &mut self.interest, readable, writable),
+                None => Err(io::Error::from_raw_os_error(libc::EBADF)),
+            };
+            if set.is_err() {
                 self.kill("epoll_ctl failed");
             }
         }
