@@ -1063,16 +1063,15 @@ impl Writecache {
         let fua = self.tunables.fua.load(Ordering::Relaxed);
         if !fua {
             // nofua: the data is durable on the origin only after a flush.
-            let me = self.clone();
-            let origin = self.live_origin(run);
-            if let Some(o) = origin {
-                let attempt = run.attempt.get();
-                let run = run.run.clone();
-                let o2 = o.clone();
-                let cb: Rc<dyn IoCompletion> = Rc::new(wc_bdev::FnCompletion(move |io: Io, _| {
-                    me.retire(&run, io.status().is_success(), attempt, &o2);
-                }));
-                o.flush(0, o.bdev().num_blocks(), &cb, 0);
+            if let Some(o) = self.live_origin(run) {
+                crate::origin_flush::retire_after_flush(
+                    &o,
+                    crate::origin_flush::FlushedRun {
+                        wc: self.clone(),
+                        run: run.run.clone(),
+                        attempt: run.attempt.get(),
+                    },
+                );
                 return;
             }
         }
@@ -1198,7 +1197,7 @@ impl Writecache {
     }
 
     /// The origin holds these blocks durably: drop them from the cache.
-    fn retire(
+    pub(crate) fn retire(
         self: &Arc<Self>,
         run: &[(u64, u32)],
         ok: bool,

@@ -35,6 +35,7 @@ mod fifo;
 mod media;
 mod meta;
 mod options;
+mod origin_flush;
 pub mod rpc;
 mod scratch;
 mod ssd;

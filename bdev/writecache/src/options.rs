@@ -165,7 +165,8 @@ impl Tunables {
                 Mode::Ssd => 65536,
             })),
             autocommit_time_ms: AtomicU64::new(o.autocommit_time_ms.unwrap_or(1000)),
-            fua: AtomicBool::new(o.fua.unwrap_or(true)),
+            // dm-writecache: FUA writeback in pmem mode, write + FLUSH in ssd mode.
+            fua: AtomicBool::new(o.fua.unwrap_or(mode == Mode::Pmem)),
             cleaner: AtomicBool::new(o.cleaner.unwrap_or(false)),
             max_age_ms: AtomicU64::new(o.max_age_ms.unwrap_or(0)),
             pause_writeback_ms: AtomicU64::new(o.pause_writeback_ms.unwrap_or(3000)),

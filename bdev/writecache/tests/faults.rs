@@ -283,6 +283,47 @@ fn a_transient_origin_flush_failure_in_nofua_writeback_is_retried() {
     }
 }
 
+/// nofua writeback FLUSHes the origin once per group of completed runs,
+/// as dm's endio thread does, not once per run: while one FLUSH is held at
+/// the origin, the runs that completed after it was sent wait (none is
+/// freed: the held FLUSH does not cover them) for the next one, which is
+/// sent only when the first completes.
+fn nofua_writeback_flushes_the_origin_once_per_group_of_runs() {
+    let rig = Rig::new(1, 64, 256, Layer::Error, |o| o.fua = Some(false));
+    // Eight separate origin writes (no two LBAs adjacent).
+    let lbas: Vec<u64> = (0..8).map(|i| i * 10).collect();
+    write_and_commit(&rig, &lbas, 1);
+    const HELD: u32 = 100;
+    wc_bdev_error::inject(
+        &rig.origin_name,
+        InjectIoType::Flush,
+        ErrorType::Pending,
+        HELD,
+    )
+    .unwrap();
+    let sent = || HELD - wc_bdev_error::remaining(&rig.origin_name, IoType::Flush).unwrap();
+    let drain = rig.start_flush_rpc();
+    assert!(
+        rig.pump_until(Duration::from_secs(5), || lbas
+            .iter()
+            .all(|&l| rig.origin_block(l) == Some((l, 1)))),
+        "the runs were not all written to the origin"
+    );
+    rig.pump_for(Duration::from_millis(50));
+    let s = rig.stats();
+    assert_eq!(sent(), 1, "FLUSHes sent while the first is held: {s:?}");
+    assert_eq!(
+        s.dirty,
+        lbas.len() as u64,
+        "retired before a FLUSH covered them: {s:?}"
+    );
+    // Released (and disarmed): the next FLUSH covers the rest.
+    wc_bdev_error::resume_pending(&rig.origin_name).unwrap();
+    assert_eq!(rig.wait_ctl(&drain), Ok(()));
+    assert_eq!(rig.stats().dirty, 0);
+    wc_bdev_error::clear(&rig.origin_name).unwrap();
+}
+
 /// A writeback I/O still in flight to the origin (here held by a
 /// `pending` injection) when the instance is deleted without flush must
 /// not outlive the delete: were `delete` to complete first, the late
@@ -343,12 +384,19 @@ fn a_writeback_in_flight_at_delete_cannot_corrupt_a_recreated_cache() {
     }
     // ... then cycle uncommitted overwrites of Y through the free pool
     // until Y's newest version sits in block bx, and commit it. (ssd mode:
-    // the lowest free block goes out first, and entries reach the device
-    // with the commit.)
+    // the lowest free block goes out first, entries reach the device with
+    // the commit, and a committed block is overwritten in place, so a Y
+    // that missed bx is unmapped — its block freed — before the next try.)
     let mut v = 0;
     while rig.media_entries()[bx] != Some(Y) {
         v += 1;
         assert!(v < 200, "block {bx} never reused");
+        if ssd && v > 1 {
+            let u = rig.submit_unmap(0, Y, 1);
+            rig.wait(&u).unwrap();
+            rig.flush(0).unwrap();
+            rig.settle();
+        }
         rig.write(0, Y, v);
         if ssd {
             rig.flush(0).unwrap();
@@ -389,5 +437,6 @@ both_modes!(
     after_the_error_state_a_recreated_cache_writes_everything_back,
     writes_blocked_on_a_full_cache_fail_when_the_error_state_is_entered,
     a_transient_origin_flush_failure_in_nofua_writeback_is_retried,
+    nofua_writeback_flushes_the_origin_once_per_group_of_runs,
     a_writeback_in_flight_at_delete_cannot_corrupt_a_recreated_cache,
 );
