@@ -96,6 +96,9 @@ pub(crate) struct Local {
     /// ssd mode: cache-bdev I/O in flight, by slot.
     runs: RefCell<Vec<Option<ssd::Run>>>,
     free_runs: RefCell<Vec<usize>>,
+    /// ssd mode: one-block writes in flight without a parent (see
+    /// `ssd_write_one`), by slot.
+    one_writes: RefCell<slab::Slab<Io>>,
     ssd_cb: Rc<dyn IoCompletion>,
     /// ssd mode: writes (parent keys) waiting for free blocks.
     ssd_waiting: RefCell<VecDeque<usize>>,
@@ -192,6 +195,7 @@ pub(crate) fn create_channel(wc: &Arc<Writecache>) -> Result<WcChannel, wc_bdev:
         cache,
         runs: RefCell::new(Vec::new()),
         free_runs: RefCell::new(Vec::new()),
+        one_writes: RefCell::new(slab::Slab::new()),
         ssd_cb: Rc::new(ssd::RunDone(weak.clone())),
         ssd_waiting: RefCell::new(VecDeque::new()),
         reads: RefCell::new(Vec::with_capacity(64)),
