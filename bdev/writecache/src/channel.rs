@@ -121,8 +121,10 @@ pub(crate) struct Local {
     /// completion, so nothing finished inside the submitter's callback
     /// (which may submit again) completes inline.
     complete_now: Cell<bool>,
-    /// This core's slot in `wc.stats` (reduced once: `core_stats` divides).
-    stats_slot: usize,
+    /// This core's counters: `wc.stats[slot]`, where `slot` is this core's
+    /// index reduced once (`core_stats` divides). A pointer, read several
+    /// times per I/O, instead of an index into `wc.stats` each time.
+    stats: std::ptr::NonNull<crate::stats::CoreStats>,
 }
 
 struct ChildDone(Weak<Local>);
@@ -204,7 +206,7 @@ pub(crate) fn create_channel(wc: &Arc<Writecache>) -> Result<WcChannel, wc_bdev:
         batch_reads: Cell::new(false),
         last_flush: Cell::new(0),
         complete_now: Cell::new(false),
-        stats_slot: r.index() % wc.stats.len().max(1),
+        stats: std::ptr::NonNull::from(&*wc.stats[r.index() % wc.stats.len().max(1)]),
     });
     r.local(Locals::default)
         .0
@@ -278,8 +280,10 @@ impl Local {
 
 impl Local {
     fn stats(&self) -> &crate::stats::CoreStats {
-        // Several times per I/O: an index, not `core_stats`' division.
-        &self.wc.stats[self.stats_slot]
+        // SAFETY: `self.stats` points into `self.wc.stats`, a boxed slice
+        // that is never replaced nor resized and lives as long as the
+        // `Writecache`, which `self.wc` keeps alive; only shared access.
+        unsafe { self.stats.as_ref() }
     }
 
     /// Completes a read or write, recording its latency.

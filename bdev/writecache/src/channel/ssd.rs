@@ -410,17 +410,24 @@ impl Local {
         d[ONE_BLOCK] = b as u64;
         d[ONE_GEN] = g as u64;
         d[ONE_KIND] = kind as u64;
-        let iovs: SmallVec<[IoVec; 4]> = if io.io_type() == IoType::WriteZeroes {
+        // The segments, copied (the write moves into `one_writes`): one on
+        // the stack, as nearly always.
+        let mut one = [IoVec {
             // Only read (a write's source); block sizes are at most 4096.
-            SmallVec::from_elem(
-                IoVec {
-                    base: ZERO_BLOCK.0.as_ptr() as *mut u8,
-                    len: wc.block_size as usize,
-                },
-                1,
-            )
-        } else {
-            SmallVec::from_slice(io.iovs())
+            base: ZERO_BLOCK.0.as_ptr() as *mut u8,
+            len: wc.block_size as usize,
+        }];
+        let many: SmallVec<[IoVec; 4]>;
+        let iovs: &[IoVec] = match io.iovs() {
+            _ if io.io_type() == IoType::WriteZeroes => &one,
+            [v] => {
+                one[0] = *v;
+                &one
+            }
+            v => {
+                many = SmallVec::from_slice(v);
+                &many
+            }
         };
         let slot = self.one_writes.borrow_mut().insert(io) as u64;
         // SAFETY: the segments are the write's buffers, valid until it
