@@ -125,6 +125,8 @@ pub(crate) struct Local {
     /// index reduced once (`core_stats` divides). A pointer, read several
     /// times per I/O, instead of an index into `wc.stats` each time.
     stats: std::ptr::NonNull<crate::stats::CoreStats>,
+    /// ssd mode: the dirty map of the RAM metadata this core marks.
+    meta_map: usize,
 }
 
 struct ChildDone(Weak<Local>);
@@ -207,6 +209,7 @@ pub(crate) fn create_channel(wc: &Arc<Writecache>) -> Result<WcChannel, wc_bdev:
         last_flush: Cell::new(0),
         complete_now: Cell::new(false),
         stats: std::ptr::NonNull::from(&*wc.stats[r.index() % wc.stats.len().max(1)]),
+        meta_map: wc.ssd.as_ref().map_or(0, |s| s.meta.map_of(r.index())),
     });
     r.local(Locals::default)
         .0

@@ -631,9 +631,11 @@ impl Local {
                 let b = block + j as u32;
                 let lba = first + j as u64;
                 let m = wc.meta.get(b);
-                // The RAM metadata directly (one region mark per entry,
-                // no dynamic dispatch): what `Media::write_entry` does.
-                ssd.meta.write_entry(
+                // The RAM metadata directly (one region mark per entry in
+                // this core's dirty map, no dynamic dispatch): what
+                // `Media::write_entry` does.
+                ssd.meta.write_entry_in(
+                    self.meta_map,
                     wc.media.geo.entry_offset(b as u64) as usize,
                     wc.sector_of(lba),
                     seq,
