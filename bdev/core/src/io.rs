@@ -187,7 +187,7 @@ pub struct Io {
 }
 
 impl Io {
-    #[inline]
+    #[inline(always)]
     pub(crate) fn alloc(ctx: &Rc<IoContext>) -> Option<Io> {
         let boxed = ctx.free.borrow_mut().pop();
         let inner = match boxed {
