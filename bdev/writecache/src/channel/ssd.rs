@@ -438,7 +438,7 @@ impl Local {
             cache.writev(
                 ssd.block_lba(b),
                 ssd.ratio,
-                &iovs,
+                iovs,
                 false,
                 &self.ssd_cb,
                 ONE | slot,
