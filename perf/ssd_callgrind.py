@@ -5,14 +5,17 @@ vs that malloc bdev alone, and any number of bdevperf builds in one run.
 
 Each cell is one `bdevperf -q 32 -o 4096 -w randwrite -m 0x1` run under
 `valgrind --tool=callgrind --separate-threads=yes`. From the reactor
-thread's profile it takes the inclusive cost of the bdev layer's
-completion poller (`run_completions`: every I/O's submission and
-completion happen under it once the job runs), less the control-path
-callbacks it also runs (`FnCompletion`: instance start, commits' metadata
-I/O), divided by the I/Os bdevperf completed. That leaves out the start,
-idle reactor iterations and other pollers, so the figure does not depend
-on how long the run was or how loaded the machine is (callgrind slows the
-run 50x; the I/O count varies, the per-I/O cost does not). Commits by
+thread's profile it takes the inclusive cost of the completions the bdev
+layer's completion poller runs (`finish_io` called from
+`run_completions`: every I/O's submission and completion happen under
+them once the job runs), less the control-path callbacks among them
+(`FnCompletion`: instance start, commits' metadata I/O), divided by the
+I/Os bdevperf completed. That leaves out the start, other pollers and
+the poller's own loop, which also runs on every idle reactor iteration
+(counting it made one build's figure vary by 400 instructions per write
+on a loaded machine), so the figure does not depend on how long the run
+was or how loaded the machine is (callgrind slows the run 50x; the I/O
+count varies, the per-I/O cost does not). Commits by
 age are pushed out of the run (autocommit_time_ms 1 h); a 0.6 s run
 under callgrind writes fewer than the 64 Ki blocks of ssd mode's default
 autocommit, so the figure is the data path's alone.
@@ -104,9 +107,11 @@ def per_io(binary, tmp, ssd, secs):
     # finds the sources and names (and merges) inlined functions otherwise.
     ann = subprocess.run(["callgrind_annotate", "--inclusive=yes", "--tree=caller", best],
                          capture_output=True, text=True, check=True, cwd=tmp).stdout
-    total, _ = star(ann, r"wc_bdev::channel::run_completions \[")
+    total, _ = star(ann, r"wc_bdev::channel::finish_io \[")
     control, _ = star(ann, r"<wc_bdev::io::FnCompletion<F> as wc_bdev::io::IoCompletion>::io_done \[")
     ios = calls(ann, r"Job as wc_bdev::io::IoCompletion>::io_done \[")
+    if total == 0:
+        sys.exit(f"no wc_bdev::channel::finish_io in {best} (inlined?)")
     if ios == 0:
         sys.exit(f"no I/O completed in {best}")
     return (total - control) / ios, ios

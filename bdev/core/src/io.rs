@@ -187,6 +187,7 @@ pub struct Io {
 }
 
 impl Io {
+    #[inline(always)]
     pub(crate) fn alloc(ctx: &Rc<IoContext>) -> Option<Io> {
         let boxed = ctx.free.borrow_mut().pop();
         let inner = match boxed {
@@ -384,13 +385,14 @@ impl Io {
         ctx: u64,
     ) {
         let b = self.inner_mut();
+        // A descriptor comes from the pool with no segments, buffer,
+        // callback nor channel (`Drop` clears them): nothing to clear.
+        debug_assert!(b.iovs.is_empty() && b.buf.is_none() && b.cb.is_none());
         b.io_type = io_type;
         b.offset_blocks = offset_blocks;
         b.num_blocks = num_blocks;
         b.block_size = block_size;
         b.fua = false;
-        b.iovs.clear();
-        b.buf = None;
         b.status = IoStatus::Pending;
         b.cb = Some(cb);
         b.ctx = ctx;

@@ -96,6 +96,9 @@ pub(crate) struct Local {
     /// ssd mode: cache-bdev I/O in flight, by slot.
     runs: RefCell<Vec<Option<ssd::Run>>>,
     free_runs: RefCell<Vec<usize>>,
+    /// ssd mode: one-block writes in flight without a parent (see
+    /// `ssd_write_one`), by slot.
+    one_writes: RefCell<slab::Slab<Io>>,
     ssd_cb: Rc<dyn IoCompletion>,
     /// ssd mode: writes (parent keys) waiting for free blocks.
     ssd_waiting: RefCell<VecDeque<usize>>,
@@ -118,8 +121,12 @@ pub(crate) struct Local {
     /// completion, so nothing finished inside the submitter's callback
     /// (which may submit again) completes inline.
     complete_now: Cell<bool>,
-    /// This core's slot in `wc.stats` (reduced once: `core_stats` divides).
-    stats_slot: usize,
+    /// This core's counters: `wc.stats[slot]`, where `slot` is this core's
+    /// index reduced once (`core_stats` divides). A pointer, read several
+    /// times per I/O, instead of an index into `wc.stats` each time.
+    stats: std::ptr::NonNull<crate::stats::CoreStats>,
+    /// ssd mode: the dirty map of the RAM metadata this core marks.
+    meta_map: usize,
 }
 
 struct ChildDone(Weak<Local>);
@@ -192,6 +199,7 @@ pub(crate) fn create_channel(wc: &Arc<Writecache>) -> Result<WcChannel, wc_bdev:
         cache,
         runs: RefCell::new(Vec::new()),
         free_runs: RefCell::new(Vec::new()),
+        one_writes: RefCell::new(slab::Slab::new()),
         ssd_cb: Rc::new(ssd::RunDone(weak.clone())),
         ssd_waiting: RefCell::new(VecDeque::new()),
         reads: RefCell::new(Vec::with_capacity(64)),
@@ -200,7 +208,8 @@ pub(crate) fn create_channel(wc: &Arc<Writecache>) -> Result<WcChannel, wc_bdev:
         batch_reads: Cell::new(false),
         last_flush: Cell::new(0),
         complete_now: Cell::new(false),
-        stats_slot: r.index() % wc.stats.len().max(1),
+        stats: std::ptr::NonNull::from(&*wc.stats[r.index() % wc.stats.len().max(1)]),
+        meta_map: wc.ssd.as_ref().map_or(0, |s| s.meta.map_of(r.index())),
     });
     r.local(Locals::default)
         .0
@@ -274,8 +283,10 @@ impl Local {
 
 impl Local {
     fn stats(&self) -> &crate::stats::CoreStats {
-        // Several times per I/O: an index, not `core_stats`' division.
-        &self.wc.stats[self.stats_slot]
+        // SAFETY: `self.stats` points into `self.wc.stats`, a boxed slice
+        // that is never replaced nor resized and lives as long as the
+        // `Writecache`, which `self.wc` keeps alive; only shared access.
+        unsafe { self.stats.as_ref() }
     }
 
     /// Completes a read or write, recording its latency.

@@ -620,9 +620,11 @@ impl Index {
     /// the block it displaced.
     #[inline]
     pub(crate) fn insert(&self, meta: &Meta, lba: u64, b: u32) -> Option<u32> {
-        let mut old = None;
-        self.insert_run(meta, &[(lba, b)], |_, o| old = Some(o));
-        old
+        debug_assert_eq!(meta.get(b).lba.load(Ordering::Relaxed), lba);
+        let (s, h) = Self::hash(lba);
+        let shard = &self.shards[s];
+        let mut len = shard.lock();
+        Self::insert_locked(shard, &mut len, meta, lba, h, b)
     }
 
     /// Maps each `(lba, block)` of `run` (the blocks' `lba` fields already

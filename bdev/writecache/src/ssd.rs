@@ -105,21 +105,35 @@ impl RamMeta {
 
     #[inline]
     fn mark(&self, offset: usize) {
+        self.mark_in(map_of_thread(self.maps), offset);
+    }
+
+    /// Marks the region of `offset` in dirty map `map` (< `maps`).
+    #[inline]
+    fn mark_in(&self, map: usize, offset: usize) {
         let r = offset as u64 / REGION;
-        let at = map_of_thread(self.maps) * self.stride + (r / 64) as usize;
+        let at = map * self.stride + (r / 64) as usize;
         self.dirty[at].fetch_or(1 << (r % 64), Ordering::AcqRel);
     }
 
+    /// The dirty map reactor `core` marks (see [`map_of_thread`]): for a
+    /// per-core caller to look up once, not per entry.
+    pub(crate) fn map_of(&self, core: usize) -> usize {
+        core % self.maps
+    }
+
     /// Stores an entry (sector and sequence: the two words at `offset`)
-    /// and marks its region once (an entry is 16-byte aligned, so both
-    /// words share it; checked anyway).
+    /// and marks its region once in dirty map `map` (from
+    /// [`RamMeta::map_of`]; any map is correct, the caller's own stays in
+    /// its core's cache). An entry is 16-byte aligned, so both words share
+    /// a region; checked anyway.
     #[inline]
-    pub(crate) fn write_entry(&self, offset: usize, sector: u64, seq: u64) {
+    pub(crate) fn write_entry_in(&self, map: usize, offset: usize, sector: u64, seq: u64) {
         self.words[offset / 8].store(sector, Ordering::Release);
         self.words[offset / 8 + 1].store(seq, Ordering::Release);
-        self.mark(offset);
+        self.mark_in(map, offset);
         if (offset as u64 + 8) / REGION != offset as u64 / REGION {
-            self.mark(offset + 8);
+            self.mark_in(map, offset + 8);
         }
     }
 

@@ -85,6 +85,16 @@ impl Run {
     }
 }
 
+/// Tag bit of a cache-bdev write's completion context: the rest is a slot
+/// of `Local::one_writes` (a one-block write without a parent), not of
+/// `Local::runs`.
+const ONE: u64 = 1 << 63;
+/// Where a one-block write in flight keeps its placement, in its own
+/// `driver_ctx`: the cache block, its generation, and the [`Kind`].
+const ONE_BLOCK: usize = 0;
+const ONE_GEN: usize = 1;
+const ONE_KIND: usize = 2;
+
 /// Completion of the data path's cache-bdev I/O.
 pub(super) struct RunDone(pub(super) Weak<Local>);
 
@@ -96,7 +106,11 @@ impl IoCompletion for RunDone {
             // A completion callback, outside any submit: the parent this
             // finishes may complete inline (see `Local::complete_now`).
             l.complete_now.set(true);
-            l.run_done(ctx as usize, status.errno());
+            if ctx & ONE != 0 {
+                l.one_done((ctx & !ONE) as usize, status.errno());
+            } else {
+                l.run_done(ctx as usize, status.errno());
+            }
             l.complete_now.set(false);
         }
     }
@@ -268,6 +282,15 @@ impl Local {
         }
         inc(&self.stats().write_blocks, n);
         let fua = io.fua();
+        let io = if n == 1 && !fua {
+            match self.ssd_write_one(io) {
+                None => return,
+                // No free block: the parent path waits for one.
+                Some(io) => io,
+            }
+        } else {
+            io
+        };
         let key = self.new_parent(io, 1);
         if fua {
             if let Some(Some(p)) = self.parents.borrow_mut().get_mut(key) {
@@ -279,68 +302,28 @@ impl Local {
 
     /// Places blocks `from..` of write `key` (in place or in new blocks)
     /// and sends their data to the cache bdev, each run as soon as it is
-    /// complete (no run vector: a 4 KiB write is one run); waits for free
+    /// complete (no run vector); waits for free
     /// blocks when there are none (holding the submission's reference),
     /// else drops that reference.
     fn ssd_write_blocks(self: &Rc<Self>, key: usize, from: u64) {
-        let wc = &self.wc;
         let Some((first, n, t)) = self.parent_io(key) else {
             return;
         };
         let zeroes = t == IoType::WriteZeroes;
         let mut run: Option<Run> = None;
-        let st = self.stats();
         // One pin for the write's index lookups (each `Index::get` would
         // pin on its own).
         let guard = crossbeam::epoch::pin();
         for i in from..n {
             let lba = first + i;
-            // Some(committed) when a version of the block is cached.
-            let mut hit = None;
-            let mut placed = None;
-            if let Some(b) = wc.index.lookup(&wc.meta, lba, &guard, |_| {}) {
-                let m = wc.meta.get(b);
-                let (g, state) = m.gen_state();
-                hit = Some(!seq_at_or_after(
-                    m.seq(),
-                    seq32(wc.sb_seq.load(Ordering::Acquire)),
-                ));
-                if state == VALID && wc.meta.begin_inplace(b, g) {
-                    if wc.index.lookup(&wc.meta, lba, &guard, |_| {}) == Some(b) {
-                        placed = Some((b, g, Kind::InPlace));
-                    } else {
-                        // Left the index between our two looks (written
-                        // back, unmapped, displaced): not ours to write.
-                        wc.meta.end_inplace(b);
-                        wc.free_after_next_commit(b, g);
-                    }
+            let Some((b, g, kind)) = self.ssd_place(lba, &guard) else {
+                drop(guard);
+                self.ssd_wait(key, i);
+                if let Some(r) = run {
+                    self.ssd_submit(r, zeroes);
                 }
-            }
-            let (b, g, kind) = match placed {
-                Some(p) => p,
-                None => {
-                    let Some(b) = self.alloc() else {
-                        drop(guard);
-                        self.ssd_wait(key, i);
-                        if let Some(r) = run {
-                            self.ssd_submit(r, zeroes);
-                        }
-                        return;
-                    };
-                    let m = wc.meta.get(b);
-                    let g = BlockMeta::next_gen(m.gen());
-                    // A new allocation: readers that still hold the old
-                    // generation will read again.
-                    m.set(g, 0);
-                    inc(&st.writes_allocate, 1);
-                    (b, g, Kind::Alloc)
-                }
+                return;
             };
-            match hit {
-                Some(true) => inc(&st.write_hits_committed, 1),
-                Some(false) => inc(&st.write_hits_uncommitted, 1),
-                None => {}
-            }
             match &mut run {
                 Some(r) if r.extends(kind, i, b) => r.push(g),
                 _ => {
@@ -357,6 +340,138 @@ impl Local {
         }
         // The submission's own reference.
         self.child_done(key, 0);
+    }
+
+    /// Where block `lba` of a write goes: over its cached block when that
+    /// is idle (in place), else into a newly allocated block; `None` when
+    /// it needs a new block and none is free. Counts the hit or the
+    /// allocation.
+    fn ssd_place(&self, lba: u64, guard: &crossbeam::epoch::Guard) -> Option<(u32, u32, Kind)> {
+        let wc = &self.wc;
+        // Some(committed) when a version of the block is cached.
+        let mut hit = None;
+        let mut placed = None;
+        if let Some(b) = wc.index.lookup(&wc.meta, lba, guard, |_| {}) {
+            let m = wc.meta.get(b);
+            let (g, state) = m.gen_state();
+            hit = Some(!seq_at_or_after(
+                m.seq(),
+                seq32(wc.sb_seq.load(Ordering::Acquire)),
+            ));
+            if state == VALID && wc.meta.begin_inplace(b, g) {
+                if wc.index.lookup(&wc.meta, lba, guard, |_| {}) == Some(b) {
+                    placed = Some((b, g, Kind::InPlace));
+                } else {
+                    // Left the index between our two looks (written
+                    // back, unmapped, displaced): not ours to write.
+                    wc.meta.end_inplace(b);
+                    wc.free_after_next_commit(b, g);
+                }
+            }
+        }
+        let st = self.stats();
+        let placed = match placed {
+            Some(p) => p,
+            None => {
+                let b = self.alloc()?;
+                let m = wc.meta.get(b);
+                let g = BlockMeta::next_gen(m.gen());
+                // A new allocation: readers that still hold the old
+                // generation will read again.
+                m.set(g, 0);
+                inc(&st.writes_allocate, 1);
+                (b, g, Kind::Alloc)
+            }
+        };
+        match hit {
+            Some(true) => inc(&st.write_hits_committed, 1),
+            Some(false) => inc(&st.write_hits_uncommitted, 1),
+            None => {}
+        }
+        Some(placed)
+    }
+
+    /// The common write, one block and no FUA: placed and sent to the
+    /// cache bdev without a parent — the write itself waits in
+    /// `one_writes`, its placement in its `driver_ctx`, and completes from
+    /// the cache-bdev completion ([`Local::one_done`]). Gives the write
+    /// back when it needs a new block and none is free.
+    fn ssd_write_one(self: &Rc<Self>, mut io: Io) -> Option<Io> {
+        let wc = &self.wc;
+        let (Some(ssd), Some(cache)) = (wc.ssd.as_ref(), self.cache.as_ref()) else {
+            return Some(io);
+        };
+        let placed = self.ssd_place(io.offset_blocks(), &crossbeam::epoch::pin());
+        let Some((b, g, kind)) = placed else {
+            return Some(io);
+        };
+        inc(&self.stats().inflight, 1);
+        let d = io.driver_ctx();
+        d[ONE_BLOCK] = b as u64;
+        d[ONE_GEN] = g as u64;
+        d[ONE_KIND] = kind as u64;
+        // The segments, copied (the write moves into `one_writes`): one on
+        // the stack, as nearly always.
+        let mut one = [IoVec {
+            // Only read (a write's source); block sizes are at most 4096.
+            base: ZERO_BLOCK.0.as_ptr() as *mut u8,
+            len: wc.block_size as usize,
+        }];
+        let many: SmallVec<[IoVec; 4]>;
+        let iovs: &[IoVec] = match io.iovs() {
+            _ if io.io_type() == IoType::WriteZeroes => &one,
+            [v] => {
+                one[0] = *v;
+                &one
+            }
+            v => {
+                many = SmallVec::from_slice(v);
+                &many
+            }
+        };
+        let slot = self.one_writes.borrow_mut().insert(io) as u64;
+        // SAFETY: the segments are the write's buffers, valid until it
+        // completes, which happens only in this I/O's completion (the
+        // write stays in `one_writes` until then), or the static zero
+        // block.
+        unsafe {
+            cache.writev(
+                ssd.block_lba(b),
+                ssd.ratio,
+                iovs,
+                false,
+                &self.ssd_cb,
+                ONE | slot,
+            );
+        }
+        None
+    }
+
+    /// The cache-bdev write of one-block write `slot` is done: as
+    /// [`Local::run_done`] for its one block, then the write completes.
+    fn one_done(self: &Rc<Self>, slot: usize, errno: i32) {
+        let Some(mut io) = self.one_writes.borrow_mut().try_remove(slot) else {
+            return;
+        };
+        let lba = io.offset_blocks();
+        let d = *io.driver_ctx();
+        let (b, g) = (d[ONE_BLOCK] as u32, d[ONE_GEN] as u32);
+        let errno = if d[ONE_KIND] == Kind::InPlace as u64 {
+            self.inplace_done(lba, b, &[g], errno)
+        } else {
+            self.alloc_done(lba, b, &[g], errno)
+        };
+        let st = self.stats();
+        st.inflight.store(
+            st.inflight.load(Ordering::Relaxed).saturating_sub(1),
+            Ordering::Relaxed,
+        );
+        let status = if errno == 0 {
+            IoStatus::Success
+        } else {
+            IoStatus::Failed(errno)
+        };
+        self.finish(io, status);
     }
 
     /// Parks write `key` at block `next` until blocks are free.
@@ -435,52 +550,71 @@ impl Local {
                 self.child_done(run.key, 0);
             }
             Kind::Alloc => {
-                if errno != 0 {
-                    self.cache_error("write", errno);
-                    // Never published: straight back to this core's cache.
-                    let mut free = self.free.borrow_mut();
-                    free.extend(run.blocks().map(|(b, _)| b));
-                    self.stats()
-                        .free_cached
-                        .store(free.len() as u64, Ordering::Relaxed);
-                    drop(free);
-                    return self.child_done(run.key, libc::EIO);
-                }
-                self.ssd_publish(&run);
-                self.child_done(run.key, 0);
+                let errno = self.alloc_done(run.lba, run.block, &run.gens, errno);
+                self.child_done(run.key, errno);
             }
             Kind::InPlace => {
-                for (j, (b, g)) in run.blocks().enumerate() {
-                    wc.meta.end_inplace(b);
-                    if wc.index.get(&wc.meta, run.lba + j as u64) != Some(b) {
-                        // Displaced or unmapped meanwhile: whoever tried to
-                        // free it could not (we held it).
-                        wc.free_after_next_commit(b, g);
-                    }
-                }
-                if errno != 0 {
-                    self.cache_error("write", errno);
-                    return self.child_done(run.key, libc::EIO);
-                }
-                if let Some(ssd) = &wc.ssd {
-                    // The next commit flushes the device for it. Set only
-                    // when clear: every core's in-place writes would
-                    // otherwise bounce the flag's line between the cores.
-                    // (Seen set, it is still to be taken by a commit that
-                    // flushes after taking it, so after this write.)
-                    if !ssd.overwrote.load(Ordering::Acquire) {
-                        ssd.overwrote.store(true, Ordering::Release);
-                    }
-                }
-                self.child_done(run.key, 0);
+                let errno = self.inplace_done(run.lba, run.block, &run.gens, errno);
+                self.child_done(run.key, errno);
             }
         }
+    }
+
+    /// The write of newly allocated blocks `block + j` (generation
+    /// `gens[j]`, for LBA `lba + j`) to the cache bdev is done: published,
+    /// or on an error handed back to this core's free cache. Returns the
+    /// errno of the write's part.
+    fn alloc_done(&self, lba: u64, block: u32, gens: &[u32], errno: i32) -> i32 {
+        if errno != 0 {
+            self.cache_error("write", errno);
+            // Never published: straight back to this core's cache.
+            let mut free = self.free.borrow_mut();
+            free.extend((0..gens.len() as u32).map(|j| block + j));
+            self.stats()
+                .free_cached
+                .store(free.len() as u64, Ordering::Relaxed);
+            return libc::EIO;
+        }
+        self.ssd_publish(lba, block, gens);
+        0
+    }
+
+    /// The in-place write of cached blocks `block + j` (generation
+    /// `gens[j]`, mapping LBA `lba + j`) is done: their WB bits drop, and
+    /// the next commit flushes the device for them. Returns the errno of
+    /// the write's part.
+    fn inplace_done(&self, lba: u64, block: u32, gens: &[u32], errno: i32) -> i32 {
+        let wc = &self.wc;
+        for (j, &g) in gens.iter().enumerate() {
+            let b = block + j as u32;
+            wc.meta.end_inplace(b);
+            if wc.index.get(&wc.meta, lba + j as u64) != Some(b) {
+                // Displaced or unmapped meanwhile: whoever tried to
+                // free it could not (we held it).
+                wc.free_after_next_commit(b, g);
+            }
+        }
+        if errno != 0 {
+            self.cache_error("write", errno);
+            return libc::EIO;
+        }
+        if let Some(ssd) = &wc.ssd {
+            // The next commit flushes the device for it. Set only when
+            // clear: every core's in-place writes would otherwise bounce
+            // the flag's line between the cores. (Seen set, it is still to
+            // be taken by a commit that flushes after taking it, so after
+            // this write.)
+            if !ssd.overwrote.load(Ordering::Acquire) {
+                ssd.overwrote.store(true, Ordering::Release);
+            }
+        }
+        0
     }
 
     /// The data of newly allocated blocks is on the cache device: stamp
     /// their entries, publish them (one index lock per shard group of the
     /// run), log them for the commit.
-    fn ssd_publish(&self, run: &Run) {
+    fn ssd_publish(&self, first: u64, block: u32, gens: &[u32]) {
         let wc = &self.wc;
         // The stamp: a commit that bumps the sequence after this load runs
         // its per-core step here only after this (see `Writecache::start_commit`).
@@ -488,17 +622,20 @@ impl Local {
         let Some(ssd) = wc.ssd.as_ref() else {
             return;
         };
-        let one = run.len() == 1;
+        let one = gens.len() == 1;
         // A one-block run (a 4 KiB write) is mapped with a single insert.
         let mut mapped: SmallVec<[(u64, u32); 8]> = SmallVec::new();
         {
             let mut log = self.write_log.borrow_mut();
-            for (j, (b, g)) in run.blocks().enumerate() {
-                let lba = run.lba + j as u64;
+            for (j, &g) in gens.iter().enumerate() {
+                let b = block + j as u32;
+                let lba = first + j as u64;
                 let m = wc.meta.get(b);
-                // The RAM metadata directly (one region mark per entry,
-                // no dynamic dispatch): what `Media::write_entry` does.
-                ssd.meta.write_entry(
+                // The RAM metadata directly (one region mark per entry in
+                // this core's dirty map, no dynamic dispatch): what
+                // `Media::write_entry` does.
+                ssd.meta.write_entry_in(
+                    self.meta_map,
                     wc.media.geo.entry_offset(b as u64) as usize,
                     wc.sector_of(lba),
                     seq,
@@ -520,7 +657,7 @@ impl Local {
                 .store(log.len() as u64, Ordering::Release);
         }
         if one {
-            if let Some(old) = wc.index.insert(&wc.meta, run.lba, run.block) {
+            if let Some(old) = wc.index.insert(&wc.meta, first, block) {
                 self.ssd_displace(old, seq);
             }
         } else {
