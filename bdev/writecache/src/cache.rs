@@ -36,18 +36,6 @@ pub(crate) struct LogEntry {
     pub(crate) seq: u64,
 }
 
-/// What a commit round collects from the cores with a channel.
-#[derive(Default)]
-struct Collected {
-    /// Blocks written below the round's sequence.
-    written: Vec<LogEntry>,
-    /// ssd mode: blocks those writes superseded.
-    superseded: Vec<LogEntry>,
-    /// pmem mode: cores that free blocks their writes superseded once the
-    /// round is durable.
-    free_here: Vec<ReactorHandle>,
-}
-
 /// Somebody waiting for a commit or a drain (runs on home; usually sends a
 /// message back to the waiter's reactor).
 pub(crate) type Waiter = Box<dyn FnOnce(Result<(), i32>) + Send>;
@@ -415,7 +403,7 @@ impl Writecache {
         if bump {
             self.seq.store(s + 1, Ordering::Release);
         }
-        let collected: Arc<Mutex<Collected>> = Arc::default();
+        let collected: Arc<Mutex<(Vec<LogEntry>, Vec<LogEntry>)>> = Arc::default();
         let me = self.clone();
         let col = collected.clone();
         let id = self.id;
@@ -439,19 +427,16 @@ impl Writecache {
                 // stores), fence so they and its data are durable, then
                 // hand over the logs of everything being committed.
                 let drained = crate::channel::local_of(id).map(|local| local.drain_logs(limit));
-                if let Some((w, _, _)) = &drained {
+                if let Some((w, _)) = &drained {
                     me.media.flush_entries(w);
                 }
                 me.media.pmem.fence();
-                if let Some((w, sup, frees_here)) = drained {
+                if let Some((w, sup)) = drained {
                     // The first core's logs are taken as they are (one
                     // core: no copy at all), the others' appended.
                     let mut c = lock(&col);
-                    append(&mut c.written, w);
-                    append(&mut c.superseded, sup);
-                    if frees_here {
-                        c.free_here.push(wc_reactor::current().handle());
-                    }
+                    append(&mut c.0, w);
+                    append(&mut c.1, sup);
                 }
             },
             {
@@ -465,14 +450,10 @@ impl Writecache {
         self: &Arc<Self>,
         s: u64,
         bump: bool,
-        collected: Arc<Mutex<Collected>>,
+        collected: Arc<Mutex<(Vec<LogEntry>, Vec<LogEntry>)>>,
         waiters: Vec<Waiter>,
     ) {
-        let Collected {
-            mut written,
-            mut superseded,
-            free_here,
-        } = std::mem::take(&mut *lock(&collected));
+        let (mut written, mut superseded) = std::mem::take(&mut *lock(&collected));
         {
             // Adopted logs: what this round covers goes with the rest.
             let limit = if bump {
@@ -525,50 +506,20 @@ impl Writecache {
             }
             return;
         }
-        let durable = (bump && self.error() == 0).then(|| {
+        if bump && self.error() == 0 {
             self.media.write_sb_seq(s + 1);
             self.media.pmem.fence();
-            s + 1
-        });
-        // The round counts as committed (for the writeback, too) only once
-        // the cores whose writes superseded blocks have freed those (their
-        // entries cleared): a successor the writeback wrote back and freed
-        // while an older version's entry was still valid would bring that
-        // version back after a crash. They free them themselves, so that
-        // the block state and entry a reused block's next write touches
-        // were last written on the core that writes (here, home wrote them:
-        // under fio, where the writing reactor is not home, two cache
-        // misses to home per write, a quarter of its time).
-        let me = self.clone();
-        let publish = move || {
-            if let Some(sb) = durable {
-                me.sb_seq.store(sb, Ordering::Release);
-                if sb % SEQ_REBASE_PERIOD == 0 {
-                    me.meta.rebase_seqs(sb);
-                }
+            self.sb_seq.store(s + 1, Ordering::Release);
+            if (s + 1) % SEQ_REBASE_PERIOD == 0 {
+                self.meta.rebase_seqs(s + 1);
             }
-            me.commit_done(bump, written, superseded, waiters);
-        };
-        if free_here.is_empty() {
-            return publish();
         }
-        let below = durable.unwrap_or_else(|| self.sb_seq.load(Ordering::Acquire));
-        let id = self.id;
-        wc_reactor::for_each_of(
-            free_here,
-            move || {
-                if let Some(local) = crate::channel::local_of(id) {
-                    local.free_superseded_below(below);
-                }
-            },
-            publish,
-        );
+        self.commit_done(bump, written, superseded, waiters);
     }
 
     /// The end of a commit round, once the superblock is durable: queue
-    /// the committed blocks for writeback, free superseded versions (home
-    /// frees those of ssd mode and of closed channels), wake the waiters,
-    /// start the next round if one was asked for.
+    /// the committed blocks for writeback, free superseded versions, wake
+    /// the waiters, start the next round if one was asked for.
     fn commit_done(
         self: &Arc<Self>,
         bump: bool,
@@ -589,16 +540,6 @@ impl Writecache {
         c.superseded.extend(superseded);
         // Free superseded versions whose successor is now committed.
         let committed_below = self.sb_seq.load(Ordering::Acquire);
-        // Among them those a channel handed over as it closed before it
-        // could free them (pmem mode): freed now, with this round, not by
-        // the next (which the writeback would not wait for).
-        if c.orphans.1.iter().any(|e| e.seq < committed_below) {
-            let (now, later) = std::mem::take(&mut c.orphans.1)
-                .into_iter()
-                .partition(|e| e.seq < committed_below);
-            c.orphans.1 = later;
-            c.superseded.extend::<Vec<LogEntry>>(now);
-        }
         // In place (the list keeps its capacity), one allocation for what
         // is freed: this runs once per commit, every 64 writes.
         let mut to_free = Vec::with_capacity(c.superseded.len());

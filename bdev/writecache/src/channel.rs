@@ -946,14 +946,8 @@ impl Local {
     }
 
     /// Hands over (and forgets) log entries stamped below `limit` (the
-    /// superblock sequence the running commit establishes): the blocks
-    /// written, and (ssd mode) the blocks they superseded. In pmem mode the
-    /// superseded blocks stay here and this core frees them itself once
-    /// the round is durable ([`free_superseded_below`]); the third value
-    /// says whether it has any waiting for this round.
-    ///
-    /// [`free_superseded_below`]: Self::free_superseded_below
-    pub(crate) fn drain_logs(&self, limit: u64) -> (Vec<LogEntry>, Vec<LogEntry>, bool) {
+    /// superblock sequence the running commit establishes).
+    pub(crate) fn drain_logs(&self, limit: u64) -> (Vec<LogEntry>, Vec<LogEntry>) {
         self.free_displaced();
 
         let mut w = self.write_log.borrow_mut();
@@ -961,35 +955,8 @@ impl Local {
         self.stats()
             .uncommitted
             .store(w.len() as u64, Ordering::Release);
-        let mut sup = self.superseded.borrow_mut();
-        if self.wc.ssd.is_some() {
-            return (done, take_below(&mut sup, limit), false);
-        }
-        let frees_here = sup.iter().any(|e| e.seq < limit);
-        (done, Vec::new(), frees_here)
-    }
-
-    /// Frees the blocks this core's writes superseded whose successors
-    /// are stamped below `below` (a durable superblock sequence count),
-    /// together with the displaced uncommitted ones: one fence for all
-    /// (pmem mode; home asks once a commit round is durable).
-    pub(crate) fn free_superseded_below(&self, below: u64) {
-        {
-            let mut sup = self.superseded.borrow_mut();
-            let mut to_free = self.to_free.borrow_mut();
-            let meta = &self.wc.meta;
-            sup.retain(|e| {
-                if e.seq >= below {
-                    return true;
-                }
-                // Under writeback: the writeback frees it when done.
-                if meta.begin_free(e.block, e.gen) {
-                    to_free.push(e.block);
-                }
-                false
-            });
-        }
-        self.free_displaced();
+        let ready = take_below(&mut self.superseded.borrow_mut(), limit);
+        (done, ready)
     }
 }
 
