@@ -281,3 +281,55 @@ fn harness_delivers_messages_only_when_target_polls() {
     h.poll(1);
     assert_eq!(hit.load(Ordering::SeqCst), 1);
 }
+
+/// Runs of a poller (event-driven or not) that never finds work, on an
+/// otherwise idle sleep-mode reactor, over `window` after it settled.
+fn idle_runs(event: bool, window: Duration) -> usize {
+    let rt = runtime(1, IdleMode::sleep());
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r2 = runs.clone();
+    rt.main()
+        .call_blocking(move || {
+            let f = move || {
+                r2.fetch_add(1, Ordering::Relaxed);
+                PollStatus::Idle
+            };
+            if event {
+                current().register_event_poller("idle_event", f);
+            } else {
+                current().register_poller("idle_active", None, f);
+            }
+        })
+        .unwrap();
+    std::thread::sleep(Duration::from_millis(50));
+    let before = runs.load(Ordering::Relaxed);
+    std::thread::sleep(window);
+    let n = runs.load(Ordering::Relaxed) - before;
+    rt.shutdown();
+    n
+}
+
+#[test]
+fn event_pollers_let_an_idle_reactor_sleep() {
+    let window = Duration::from_millis(300);
+    // An active poller may have work in flight: the reactor naps (10 us,
+    // backing off to 1 ms) to look again. An event poller only finds work
+    // the reactor queued itself, so the idle reactor sleeps until a
+    // message or timer (here: its 100 ms bound).
+    let event = idle_runs(true, window);
+    assert!(event <= 20, "event poller ran {event} times in {window:?}");
+    let active = idle_runs(false, window);
+    assert!(
+        active > event,
+        "active poller ran {active} times, event {event}"
+    );
+    // Both count as active pollers in the stats.
+    let rt = runtime(1, IdleMode::sleep());
+    rt.main()
+        .call_blocking(|| {
+            current().register_event_poller("e", || PollStatus::Idle);
+        })
+        .unwrap();
+    assert_eq!(rt.main().poller_counts(), (1, 0));
+    rt.shutdown();
+}

@@ -636,11 +636,14 @@ impl Writecache {
             },
         );
         *handle.borrow_mut() = Some(p);
-        // Every iteration: free what the writeback retired in it.
+        // Every iteration: free what the writeback retired in it. (Runs
+        // retired on home, or completed elsewhere and kicked home by a
+        // message: only ever after a busy iteration, so an idle home sleeps
+        // until a message or its timer instead of napping in 10 us steps.)
         let me = Arc::downgrade(self);
         let handle = Rc::new(std::cell::RefCell::new(None::<wc_reactor::PollerHandle>));
         let h2 = handle.clone();
-        let p = r.register_poller("writecache_retire", None, move || {
+        let p = r.register_event_poller("writecache_retire", move || {
             let Some(wc) = me.upgrade() else {
                 if let Some(h) = h2.borrow().as_ref() {
                     h.unregister();

@@ -749,6 +749,14 @@ impl Local {
             self.wc.pool.pop_batch(refill as usize, &mut free);
         }
         let b = free.pop();
+        if let Some(&next) = free.last() {
+            // The next write takes `next`: start loading the state and
+            // entry lines it writes now. They were last written where the
+            // block was freed, often not here (home, or a retiring lane):
+            // found by that write, they cost it a miss each.
+            self.wc.meta.prefetch_block(next);
+            self.wc.media.prefetch_entry(next);
+        }
         self.stats()
             .free_cached
             .store(free.len() as u64, Ordering::Relaxed);

@@ -129,6 +129,15 @@ impl Meta {
         }
     }
 
+    /// Starts loading block `b`'s state into the cache (a hint; nothing
+    /// for a block out of range).
+    #[inline]
+    pub(crate) fn prefetch_block(&self, b: u32) {
+        if let Some(m) = self.blocks.get(b as usize) {
+            prefetch((m as *const BlockMeta).cast());
+        }
+    }
+
     #[inline]
     pub(crate) fn get(&self, b: u32) -> &BlockMeta {
         &self.blocks[b as usize]
@@ -205,7 +214,7 @@ impl Meta {
 
 /// Starts loading the cache line at `p` into the cache (a hint).
 #[inline]
-fn prefetch(p: *const u8) {
+pub(crate) fn prefetch(p: *const u8) {
     #[cfg(target_arch = "x86_64")]
     // SAFETY: prefetch never faults and reads nothing observable.
     unsafe {
