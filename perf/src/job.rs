@@ -171,7 +171,6 @@ pub struct JobResult {
 struct Slot {
     buf: Option<DmaBuf>,
     offset: u64,
-    submit: u64,
     /// Verify: the generation stamped into the buffer; phase 0 = write.
     generation: u64,
     verifying: bool,
@@ -200,6 +199,9 @@ pub struct Job {
     spec: JobSpec,
     ch: Rc<BdevChannel>,
     io_blocks: u64,
+    /// I/O-sized units in the job's range (offsets are drawn from these;
+    /// divided once here, not per I/O).
+    units: u64,
     block_size: u64,
     state: RefCell<State>,
     me: RefCell<Option<Rc<dyn IoCompletion>>>,
@@ -343,13 +345,13 @@ pub fn start(spec: JobSpec, done: Sender<JobResult>) {
                 spec.seed ^ i as u64,
             )),
             offset: 0,
-            submit: 0,
             generation: 0,
             verifying: false,
         })
         .collect();
     let job = Rc::new(Job {
         io_blocks,
+        units: spec.range_len / io_blocks,
         block_size: bs,
         state: RefCell::new(State {
             slots,
@@ -426,7 +428,7 @@ fn stamp(b: &mut [u8], offset: u64, generation: u64) {
 
 impl Job {
     fn next_offset(&self, st: &mut State) -> u64 {
-        let units = self.spec.range_len / self.io_blocks;
+        let units = self.units;
         let unit = if self.spec.workload.random() {
             st.rng ^= st.rng << 13;
             st.rng ^= st.rng >> 7;
@@ -460,22 +462,24 @@ impl Job {
         let me = self.me.borrow();
         let Some(cb) = me.as_ref() else { return };
         let mut st = self.state.borrow_mut();
-        let now = ticks();
-        if self.spec.workload == Workload::Reset && now >= st.next_reset {
-            st.next_reset = now + 10 * tick_rate();
-            st.outstanding += 1;
-            st.slots[slot].submit = now;
-            drop(st);
-            // Ctx with the top bit marks a reset (no slot buffer involved).
-            self.ch.reset(cb, slot as u64 | 1 << 63);
-            return;
+        // Latency comes from the I/O's own timestamps (the channel's), so
+        // only the reset schedule reads the clock here.
+        if self.spec.workload == Workload::Reset {
+            let now = ticks();
+            if now >= st.next_reset {
+                st.next_reset = now + 10 * tick_rate();
+                st.outstanding += 1;
+                drop(st);
+                // Ctx with the top bit marks a reset (no slot buffer involved).
+                self.ch.reset(cb, slot as u64 | 1 << 63);
+                return;
+            }
         }
         let offset = self.next_offset(&mut st);
         let read = self.is_read(&mut st);
         st.outstanding += 1;
         let s = &mut st.slots[slot];
         s.offset = offset;
-        s.submit = now;
         let n = self.io_blocks;
         match self.spec.workload {
             Workload::Flush => {
@@ -555,7 +559,14 @@ impl Job {
 
 impl IoCompletion for Job {
     fn io_done(&self, mut io: Io, ctx: u64) {
-        let now = ticks();
+        // The channel stamped the submission and the completion: reading
+        // the clock again here would double the per-I/O rdtsc cost (an
+        // I/O the channel refused has no completion stamp).
+        let now = match io.complete_ticks() {
+            0 => ticks(),
+            t => t,
+        };
+        let submitted = io.submit_ticks();
         let is_reset = ctx & (1 << 63) != 0;
         let slot = (ctx & !(1 << 63)) as usize;
         let status = io.status();
@@ -564,9 +575,8 @@ impl IoCompletion for Job {
         let mut st = self.state.borrow_mut();
         st.outstanding -= 1;
         // Fixed-point ticks -> ns (a u128 division per I/O is measurable).
-        let lat_ns = (((now.saturating_sub(st.slots[slot].submit)) as u128
-            * self.ns_per_tick_q32 as u128)
-            >> 32) as u64;
+        let lat_ns =
+            (((now.saturating_sub(submitted)) as u128 * self.ns_per_tick_q32 as u128) >> 32) as u64;
 
         // Verify: a completed write is followed by a read of the same range.
         if !is_reset
@@ -575,7 +585,6 @@ impl IoCompletion for Job {
             && !st.slots[slot].verifying
         {
             st.slots[slot].verifying = true;
-            st.slots[slot].submit = now;
             st.outstanding += 1;
             let offset = st.slots[slot].offset;
             drop(st);

@@ -50,7 +50,7 @@ run_bdevperf() {
 JSON
   # shellcheck disable=SC2086  # $wl is "-w verify" or "-w randrw -M 70"
   timeout $((SECS + 60)) "$SPDK_DIR/build/examples/bdevperf" --no-pci -s 512 -m 0x2 \
-    --json "$TMP/host.json" -q "$QD" -o 4096 $wl -t "$SECS" \
+    -r "$TMP/bdevperf.sock" --json "$TMP/host.json" -q "$QD" -o 4096 $wl -t "$SECS" \
     > "$TMP/bdevperf.out" 2>&1 || { cat "$TMP/bdevperf.out"; fail "SPDK bdevperf $wl (digests $dg, $key)"; }
   IOPS[$key]=$(total_iops "$TMP/bdevperf.out")
 }

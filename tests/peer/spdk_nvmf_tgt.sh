@@ -28,7 +28,7 @@ for dg in false true; do
 JSON
   for wl in "verify" "randrw -M 70"; do
     # shellcheck disable=SC2086
-    timeout 60 "$BDEVPERF" -m 0x2 --json "$TMP/host.json" -T Peern1 -q 32 -o 4096 -w $wl -t 5 \
+    timeout 60 "$BDEVPERF" -m 0x2 -r "$TMP/bdevperf.sock" --json "$TMP/host.json" -T Peern1 -q 32 -o 4096 -w $wl -t 5 \
       > "$TMP/bdevperf.out" 2>&1 || { cat "$TMP/bdevperf.out"; fail "bdevperf -w $wl (digests $dg)"; }
     echo "SPDK nvmf_tgt, digests $dg, $wl: $(grep -E 'Total|IOPS' "$TMP/bdevperf.out" | tail -1)"
   done
