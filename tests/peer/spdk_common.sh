@@ -130,7 +130,8 @@ JSON
 }
 
 # The IOPS column of the "Total" line SPDK's bdevperf and spdk_nvme_perf
-# print (both: "Total : <IOPS> <MiB/s> ...").
+# print (both: "Total : <IOPS> <MiB/s> ..."; SPDK's bdevperf starts it
+# with a carriage return, after its in-place progress line).
 total_iops() {
-  awk '/^ *Total *:/ {sub(/.*Total *: */, ""); print $1; found=1} END {if (!found) print "-"}' "$1" | tail -1
+  awk '{gsub(/\r/, "")} /^ *Total *:/ {sub(/.*Total *: */, ""); print $1; found=1} END {if (!found) print "-"}' "$1" | tail -1
 }
