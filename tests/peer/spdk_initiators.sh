@@ -36,6 +36,8 @@ run_nvme_perf() {
     -r "trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:$PORT subnqn:$NQN" \
     > "$TMP/nvme_perf.out" 2>&1 || { cat "$TMP/nvme_perf.out"; fail "spdk_nvme_perf randrw (digests $dg, $key)"; }
   IOPS[$key]=$(total_iops "$TMP/nvme_perf.out")
+  # spdk_nvme_perf exits 0 when it attached no controller at all.
+  [ "${IOPS[$key]}" != "-" ] || { cat "$TMP/nvme_perf.out"; fail "spdk_nvme_perf randrw (digests $dg, $key): no Total line"; }
 }
 
 # SPDK's bdevperf over bdev_nvme_attach_controller to $PORT; $1: digests,
@@ -53,6 +55,7 @@ JSON
     -r "$TMP/bdevperf.sock" --json "$TMP/host.json" -q "$QD" -o 4096 $wl -t "$SECS" \
     > "$TMP/bdevperf.out" 2>&1 || { cat "$TMP/bdevperf.out"; fail "SPDK bdevperf $wl (digests $dg, $key)"; }
   IOPS[$key]=$(total_iops "$TMP/bdevperf.out")
+  [ "${IOPS[$key]}" != "-" ] || { cat "$TMP/bdevperf.out"; fail "SPDK bdevperf $wl (digests $dg, $key): no Total line"; }
 }
 
 run_all() {
