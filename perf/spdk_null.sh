@@ -99,11 +99,6 @@ whole() {
   awk -v v="$1" 'BEGIN {if (v == "-") print "-"; else printf "%.0f", v}'
 }
 
-median() {
-  printf '%s\n' "$@" | grep -v '^-$' | sort -g |
-    awk '{v[NR] = $1} END {if (NR == 0) print "-"; else print v[int((NR + 1) / 2)]}'
-}
-
 # $1 / $2 to two decimals ("-" when either is missing).
 ratio() {
   awk -v a="$1" -v b="$2" 'BEGIN {if (a == "-" || b == "-" || b == 0) print "-"; else printf "%.2f", a / b}'
