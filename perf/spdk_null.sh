@@ -71,7 +71,7 @@ one_run() {
   SPAWNED+=("$pid")
   # Both print "Running I/O for N seconds..." as the jobs start.
   for _ in $(seq 600); do
-    grep -q 'Running I/O' "$TMP/$who.out" && break
+    grep -qs 'Running I/O' "$TMP/$who.out" && break
     kill -0 "$pid" 2>/dev/null || break
     sleep 0.05
   done
