@@ -859,8 +859,8 @@ def targets17_table(a, med):
         rs = ratios("wc", "uring", ["1r"], "randwrite", [q]) if q in a.qds else []
         L.append(row(f"burst (cache not full), wc/origin (uring) QD {q} ≥ {goal}×", rs, goal,
                      "{:.1f}×"))
-    L.append("| null bdev, ours/SPDK v25.09 ≥ 1.0 | not measured this round (needs a local "
-             "SPDK build) | – |")
+    L.append("| null bdev, ours/SPDK v25.09 ≥ 1.0 | measured by `perf/spdk_null.sh` (needs a "
+             "local SPDK build): `spdk_null.md` | – |")
     p99 = g("wc", "1r", "randwrite", 1, "p99_us") if 1 in a.qds else None
     if p99 is None:
         L.append("| QD1 write latency p99 ≤ 3 µs | not measured | – |")

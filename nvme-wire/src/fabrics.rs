@@ -84,7 +84,10 @@ impl<'a> ConnectData<'a> {
             hostid,
             cntlid: u16_at(b, 16),
             subnqn: nqn_field(&b[256..512], "SUBNQN")?,
-            hostnqn: nqn_field(&b[512..768], "HOSTNQN")?,
+            // Empty is accepted, as SPDK's nvmf_tgt does: SPDK's own
+            // spdk_nvme_perf sends no host NQN unless given one, and
+            // whether a host may connect is the subsystem's call.
+            hostnqn: terminated_field(&b[512..768], "HOSTNQN")?,
         })
     }
 
@@ -108,14 +111,19 @@ impl<'a> ConnectData<'a> {
 }
 
 fn nqn_field<'a>(b: &'a [u8], field: &'static str) -> Result<&'a str, WireError> {
-    // An NQN must be NUL-terminated inside its field.
+    let s = terminated_field(b, field)?;
+    if s.is_empty() {
+        return Err(WireError::BadField { field, value: 0 });
+    }
+    Ok(s)
+}
+
+/// A string that must be NUL-terminated inside its field (may be empty).
+fn terminated_field<'a>(b: &'a [u8], field: &'static str) -> Result<&'a str, WireError> {
     let end = b.iter().position(|&c| c == 0).ok_or(WireError::BadField {
         field,
         value: b.len() as u64,
     })?;
-    if end == 0 {
-        return Err(WireError::BadField { field, value: 0 });
-    }
     str_field(&b[..end])
 }
 
@@ -309,6 +317,36 @@ mod tests {
         ));
         b[256] = 0;
         assert!(ConnectData::decode(&b).is_err());
+    }
+
+    #[test]
+    fn connect_data_accepts_an_empty_host_nqn_only() {
+        let d = ConnectData {
+            hostid: [1; 16],
+            cntlid: CNTLID_DYNAMIC,
+            subnqn: "nqn.2016-06.io.spdk:cnode1",
+            hostnqn: "",
+        };
+        let mut b = [0u8; CONNECT_DATA_LEN];
+        d.encode(&mut b).unwrap();
+        assert_eq!(ConnectData::decode(&b).unwrap(), d);
+        b[256] = 0;
+        assert!(matches!(
+            ConnectData::decode(&b),
+            Err(WireError::BadField {
+                field: "SUBNQN",
+                value: 0
+            })
+        ));
+        b[256] = b'n';
+        b[512..768].fill(b'h');
+        assert!(matches!(
+            ConnectData::decode(&b),
+            Err(WireError::BadField {
+                field: "HOSTNQN",
+                ..
+            })
+        ));
     }
 
     #[test]

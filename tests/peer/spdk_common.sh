@@ -2,7 +2,8 @@
 # SPDK run environment (../shared/reference/spdk-peer-build.md), a temp
 # dir and a cleanup that stops every process started through `spawn`,
 # SPDK's nvmf_tgt exporting a malloc bdev, and our writecache_tgt doing
-# the same. Never part of scripts/test.sh (SPDK is not a dependency).
+# the same; results go to perf/results (RESULTS_DIR). Never part of
+# scripts/test.sh (SPDK is not a dependency).
 #
 # Callers set NQN before calling start_*; each start_* sets PORT.
 
@@ -83,6 +84,27 @@ spawn() {
   SPAWNED+=("$!")
 }
 
+# Stops the process `spawn` started last.
+stop_last() {
+  local pid=${SPAWNED[-1]}
+  kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
+  unset 'SPAWNED[-1]'
+}
+
+# The median of the numbers given ("-" entries skipped; "-" if none).
+median() {
+  printf '%s\n' "$@" | grep -v '^-$' | sort -g |
+    awk '{v[NR] = $1} END {if (NR == 0) print "-"; else print v[int((NR + 1) / 2)]}'
+}
+
+# Prints stdin and writes it to $RESULTS_DIR/$1 (default perf/results).
+record_result() {
+  local f=${RESULTS_DIR:-perf/results}/$1
+  mkdir -p "$(dirname "$f")"
+  tee "$f"
+  echo "wrote $f"
+}
+
 # Waits until `$1 ... rpc_get_methods` answers (RPC command as words).
 wait_rpc() {
   local _
@@ -130,7 +152,8 @@ JSON
 }
 
 # The IOPS column of the "Total" line SPDK's bdevperf and spdk_nvme_perf
-# print (both: "Total : <IOPS> <MiB/s> ...").
+# print (both: "Total : <IOPS> <MiB/s> ..."; SPDK's bdevperf starts it
+# with a carriage return, after its in-place progress line).
 total_iops() {
-  awk '/^ *Total *:/ {sub(/.*Total *: */, ""); print $1; found=1} END {if (!found) print "-"}' "$1" | tail -1
+  awk '{gsub(/\r/, "")} /^ *Total *:/ {sub(/.*Total *: */, ""); print $1; found=1} END {if (!found) print "-"}' "$1" | tail -1
 }

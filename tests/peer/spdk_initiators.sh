@@ -7,12 +7,13 @@
 #     (70% reads) QD 32, 4 KiB;
 # each without and with header+data digests (spdk_nvme_perf -H -I;
 # bdev_nvme_attach_controller hdgst/ddgst). A run that fails (a verify
-# mismatch, an error exit) fails the test; the IOPS of both targets are
-# printed side by side. Skips (exit 0) unless SPDK_DIR points at a built
+# mismatch, an error exit, no result) fails the test; the two targets
+# alternate run by run (a fresh target each) and their IOPS (medians of
+# ROUNDS) go side by side to perf/results/spdk_initiators.md. Skips (exit 0) unless SPDK_DIR points at a built
 # SPDK tree (../shared/reference/spdk-peer-build.md); needs root for
 # hugepages unless 1024 are reserved. Never part of scripts/test.sh.
 # Usage: SPDK_DIR=/var/tmp/spdk tests/peer/spdk_initiators.sh [path/to/writecache_tgt]
-# Environment: SECS (5), QD (32).
+# Environment: SECS (5), QD (32), ROUNDS (1), PORTS (first-last), RESULTS_DIR.
 set -uo pipefail
 cd "$(dirname "$0")/../.."
 # shellcheck source=tests/peer/spdk_common.sh
@@ -25,6 +26,7 @@ require_hugepages 1024
 NQN=nqn.2016-06.io.spdk:peer
 SECS=${SECS:-5}
 QD=${QD:-32}
+ROUNDS=${ROUNDS:-1}
 declare -A IOPS
 
 # spdk_nvme_perf against $PORT; $1: digests (true/false), $2: result key.
@@ -35,7 +37,11 @@ run_nvme_perf() {
     -w randrw -M 70 -t "$SECS" "${flags[@]}" \
     -r "trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:$PORT subnqn:$NQN" \
     > "$TMP/nvme_perf.out" 2>&1 || { cat "$TMP/nvme_perf.out"; fail "spdk_nvme_perf randrw (digests $dg, $key)"; }
-  IOPS[$key]=$(total_iops "$TMP/nvme_perf.out")
+  local v
+  v=$(total_iops "$TMP/nvme_perf.out")
+  # spdk_nvme_perf exits 0 when it attached no controller at all.
+  [ "$v" != "-" ] || { cat "$TMP/nvme_perf.out"; fail "spdk_nvme_perf randrw (digests $dg, $key): no Total line"; }
+  IOPS[$key]+="$v "
 }
 
 # SPDK's bdevperf over bdev_nvme_attach_controller to $PORT; $1: digests,
@@ -50,38 +56,55 @@ run_bdevperf() {
 JSON
   # shellcheck disable=SC2086  # $wl is "-w verify" or "-w randrw -M 70"
   timeout $((SECS + 60)) "$SPDK_DIR/build/examples/bdevperf" --no-pci -s 512 -m 0x2 \
-    --json "$TMP/host.json" -q "$QD" -o 4096 $wl -t "$SECS" \
+    -r "$TMP/bdevperf.sock" --json "$TMP/host.json" -q "$QD" -o 4096 $wl -t "$SECS" \
     > "$TMP/bdevperf.out" 2>&1 || { cat "$TMP/bdevperf.out"; fail "SPDK bdevperf $wl (digests $dg, $key)"; }
-  IOPS[$key]=$(total_iops "$TMP/bdevperf.out")
+  local v
+  v=$(total_iops "$TMP/bdevperf.out")
+  [ "$v" != "-" ] || { cat "$TMP/bdevperf.out"; fail "SPDK bdevperf $wl (digests $dg, $key): no Total line"; }
+  IOPS[$key]+="$v "
 }
 
-run_all() {
-  local who=$1 dg
+# One cell against target $1 (ours or spdk): a fresh target per run, so
+# the two alternate run by run.
+run_cell() {
+  local who=$1 what=$2 dg=$3
+  if [ "$who" = ours ]; then start_our_nvmf_tgt "$OUR_TGT" 0x1 64; else start_spdk_nvmf_tgt 0x1 64; fi
+  case "$what" in
+    "nvme_perf randrw") run_nvme_perf "$dg" "$who/$what/$dg" ;;
+    "bdevperf verify") run_bdevperf "$dg" "-w verify" "$who/$what/$dg" ;;
+    "bdevperf randrw") run_bdevperf "$dg" "-w randrw -M 70" "$who/$what/$dg" ;;
+  esac
+  stop_last
+}
+
+CELLS=("nvme_perf randrw" "bdevperf verify" "bdevperf randrw")
+for what in "${CELLS[@]}"; do
   for dg in false true; do
-    run_nvme_perf "$dg" "$who/nvme_perf randrw/$dg"
-    run_bdevperf "$dg" "-w verify" "$who/bdevperf verify/$dg"
-    run_bdevperf "$dg" "-w randrw -M 70" "$who/bdevperf randrw/$dg"
-  done
-}
-
-stop_last() {
-  local pid=${SPAWNED[-1]}
-  kill "$pid" 2>/dev/null && wait "$pid" 2>/dev/null
-  unset 'SPAWNED[-1]'
-}
-
-start_our_nvmf_tgt "$OUR_TGT" 0x1 64
-run_all ours
-stop_last
-start_spdk_nvmf_tgt 0x1 64
-run_all spdk
-stop_last
-
-printf '\n%-26s %-8s %14s %18s\n' "initiator / workload" digests "our target" "SPDK nvmf_tgt"
-for w in "nvme_perf randrw" "bdevperf verify" "bdevperf randrw"; do
-  for dg in false true; do
-    printf '%-26s %-8s %14s %18s\n' "$w" "$dg" "${IOPS[ours/$w/$dg]}" "${IOPS[spdk/$w/$dg]}"
+    for _ in $(seq "$ROUNDS"); do
+      run_cell ours "$what" "$dg"
+      run_cell spdk "$what" "$dg"
+    done
+    echo "$what, digests $dg: our target ${IOPS[ours/$what/$dg]}| SPDK nvmf_tgt ${IOPS[spdk/$what/$dg]}"
   done
 done
-echo "(IOPS, 4 KiB, QD $QD, $SECS s, randrw 70% reads; one core each side)"
+
+{
+  echo "# SPDK's initiators against our NVMe/TCP target and SPDK's nvmf_tgt"
+  echo
+  echo "\`SPDK_DIR=$SPDK_DIR tests/peer/spdk_initiators.sh\` ($(git -C "$SPDK_DIR" describe --tags 2>/dev/null))"
+  echo "on $(date -u '+%Y-%m-%d %H:%M UTC'), $(nproc) CPUs, load average $(cut -d' ' -f1-3 /proc/loadavg)."
+  echo "IOPS, 4 KiB, QD $QD, $SECS s per run, randrw 70% reads; each target on core 0"
+  echo "exporting a 64 MiB malloc bdev on 127.0.0.1, the initiator on core 1; the two"
+  echo "targets alternate run by run, $ROUNDS run(s) each, medians."
+  echo
+  echo "| initiator / workload | digests | our target | SPDK nvmf_tgt | ours/SPDK |"
+  echo "|---|---|---:|---:|---:|"
+  for w in "${CELLS[@]}"; do
+    for dg in false true; do
+      # shellcheck disable=SC2086  # the runs are words
+      o=$(median ${IOPS[ours/$w/$dg]}) t=$(median ${IOPS[spdk/$w/$dg]})
+      printf '| %s | %s | %.0f | %.0f | %.2f |\n' "$w" "$dg" "$o" "$t" "$(awk -v a="$o" -v b="$t" 'BEGIN {print a / b}')"
+    done
+  done
+} | record_result spdk_initiators.md
 echo "PASS: SPDK's spdk_nvme_perf and bdevperf against our target, verify and randrw, with and without digests"

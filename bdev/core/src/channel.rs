@@ -173,8 +173,9 @@ fn run_completions(ctx: &Rc<IoContext>) -> PollStatus {
 /// callback.
 pub(crate) fn finish_io(mut io: Io) {
     if let Some(ch) = io.inner_mut().channel.take() {
-        let b = io.inner();
-        let lat = wc_reactor::tick::ticks().wrapping_sub(b.submit_ticks);
+        let b = io.inner_mut();
+        b.complete_ticks = wc_reactor::tick::ticks();
+        let lat = b.complete_ticks.wrapping_sub(b.submit_ticks);
         ch.stats
             .record(b.io_type, b.num_blocks * b.block_size as u64, lat, b.status);
     }

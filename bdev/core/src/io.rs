@@ -125,6 +125,7 @@ pub struct BdevIo {
     pub(crate) cb: Option<Rc<dyn IoCompletion>>,
     pub(crate) ctx: u64,
     pub(crate) submit_ticks: u64,
+    pub(crate) complete_ticks: u64,
     pub(crate) channel: Option<Rc<BdevChannel>>,
     /// Scratch space for the module handling the I/O (SPDK's driver_ctx).
     pub driver_ctx: [u64; 4],
@@ -144,6 +145,7 @@ impl BdevIo {
             cb: None,
             ctx: 0,
             submit_ticks: 0,
+            complete_ticks: 0,
             channel: None,
             driver_ctx: [0; 4],
         }
@@ -218,6 +220,15 @@ impl Io {
     /// modules; see `wc_reactor::tick`).
     pub fn submit_ticks(&self) -> u64 {
         self.inner().submit_ticks
+    }
+
+    /// Tick count when the channel recorded the I/O's completion, just
+    /// before its callback runs (0 for an I/O the channel refused). A
+    /// submitter takes its latency as `complete_ticks - submit_ticks`
+    /// without reading the clock again, as SPDK's bdevperf reads the bdev
+    /// layer's own timestamps.
+    pub fn complete_ticks(&self) -> u64 {
+        self.inner().complete_ticks
     }
 
     /// The I/O type.
@@ -406,6 +417,10 @@ impl Drop for Io {
             b.cb = None;
             b.buf = None;
             b.channel = None;
+            // A reused descriptor starts without timestamps (a parked
+            // submission sets its own when it gets one).
+            b.submit_ticks = 0;
+            b.complete_ticks = 0;
             b.iovs.clear();
             self.ctx.free.borrow_mut().push(b);
         }

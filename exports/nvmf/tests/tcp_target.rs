@@ -251,6 +251,22 @@ fn unknown_host_is_refused() {
 }
 
 #[test]
+fn empty_host_nqn_connects_only_where_any_host_may() {
+    // SPDK's spdk_nvme_perf sends an empty HOSTNQN unless given one, and
+    // SPDK's nvmf_tgt takes it: the host list decides, not the decoder.
+    let open = "nqn.2026-12.io.writecache:anyhost";
+    let addr = setup_subsystem(open, "nvmf_anyhost", 1024, true);
+    let mut h = Host::connect(addr, false, false);
+    let c = h.fabric_connect(0, 32, open, "", 0xffff, 0);
+    assert!(c.status.is_success(), "{}", c.status);
+    let closed = "nqn.2026-12.io.writecache:hostlist";
+    let addr = setup_subsystem(closed, "nvmf_hostlist", 1024, false);
+    let mut h = Host::connect(addr, false, false);
+    let c = h.fabric_connect(0, 32, closed, "", 0xffff, 0);
+    assert_eq!(c.status, Status::CONNECT_INVALID_HOST.with_dnr());
+}
+
+#[test]
 fn keep_alive_expiry_tears_the_controller_down() {
     let nqn = "nqn.2026-12.io.writecache:kato";
     let addr = setup_subsystem(nqn, "nvmf_kato", 1024, true);
