@@ -57,7 +57,14 @@ def main():
     a.cache_file = os.path.join(tmp, "cache.pmem")
     a.steady_blocks = 64 * 256
     with open(a.origin_file, "wb") as f:
-        f.truncate(mib << 20)
+        if steady:
+            # Written end to end, as perf/run.sh's origin: writes into holes
+            # would allocate extents and make the first cells slower.
+            chunk = b"\0" * (1 << 20)
+            for _ in range(mib):
+                f.write(chunk)
+        else:
+            f.truncate(mib << 20)
     cfgs = bench.configs(a)
     margs = dict((m[0], m[1]) for m in bench.MODES)[mode]
     target = {b[0]: b[1] for b in bench.BDEVS}
