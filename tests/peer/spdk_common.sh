@@ -157,3 +157,31 @@ JSON
 total_iops() {
   awk '{gsub(/\r/, "")} /^ *Total *:/ {sub(/.*Total *: */, ""); print $1; found=1} END {if (!found) print "-"}' "$1" | tail -1
 }
+
+# run_for_iops KEY WHAT OUT CMD...: runs CMD (bounded by SECS + 60 s) with
+# its output in OUT and appends its Total IOPS to IOPS[KEY]; a failed run or
+# one with no Total line (spdk_nvme_perf exits 0 when it attached no
+# controller at all) fails the script with OUT shown.
+run_for_iops() {
+  local key=$1 what=$2 out=$3
+  shift 3
+  timeout $((SECS + 60)) "$@" > "$out" 2>&1 || { cat "$out"; fail "$what ($key)"; }
+  local v
+  v=$(total_iops "$out")
+  [ "$v" != "-" ] || { cat "$out"; fail "$what ($key): no Total line"; }
+  IOPS[$key]+="$v "
+}
+
+# ratio_rows PREFIX_A PREFIX_B ROW...: one table row per ROW and digest
+# setting, "| ROW | digests | median A | median B | B/A |", from IOPS[A/ROW/dg].
+ratio_rows() {
+  local a=$1 b=$2 row dg x y
+  shift 2
+  for row in "$@"; do
+    for dg in false true; do
+      # shellcheck disable=SC2086  # the runs are words
+      x=$(median ${IOPS[$a/$row/$dg]}) y=$(median ${IOPS[$b/$row/$dg]})
+      printf '| %s | %s | %.0f | %.0f | %.2f |\n' "$row" "$dg" "$x" "$y" "$(awk -v a="$y" -v b="$x" 'BEGIN {print a / b}')"
+    done
+  done
+}

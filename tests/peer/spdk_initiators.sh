@@ -33,15 +33,10 @@ declare -A IOPS
 run_nvme_perf() {
   local dg=$1 key=$2 flags=()
   [ "$dg" = true ] && flags=(-H -I)
-  timeout $((SECS + 60)) "$SPDK_DIR/build/bin/spdk_nvme_perf" -c 0x2 -s 512 -q "$QD" -o 4096 \
+  run_for_iops "$key" "spdk_nvme_perf randrw (digests $dg)" "$TMP/nvme_perf.out" \
+    "$SPDK_DIR/build/bin/spdk_nvme_perf" -c 0x2 -s 512 -q "$QD" -o 4096 \
     -w randrw -M 70 -t "$SECS" "${flags[@]}" \
-    -r "trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:$PORT subnqn:$NQN" \
-    > "$TMP/nvme_perf.out" 2>&1 || { cat "$TMP/nvme_perf.out"; fail "spdk_nvme_perf randrw (digests $dg, $key)"; }
-  local v
-  v=$(total_iops "$TMP/nvme_perf.out")
-  # spdk_nvme_perf exits 0 when it attached no controller at all.
-  [ "$v" != "-" ] || { cat "$TMP/nvme_perf.out"; fail "spdk_nvme_perf randrw (digests $dg, $key): no Total line"; }
-  IOPS[$key]+="$v "
+    -r "trtype:TCP adrfam:IPv4 traddr:127.0.0.1 trsvcid:$PORT subnqn:$NQN"
 }
 
 # SPDK's bdevperf over bdev_nvme_attach_controller to $PORT; $1: digests,
@@ -55,13 +50,9 @@ run_bdevperf() {
  {"method":"bdev_wait_for_examine"}]}]}
 JSON
   # shellcheck disable=SC2086  # $wl is "-w verify" or "-w randrw -M 70"
-  timeout $((SECS + 60)) "$SPDK_DIR/build/examples/bdevperf" --no-pci -s 512 -m 0x2 \
-    -r "$TMP/bdevperf.sock" --json "$TMP/host.json" -q "$QD" -o 4096 $wl -t "$SECS" \
-    > "$TMP/bdevperf.out" 2>&1 || { cat "$TMP/bdevperf.out"; fail "SPDK bdevperf $wl (digests $dg, $key)"; }
-  local v
-  v=$(total_iops "$TMP/bdevperf.out")
-  [ "$v" != "-" ] || { cat "$TMP/bdevperf.out"; fail "SPDK bdevperf $wl (digests $dg, $key): no Total line"; }
-  IOPS[$key]+="$v "
+  run_for_iops "$key" "SPDK bdevperf $wl (digests $dg)" "$TMP/bdevperf.out" \
+    "$SPDK_DIR/build/examples/bdevperf" --no-pci -s 512 -m 0x2 \
+    -r "$TMP/bdevperf.sock" --json "$TMP/host.json" -q "$QD" -o 4096 $wl -t "$SECS"
 }
 
 # One cell against target $1 (ours or spdk): a fresh target per run, so
@@ -97,14 +88,8 @@ done
   echo "exporting a 64 MiB malloc bdev on 127.0.0.1, the initiator on core 1; the two"
   echo "targets alternate run by run, $ROUNDS run(s) each, medians."
   echo
-  echo "| initiator / workload | digests | our target | SPDK nvmf_tgt | ours/SPDK |"
+  echo "| initiator / workload | digests | SPDK nvmf_tgt | our target | ours/SPDK |"
   echo "|---|---|---:|---:|---:|"
-  for w in "${CELLS[@]}"; do
-    for dg in false true; do
-      # shellcheck disable=SC2086  # the runs are words
-      o=$(median ${IOPS[ours/$w/$dg]}) t=$(median ${IOPS[spdk/$w/$dg]})
-      printf '| %s | %s | %.0f | %.0f | %.2f |\n' "$w" "$dg" "$o" "$t" "$(awk -v a="$o" -v b="$t" 'BEGIN {print a / b}')"
-    done
-  done
+  ratio_rows spdk ours "${CELLS[@]}"
 } | record_result spdk_initiators.md
 echo "PASS: SPDK's spdk_nvme_perf and bdevperf against our target, verify and randrw, with and without digests"

@@ -73,12 +73,6 @@ done
   echo
   echo "| workload | digests | SPDK nvmf_tgt | our target | ours/SPDK |"
   echo "|---|---|---:|---:|---:|"
-  for wl in "${WORKLOADS[@]}"; do
-    for dg in false true; do
-      # shellcheck disable=SC2086  # the runs are words
-      t=$(median ${IOPS[spdk/$wl/$dg]}) o=$(median ${IOPS[ours/$wl/$dg]})
-      printf '| %s | %s | %.0f | %.0f | %.2f |\n' "$wl" "$dg" "$t" "$o" "$(awk -v a="$o" -v b="$t" 'BEGIN {print a / b}')"
-    done
-  done
+  ratio_rows spdk ours "${WORKLOADS[@]}"
 } | record_result spdk_nvmf_tgt.md
 echo "PASS: our initiator against SPDK's nvmf_tgt, verify and randrw, with and without digests"
