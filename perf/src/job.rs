@@ -511,10 +511,9 @@ impl Job {
                 stamp(&mut s.buf, offset, s.generation);
                 let seg = [s.segment()];
                 drop(st);
-                // SAFETY: the segment is this slot's buffer, which lives as
-                // long as the job (the I/O's callback holds the job) and
-                // which nothing touches until this I/O's completion: a slot
-                // has one I/O at a time.
+                // A slot has one I/O at a time; its callback holds the job.
+                // SAFETY: the segment is this slot's buffer, alive as long as
+                // the job and untouched until this I/O completes.
                 unsafe { self.ch.writev(offset, n, &seg, false, cb, slot as u64) }
             }
             _ => {

@@ -430,10 +430,9 @@ impl Local {
             }
         };
         let slot = self.one_writes.borrow_mut().insert(io) as u64;
-        // SAFETY: the segments are the write's buffers, valid until it
-        // completes, which happens only in this I/O's completion (the
-        // write stays in `one_writes` until then), or the static zero
-        // block.
+        // The write stays in `one_writes` until this I/O's completion.
+        // SAFETY: the segments are the write's buffers (valid until that
+        // completion) or the static zero block.
         unsafe {
             cache.writev(
                 ssd.block_lba(b),
