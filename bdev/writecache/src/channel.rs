@@ -438,7 +438,7 @@ impl Local {
                 if io.num_blocks() <= PREFETCH_BLOCKS {
                     for lba in io.offset_blocks()..io.offset_blocks() + io.num_blocks() {
                         wc.index.prefetch_candidates(lba, &guard, |b| {
-                            prefetch_line(wc.meta.get(b) as *const _ as *const u8);
+                            crate::meta::prefetch(wc.meta.get(b) as *const _ as *const u8);
                             prefetch_block(wc.media.data_ptr(b), bs);
                         });
                     }
@@ -1057,18 +1057,6 @@ const PREFETCH_LINES: usize = 8;
 
 /// Largest read (in blocks) whose blocks the batch prefetches.
 const PREFETCH_BLOCKS: u64 = 8;
-
-/// Starts loading the cache line at `p` (a hint).
-#[inline]
-fn prefetch_line(p: *const u8) {
-    #[cfg(target_arch = "x86_64")]
-    // SAFETY: prefetch never faults and reads nothing observable.
-    unsafe {
-        std::arch::x86_64::_mm_prefetch(p as *const i8, std::arch::x86_64::_MM_HINT_T0)
-    };
-    #[cfg(not(target_arch = "x86_64"))]
-    let _ = p;
-}
 
 /// Starts loading the first lines of the `len`-byte block at `p` into the
 /// cache (a hint: no fault, no effect on results).
