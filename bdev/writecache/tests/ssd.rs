@@ -125,14 +125,20 @@ fn free_blocks_go_out_lowest_first() {
         rig.flush(0).unwrap();
         // Unmap a few (their blocks are freed), then write new LBAs: they
         // land in the lowest free blocks, in order.
+        // The freed blocks are allocatable only once their cleared entries
+        // are synced and their grace period is over: wait for that, or the
+        // new writes would race it and take later blocks.
         let u = rig.submit_unmap(0, 101, 3);
         rig.wait(&u).unwrap();
-        rig.settle();
+        let s = rig.settle();
+        assert_eq!(
+            (s.dirty, s.free_blocks_in_grace, s.free_blocks),
+            (5, 0, s.blocks - 5),
+            "{s:?}"
+        );
         for lba in 0..4 {
             rig.write(0, 200 + lba, 1);
         }
-        let entries = rig.media_entries();
-        let _ = entries; // entries on the device are written by commits
         rig.flush(0).unwrap();
         let e = rig.media_entries();
         let held: Vec<Option<u64>> = e[..9].to_vec();
