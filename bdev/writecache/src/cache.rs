@@ -636,8 +636,7 @@ impl Writecache {
             // reference count, no locked instruction. A run that retires
             // after the swap sets it again.
             let gone = me.strong_count() == 0;
-            if !gone
-                && (!pending.load(Ordering::Relaxed) || !pending.swap(false, Ordering::AcqRel))
+            if !gone && (!pending.load(Ordering::Relaxed) || !pending.swap(false, Ordering::AcqRel))
             {
                 return wc_reactor::PollStatus::Idle;
             }
