@@ -307,6 +307,9 @@ impl Local {
                 .saturating_sub(batch.len() as u64),
             Ordering::Relaxed,
         );
+        // One epoch pin for the batch: each write's own pin nests in it
+        // (a counter, not a fenced store per write).
+        let _guard = crossbeam::epoch::pin();
         for io in batch.drain(..) {
             if self.wc.error() != 0 {
                 io.complete(IoStatus::Failed(libc::EIO));
