@@ -553,6 +553,8 @@ impl Local {
             let Some(b) = self.alloc() else {
                 return self.wait_for_blocks(io, 0);
             };
+            // The insert's slot line arrives while the block is copied.
+            wc.index.prefetch_slot(first);
             let log = self.write_block(&io, 0, b, zeroes);
             // As `publish`, for one block: index, log, then the displaced.
             let old = wc.index.insert(&wc.meta, first, b);
@@ -563,6 +565,7 @@ impl Local {
             io.driver_ctx()[PROGRESS] = 1;
             return self.written(io, 1);
         }
+        self.prefetch_displaced(first + start, n - start);
         let mut i = start;
         // Blocks written and not yet in the index: published a run at a
         // time (one shard lock per group of neighbouring LBAs).
@@ -588,6 +591,21 @@ impl Local {
         self.publish(&run, &logs);
         io.driver_ctx()[PROGRESS] = n;
         self.written(io, n - start)
+    }
+
+    /// Starts loading the state of each block the LBAs `first..first + n`
+    /// map to now (at most [`PUBLISH_PREFETCH_BLOCKS`] of them): publishing
+    /// compares each LBA with its slot's block, and in a cache written at
+    /// random that block's line was last touched long ago — one miss per
+    /// block, in a row, after the copies. Issued before the copies, the
+    /// misses overlap them.
+    fn prefetch_displaced(&self, first: u64, n: u64) {
+        let wc = &self.wc;
+        let guard = crossbeam::epoch::pin();
+        for lba in first..first + n.min(PUBLISH_PREFETCH_BLOCKS) {
+            wc.index
+                .prefetch_candidates(lba, &guard, |b| wc.meta.prefetch_block(b));
+        }
     }
 
     /// Parks a write that found no free block at its block `i` (the blocks
@@ -1054,6 +1072,10 @@ fn for_each_piece(io: &Io, start: usize, len: usize, mut f: impl FnMut(usize, &[
 /// copy's start until the hardware prefetcher follows the stream, few
 /// enough not to queue behind the line fill buffers.
 const PREFETCH_LINES: usize = 8;
+
+/// Largest part of a write (in blocks) whose displaced blocks' states are
+/// prefetched before its copies (a 256 KiB write of 4 KiB blocks).
+const PUBLISH_PREFETCH_BLOCKS: u64 = 64;
 
 /// Largest read (in blocks) whose blocks the batch prefetches.
 const PREFETCH_BLOCKS: u64 = 8;
