@@ -4,10 +4,11 @@
 //! The coordinator and the writeback run on the instance's *home* reactor
 //! (where it was created); writers and readers run on any reactor and talk
 //! to home by messages. (One exception: the only core with a channel runs
-//! its own autocommit rounds: `Writecache::request_autocommit`.) Everything home-only sits behind mutexes that home
-//! takes; other reactors take the writeback's only to finish a writeback
-//! run they issued (pmem mode: home picks the blocks and each reactor with
-//! a channel writes a share of them from its own origin channel).
+//! its own autocommit rounds, see `Writecache::request_autocommit`.)
+//! Everything home-only sits behind mutexes that home takes; other
+//! reactors take the writeback's only to finish a writeback run they
+//! issued (pmem mode: home picks the blocks and each reactor with a
+//! channel writes a share of them from its own origin channel).
 
 use std::collections::HashSet;
 use std::rc::Rc;
