@@ -140,6 +140,12 @@ pub struct Writecache {
     /// I/O looks at (sequence, flags, tunables) do not miss each time.
     pub(crate) coord: CachePadded<Mutex<Coordinator>>,
     pub(crate) wb: CachePadded<Mutex<Writeback>>,
+    /// Set (after the lock is released) when a writeback run left work for
+    /// the retire poller (`Writeback::retired`, `completed`): the poller
+    /// runs every home iteration and takes the lock only when it is set.
+    /// Shared with that poller, which checks it without upgrading its
+    /// reference to the instance.
+    pub(crate) retire_pending: Arc<CachePadded<AtomicBool>>,
     /// Set by the core that asks for a commit, cleared by home when it
     /// starts one (per commit): on a line of its own, as `seq`.
     pub(crate) commit_requested: CachePadded<AtomicBool>,
@@ -731,7 +737,17 @@ impl Writecache {
         let me = Arc::downgrade(self);
         let handle = Rc::new(std::cell::RefCell::new(None::<wc_reactor::PollerHandle>));
         let h2 = handle.clone();
+        let pending = self.retire_pending.clone();
         let p = r.register_event_poller("writecache_retire", move || {
+            // Nothing retired since the last run (nearly every iteration
+            // of a reactor busy with I/O): two plain loads, no lock, no
+            // reference count, no locked instruction. A run that retires
+            // after the swap sets it again.
+            let gone = me.strong_count() == 0;
+            if !gone && (!pending.load(Ordering::Relaxed) || !pending.swap(false, Ordering::AcqRel))
+            {
+                return wc_reactor::PollStatus::Idle;
+            }
             let Some(wc) = me.upgrade() else {
                 if let Some(h) = h2.borrow().as_ref() {
                     h.unregister();
@@ -1356,6 +1372,8 @@ impl Writecache {
             // the runs that complete in this reactor iteration.
             wb.completed = true;
         }
+        // After the lock: the poller that sees it set finds the above.
+        self.retire_pending.store(true, Ordering::Release);
         if !on_home {
             // A lane frees its blocks at once (its writers waiting for
             // them run next on this reactor) and wakes home, which may be

@@ -113,6 +113,13 @@ pub(crate) struct Local {
     /// Whether reads come several per reactor iteration (then they are
     /// batched; one at a time, as at queue depth 1, they run at once).
     batch_reads: Cell<bool>,
+    /// ssd mode: one-block writes accepted since the poller last ran,
+    /// their index slots being fetched meanwhile (see
+    /// [`Local::run_writes`]); as `reads`.
+    writes: RefCell<Vec<Io>>,
+    writes_batch: RefCell<Vec<Io>>,
+    writes_seen: Cell<u32>,
+    batch_writes: Cell<bool>,
     /// When waiting writes last pushed deferred frees along (ticks).
     last_flush: Cell<u64>,
     /// Set while a cache-bdev completion runs (ssd mode): the parent it
@@ -153,6 +160,7 @@ impl Drop for WcChannel {
         let l = &self.0;
         // Reads still queued: served now, while the cache is mapped.
         l.run_reads();
+        l.run_writes();
         l.free_displaced();
         // Blocks written here and not yet committed: make their entries
         // durable now and hand the logs to home, or no commit would cover
@@ -206,6 +214,10 @@ pub(crate) fn create_channel(wc: &Arc<Writecache>) -> Result<WcChannel, wc_bdev:
         reads_batch: RefCell::new(Vec::with_capacity(64)),
         reads_seen: Cell::new(0),
         batch_reads: Cell::new(false),
+        writes: RefCell::new(Vec::with_capacity(64)),
+        writes_batch: RefCell::new(Vec::with_capacity(64)),
+        writes_seen: Cell::new(0),
+        batch_writes: Cell::new(false),
         last_flush: Cell::new(0),
         complete_now: Cell::new(false),
         stats: std::ptr::NonNull::from(&*wc.stats[r.index() % wc.stats.len().max(1)]),
@@ -218,7 +230,7 @@ pub(crate) fn create_channel(wc: &Arc<Writecache>) -> Result<WcChannel, wc_bdev:
     let weak = Rc::downgrade(&local);
     let p = r.register_poller("writecache_waiters", None, move || match weak.upgrade() {
         Some(l) => {
-            let r = l.run_reads();
+            let r = l.run_reads() | l.run_writes();
             let a = l.release_held();
             let b = l.retry_waiting();
             l.free_displaced();

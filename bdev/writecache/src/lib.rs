@@ -447,6 +447,7 @@ fn start(
         coord: CachePadded::new(std::sync::Mutex::new(cache::Coordinator::new(n))),
         wb: Default::default(),
         commit_requested: CachePadded::new(AtomicBool::new(false)),
+        retire_pending: Arc::new(CachePadded::new(AtomicBool::new(false))),
         channel_cores: AtomicU64::new(0),
         last_write_around: CachePadded::new(AtomicU64::new(0)),
         flush_on_suspend: AtomicBool::new(false),

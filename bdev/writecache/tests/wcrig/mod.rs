@@ -725,12 +725,16 @@ impl Rig {
     }
 
     /// Polls until every freed block is back in the pool (grace periods
-    /// over), i.e. `free_blocks + dirty == blocks`, for at most 3 s; returns
-    /// the stats then (a leaked block shows as a smaller sum, a block freed
-    /// twice as a larger one).
+    /// over, and in ssd mode its cleared entry synced), i.e.
+    /// `free_blocks + dirty == blocks` with none in grace, for at most 3 s;
+    /// returns the stats then (a leaked block shows as a smaller sum, a
+    /// block freed twice as a larger one, one stuck in grace as a non-zero
+    /// `free_blocks_in_grace`).
     pub fn settle(&self) -> Stats {
         self.wait_stats(Duration::from_secs(3), |s| {
-            s.free_blocks + s.dirty == s.blocks && s.writeback_blocks == 0
+            s.free_blocks + s.dirty == s.blocks
+                && s.writeback_blocks == 0
+                && s.free_blocks_in_grace == 0
         });
         self.stats()
     }
