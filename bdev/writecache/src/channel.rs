@@ -827,7 +827,7 @@ impl Local {
             && !wc.commit_requested.load(Ordering::Relaxed)
             && !wc.commit_requested.swap(true, Ordering::AcqRel)
         {
-            wc.request_commit(None);
+            wc.request_autocommit();
         }
     }
 
