@@ -895,11 +895,14 @@ impl Writecache {
                 let m = self.meta.get(b);
                 let (gen, state) = m.gen_state();
                 let lba = m.lba.load(Ordering::Acquire);
-                // ssd mode: an in-place overwrite holds it (WB without a
-                // writeback of its LBA): it goes out once that completes.
+                // ssd mode: an in-place overwrite holds it: it goes out
+                // once that completes. (Even while an older block of its
+                // LBA is going out: the overwrite stamps no new entry, so
+                // no commit would queue it again.) A block of ssd mode is
+                // never queued while under writeback itself (no
+                // neighbours join a batch there).
                 if self.ssd.is_some()
                     && state == VALID | crate::meta::WB
-                    && !wb.lbas.contains(&lba)
                     && !seq_at_or_after(m.seq(), committed_below)
                 {
                     deferred.push(b);
@@ -927,9 +930,16 @@ impl Writecache {
                 }
                 if !self.meta.begin_writeback(b, gen) {
                     // ssd mode: an in-place overwrite took it meanwhile; it
-                    // goes out once that completes.
-                    if self.ssd.is_some() && m.gen_state() == (gen, VALID | crate::meta::WB) {
-                        deferred.push(b);
+                    // goes out once that completes. It may have completed
+                    // already (WB clear again): an in-place overwrite
+                    // stamps no new entry, so no commit queues the block
+                    // again — dropped here, its new data would never reach
+                    // the origin. Still this allocation: back in the queue.
+                    if self.ssd.is_some() {
+                        let (g, s) = m.gen_state();
+                        if g == gen && s & VALID != 0 {
+                            deferred.push(b);
+                        }
                     }
                     continue;
                 }
