@@ -170,6 +170,16 @@ pub fn content(lba: u64, version: u64) -> DmaBuf {
     b
 }
 
+/// Content of `n` blocks from `lba` on, each stamped as [`content`] with
+/// `version` (one multi-block write's buffer).
+pub fn run_content(lba: u64, n: u64, version: u64) -> DmaBuf {
+    let mut b = DmaBuf::new((n * BS as u64) as usize);
+    for (k, block) in b.chunks_mut(BS as usize).enumerate() {
+        block.copy_from_slice(&content(lba + k as u64, version));
+    }
+    b
+}
+
 /// Decodes a block written by [`content`]: `Some((lba, version))`, `None`
 /// for an all-zero block; panics on a torn or foreign block.
 pub fn decode(b: &[u8]) -> Option<(u64, u64)> {
@@ -535,6 +545,12 @@ impl Rig {
     /// Submits a write of block `lba` stamped with `version` on reactor `r`.
     pub fn submit_write(&self, r: usize, lba: u64, version: u64, fua: bool) -> Slot {
         self.submit_write_buf(r, lba, content(lba, version), fua)
+    }
+
+    /// Submits a write of `n` blocks at `lba`, each stamped with `version`,
+    /// on reactor `r`.
+    pub fn submit_write_run(&self, r: usize, lba: u64, n: u64, version: u64) -> Slot {
+        self.submit_write_buf(r, lba, run_content(lba, n, version), false)
     }
 
     /// Submits a write of `buf` at `lba` on reactor `r`.
