@@ -205,6 +205,20 @@ pub fn pmem_size(blocks: u64) -> usize {
     (meta + blocks * BS as u64) as usize
 }
 
+/// Per block of a pmem-mode cache image: `Some(lba)` of a valid entry,
+/// `None` if free.
+fn entries_of(img: &[u8]) -> Vec<Option<u64>> {
+    use wc_writecache_format::{Entry, Geometry, ENTRY_SIZE};
+    let geo = Geometry::compute(img.len() as u64, 0, BS).unwrap();
+    (0..geo.n_blocks())
+        .map(|b| {
+            let off = geo.entry_offset(b) as usize;
+            let e = Entry::decode(img[off..off + ENTRY_SIZE].try_into().unwrap());
+            (e.seq_count != u64::MAX).then_some(e.original_sector / (BS as u64 / 512))
+        })
+        .collect()
+}
+
 /// What sits between the writecache and the simulated origin disk.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Layer {
@@ -631,16 +645,13 @@ impl Rig {
     /// The cache's metadata entries as the media holds them now (visible
     /// stores): per block, `Some(lba)` of a valid entry, `None` if free.
     pub fn media_entries(&self) -> Vec<Option<u64>> {
-        use wc_writecache_format::{Entry, Geometry, ENTRY_SIZE};
-        let img = self.cache.visible();
-        let geo = Geometry::compute(img.len() as u64, 0, BS).unwrap();
-        (0..geo.n_blocks())
-            .map(|b| {
-                let off = geo.entry_offset(b) as usize;
-                let e = Entry::decode(img[off..off + ENTRY_SIZE].try_into().unwrap());
-                (e.seq_count != u64::MAX).then_some(e.original_sector / (BS as u64 / 512))
-            })
-            .collect()
+        entries_of(&self.cache.visible())
+    }
+
+    /// [`Rig::media_entries`] as a power cut now would leave them (durable
+    /// stores only).
+    pub fn durable_entries(&self) -> Vec<Option<u64>> {
+        entries_of(&self.cache.crashed().visible())
     }
 
     // -------------------------------------------------------------- control
