@@ -14,7 +14,11 @@ Usage: perf/ab.py WORKLOAD QD MODE [RUNS] [SECS] [BDEVS]
             cell with the bdevperf binary at PATH (e.g. a copy of the base
             build), so `malloc,wc:/tmp/bdevperf.base,wc` compares two builds
 Environment: MIB (bdev size, default 256), BIN (default target/release/bdevperf),
-STEADY_WARM (s of QD 32 writes filling the steady-state cache, default 2).
+STEADY_WARM (s of QD 32 writes filling the steady-state cache, default 2),
+PRE_RANDWRITE (s of 4 KiB random writes at QD 32 on every bdev before the
+cell, default 0: the matrix's state for write128k, whose cells follow the
+random-write cells — with MIB=1024 3 s caches every LBA in blocks spread
+over the whole cache, so the free blocks left are scattered).
 
 Read cells pre-write the whole range first (hits); malloc is always
 pre-written (faulted in). Prints the medians and every wc*/malloc ratio.
@@ -42,6 +46,7 @@ def main():
     default = ["delay", "wc_steady"] if steady else ["malloc", "wc"]
     bdevs = sys.argv[6].split(",") if len(sys.argv) > 6 else default
     warm = float(os.environ.get("STEADY_WARM", 2))
+    pre_rand = float(os.environ.get("PRE_RANDWRITE", 0))
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     binp = os.environ.get("BIN", os.path.join(root, "target/release/bdevperf"))
     mib = int(os.environ.get("MIB", 256))
@@ -83,6 +88,8 @@ def main():
                 try:
                     if bd == "malloc" or (bd == "wc" and wk in ("randread_hit", "randrw")):
                         bench.prewrite(bp, 1, mode, a.origin_blocks)
+                    if pre_rand > 0 and bd != "wc_steady":
+                        bp.perform("randwrite", 4096, 32, pre_rand)
                     if bd == "wc_steady":
                         bp.perform("randwrite", 4096, 32, warm)  # fill to the watermark
                     c = bench.summarize(bp.perform(wl, size, qd, secs, mix))

@@ -11,9 +11,10 @@
 # Prints per cell and build the median IOPS and the median CPU time of fio's
 # job thread per I/O (its usr+sys over the run / I/Os, in ns: steadier than
 # IOPS on a shared machine, where the thread gets only part of a core).
-# About 3 min.
+# About 3 min. BDEVS="malloc wc", RWS="randwrite randread", QDS="1 32"
+# pick cells.
 set -euo pipefail
-[[ $# -eq 2 && -f $1 && -f $2 ]] || { sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
+[[ $# -eq 2 && -f $1 && -f $2 ]] || { sed -n '2,16p' "$0" | sed 's/^# \{0,1\}//'; exit 2; }
 OLD=$(realpath "$1") NEW=$(realpath "$2")
 command -v fio >/dev/null || { echo "fio is not installed" >&2; exit 1; }
 SHM=${SHM_DIR:-/dev/shm}
@@ -80,10 +81,11 @@ median() { printf '%s\n' "$@" | sort -n | awk '{a[NR]=$1} END{print a[int((NR+1)
 
 printf '%-8s %-9s %-4s | %10s %10s %6s | %8s %8s\n' bdev rw QD "old IOPS" "new IOPS" new/old \
   "old ns" "new ns"
-for spec in "malloc Malloc0" "wc WC0"; do
-  read -r c b <<<"$spec"
-  for rw in randwrite randread; do
-    for qd in 1 32; do
+declare -A BDEV_OF=([malloc]=Malloc0 [wc]=WC0)
+for c in ${BDEVS:-malloc wc}; do
+  b=${BDEV_OF[$c]:?"BDEVS: malloc or wc, not $c"}
+  for rw in ${RWS:-randwrite randread}; do
+    for qd in ${QDS:-1 32}; do
       oi=() on=() ni=() nn=()
       for ((r = 0; r < RUNS; r++)); do
         read -r i n < <(cell "$TMP/$c.json" "$b" "$rw" "$qd" "$OLD"); oi+=("$i"); on+=("$n")

@@ -249,20 +249,16 @@ pub unsafe extern "C" fn wc_fio_job_queue(
 }
 
 /// fio's `getevents`: polls until `min` completions (or `timeout_ns`
-/// passes; negative: no timeout); returns how many are ready (<= `max`).
+/// passes; negative: no timeout); returns how many are ready, all for fio
+/// (fio's `max` is no bound: see [`Job::getevents`]).
 ///
 /// # Safety
 /// `j` as for [`job`].
 #[no_mangle]
-pub unsafe extern "C" fn wc_fio_job_getevents(
-    j: *mut c_void,
-    min: u32,
-    max: u32,
-    timeout_ns: i64,
-) -> c_int {
+pub unsafe extern "C" fn wc_fio_job_getevents(j: *mut c_void, min: u32, timeout_ns: i64) -> c_int {
     let timeout = u64::try_from(timeout_ns).ok().map(Duration::from_nanos);
     // SAFETY: per this function's contract.
-    let n = unsafe { job(j) }.getevents(min as usize, max as usize, timeout);
+    let n = unsafe { job(j) }.getevents(min as usize, timeout);
     n.min(c_int::MAX as usize) as c_int
 }
 

@@ -3,10 +3,12 @@
 //!
 //! The coordinator and the writeback run on the instance's *home* reactor
 //! (where it was created); writers and readers run on any reactor and talk
-//! to home by messages. Everything home-only sits behind mutexes that home
-//! takes; other reactors take the writeback's only to finish a writeback
-//! run they issued (pmem mode: home picks the blocks and each reactor with
-//! a channel writes a share of them from its own origin channel).
+//! to home by messages. (One exception: the only core with a channel runs
+//! its own autocommit rounds, see `Writecache::request_autocommit`.)
+//! Everything home-only sits behind mutexes that home takes; other
+//! reactors take the writeback's only to finish a writeback run they
+//! issued (pmem mode: home picks the blocks and each reactor with a
+//! channel writes a share of them from its own origin channel).
 
 use std::collections::HashSet;
 use std::rc::Rc;
@@ -142,6 +144,12 @@ pub struct Writecache {
     /// pmem mode: superseded blocks a commit freed, their entries cleared
     /// a share per home iteration (see [`crate::free_drip`]).
     pub(crate) drip: Arc<CachePadded<FreeDrip>>,
+    /// Set (after the lock is released) when a writeback run left work for
+    /// the retire poller (`Writeback::retired`, `completed`): the poller
+    /// runs every home iteration and takes the lock only when it is set.
+    /// Shared with that poller, which checks it without upgrading its
+    /// reference to the instance.
+    pub(crate) retire_pending: Arc<CachePadded<AtomicBool>>,
     /// Set by the core that asks for a commit, cleared by home when it
     /// starts one (per commit): on a line of its own, as `seq`.
     pub(crate) commit_requested: CachePadded<AtomicBool>,
@@ -168,6 +176,11 @@ pub struct Writecache {
     /// ssd mode: the cache bdev's I/O and the metadata writer (None in
     /// pmem mode).
     pub(crate) ssd: Option<Arc<crate::ssd::Ssd>>,
+}
+
+/// True when logs of closed channels wait for the next round.
+fn has_orphans(c: &Coordinator) -> bool {
+    !c.orphans.0.is_empty() || !c.orphans.1.is_empty()
 }
 
 /// Appends `more` to `v`, taking `more`'s allocation when `v` is empty.
@@ -393,9 +406,66 @@ impl Writecache {
         });
     }
 
-    /// One commit round (on home): bump the stamp sequence, have every core
-    /// fence and hand over its logs, then persist the superblock.
-    fn start_commit(self: &Arc<Self>, waiters: Vec<Waiter>) {
+    /// Asks for a commit from a writing core (autocommit by count). In
+    /// pmem mode, when this core is the only one with a channel of the
+    /// instance, the whole round runs here (see [`Self::commit_here`]):
+    /// under fio the only writer is a hosted reactor while home sleeps on
+    /// another thread, and a round on home cost a wake-up, two messages
+    /// and the commit state's lines crossing cores every 64 writes.
+    /// Otherwise (several writers, ssd mode, a round running) home runs it.
+    pub(crate) fn request_autocommit(self: &Arc<Self>) {
+        let Some(here) = wc_reactor::try_current().filter(|_| self.ssd.is_none()) else {
+            return self.request_commit(None);
+        };
+        // Not in the middle of the write that asked: its borrows of the
+        // core's logs are live there.
+        let me = self.clone();
+        here.handle().send(move || {
+            if !me.commit_here() {
+                me.request_commit(None);
+            }
+        });
+    }
+
+    /// One commit round, run entirely on the calling core, if it may: pmem
+    /// mode, no round running or asked for with a waiter (waiters run on
+    /// home), no adopted logs, and this core the only one with a channel
+    /// (so the only one whose stores and logs a round must collect).
+    /// Returns false, having done nothing, when it may not.
+    fn commit_here(self: &Arc<Self>) -> bool {
+        if self.ssd.is_some() || self.closing.load(Ordering::Acquire) {
+            return false;
+        }
+        let Some(here) = wc_reactor::try_current().map(|r| r.index()) else {
+            return false;
+        };
+        let (s, bump) = {
+            let mut c = lock(&self.coord);
+            if c.in_progress || !c.next.is_empty() || has_orphans(&c) {
+                return false;
+            }
+            // Same lock order as `kick_writeback` (coord, then wb). The
+            // bump happens under the lock `add_lane` takes, so a channel
+            // that opens on another core afterwards stamps `s + 1` or
+            // above: nothing of it is due in this round.
+            let wb = lock(&self.wb);
+            if !matches!(wb.lanes.as_slice(), [only] if only.index() == here) {
+                return false;
+            }
+            c.in_progress = true;
+            self.bump_seq(false)
+        };
+        let limit = self.round_limit(s, bump);
+        let (written, superseded) = self.fence_core(limit).unwrap_or_default();
+        self.finish_commit(s, bump, written, superseded, Vec::new());
+        true
+    }
+
+    /// Starts a round: clears the request flag and advances the stamp
+    /// sequence when there is something to commit (so empty commits leave
+    /// the superblock alone, as dm-writecache). Returns (the sequence
+    /// before, whether it advanced).
+    fn bump_seq(&self, orphans: bool) -> (u64, bool) {
         self.commit_requested.store(false, Ordering::Release);
         let dirty: u64 = self
             .stats
@@ -403,26 +473,44 @@ impl Writecache {
             .map(|c| c.uncommitted.load(Ordering::Acquire))
             .sum();
         let s = self.seq.load(Ordering::Acquire);
-        // Only advance when there is something to commit, so empty commits
-        // leave the superblock alone (as dm-writecache).
-        let orphans = {
-            let c = lock(&self.coord);
-            !c.orphans.0.is_empty() || !c.orphans.1.is_empty()
-        };
         let bump = dirty > 0 || orphans;
         if bump {
             self.seq.store(s + 1, Ordering::Release);
         }
-        let collected: Arc<Mutex<(Vec<LogEntry>, Vec<LogEntry>)>> = Arc::default();
-        let me = self.clone();
-        let col = collected.clone();
-        let id = self.id;
-        // Entries below `limit` are committed once this round ends.
-        let limit = if bump {
+        (s, bump)
+    }
+
+    /// Entries below this are committed once the round that started at
+    /// sequence `s` ends.
+    fn round_limit(&self, s: u64, bump: bool) -> u64 {
+        if bump {
             s + 1
         } else {
             self.sb_seq.load(Ordering::Acquire)
-        };
+        }
+    }
+
+    /// A round's visit to one core: write back the entries it stamped
+    /// (cached stores), fence so they and its data are durable, then hand
+    /// over the logs of everything below `limit` (None: no channel here).
+    fn fence_core(&self, limit: u64) -> Option<(Vec<LogEntry>, Vec<LogEntry>)> {
+        let drained = crate::channel::local_of(self.id).map(|local| local.drain_logs(limit));
+        if let Some((w, _)) = &drained {
+            self.media.flush_entries(w);
+        }
+        self.media.pmem.fence();
+        drained
+    }
+
+    /// One commit round (on home): bump the stamp sequence, have every core
+    /// fence and hand over its logs, then persist the superblock.
+    fn start_commit(self: &Arc<Self>, waiters: Vec<Waiter>) {
+        let orphans = has_orphans(&lock(&self.coord));
+        let (s, bump) = self.bump_seq(orphans);
+        let collected: Arc<Mutex<(Vec<LogEntry>, Vec<LogEntry>)>> = Arc::default();
+        let me = self.clone();
+        let col = collected.clone();
+        let limit = self.round_limit(s, bump);
         // Only the cores with a channel hold logs or unfenced stores (one
         // that closed its channel fenced and handed its logs over): a
         // control reactor or a standby hosted reactor asleep is not woken
@@ -433,15 +521,7 @@ impl Writecache {
         wc_reactor::for_each_of(
             lanes,
             move || {
-                // On each core: write back the entries it stamped (cached
-                // stores), fence so they and its data are durable, then
-                // hand over the logs of everything being committed.
-                let drained = crate::channel::local_of(id).map(|local| local.drain_logs(limit));
-                if let Some((w, _)) = &drained {
-                    me.media.flush_entries(w);
-                }
-                me.media.pmem.fence();
-                if let Some((w, sup)) = drained {
+                if let Some((w, sup)) = me.fence_core(limit) {
                     // The first core's logs are taken as they are (one
                     // core: no copy at all), the others' appended.
                     let mut c = lock(&col);
@@ -451,7 +531,10 @@ impl Writecache {
             },
             {
                 let me = self.clone();
-                move || me.finish_commit(s, bump, collected, waiters)
+                move || {
+                    let (w, sup) = std::mem::take(&mut *lock(&collected));
+                    me.finish_commit(s, bump, w, sup, waiters)
+                }
             },
         );
     }
@@ -460,17 +543,13 @@ impl Writecache {
         self: &Arc<Self>,
         s: u64,
         bump: bool,
-        collected: Arc<Mutex<(Vec<LogEntry>, Vec<LogEntry>)>>,
+        mut written: Vec<LogEntry>,
+        mut superseded: Vec<LogEntry>,
         waiters: Vec<Waiter>,
     ) {
-        let (mut written, mut superseded) = std::mem::take(&mut *lock(&collected));
         {
             // Adopted logs: what this round covers goes with the rest.
-            let limit = if bump {
-                s + 1
-            } else {
-                self.sb_seq.load(Ordering::Acquire)
-            };
+            let limit = self.round_limit(s, bump);
             let mut c = lock(&self.coord);
             let (w, sup) = std::mem::take(&mut c.orphans);
             let (now, later): (Vec<LogEntry>, Vec<LogEntry>) =
@@ -572,12 +651,15 @@ impl Writecache {
         c.in_progress = more;
         drop(c);
         if self.ssd.is_none()
+            && self.on_home()
             && self.waiting_writers() == 0
             && self.drip.may_spread(&self.pool, to_free.len())
         {
             // Not in front of the write waiting on this reactor: home
             // clears them over its next iterations (see `free_drip` for
-            // when, and why never many).
+            // when, and why never many). Only a round home runs: a
+            // writing core's own round (`commit_here`) leaves home asleep,
+            // and its frees would wait for the next round.
             self.drip.queue(&self.media, &self.pool, &to_free);
         } else {
             self.free_blocks(&to_free);
@@ -589,10 +671,45 @@ impl Writecache {
         for w in waiters {
             w(result);
         }
-        if more {
-            self.start_commit(next);
+        if self.on_home() {
+            if more {
+                self.start_commit(next);
+            }
+            self.kick_writeback();
+            return;
         }
-        self.kick_writeback();
+        // A round run by a writing core (`commit_here`): what was asked
+        // for meanwhile (maybe with waiters) and the writeback are home's.
+        if more {
+            let me = self.clone();
+            self.home.send(move || me.start_commit(next));
+        }
+        let want = {
+            let c = lock(&self.coord);
+            let wb = lock(&self.wb);
+            self.wants_writeback(&c, &wb) != WbReason::None || !wb.drain_waiters.is_empty()
+        };
+        if want {
+            self.kick_home();
+        }
+    }
+
+    /// True on the instance's home reactor.
+    fn on_home(&self) -> bool {
+        wc_reactor::try_current().is_some_and(|r| r.index() == self.home.index())
+    }
+
+    /// From another core: has home run the writeback (one message however
+    /// many ask before it runs; home may be asleep).
+    fn kick_home(self: &Arc<Self>) {
+        if std::mem::replace(&mut lock(&self.wb).kick_pending, true) {
+            return;
+        }
+        let me = self.clone();
+        self.home.send(move || {
+            lock(&me.wb).kick_pending = false;
+            me.kick_writeback();
+        });
     }
 
     // ------------------------------------------------------------------
@@ -643,7 +760,17 @@ impl Writecache {
         let me = Arc::downgrade(self);
         let handle = Rc::new(std::cell::RefCell::new(None::<wc_reactor::PollerHandle>));
         let h2 = handle.clone();
+        let pending = self.retire_pending.clone();
         let p = r.register_event_poller("writecache_retire", move || {
+            // Nothing retired since the last run (nearly every iteration
+            // of a reactor busy with I/O): two plain loads, no lock, no
+            // reference count, no locked instruction. A run that retires
+            // after the swap sets it again.
+            let gone = me.strong_count() == 0;
+            if !gone && (!pending.load(Ordering::Relaxed) || !pending.swap(false, Ordering::AcqRel))
+            {
+                return wc_reactor::PollStatus::Idle;
+            }
             let Some(wc) = me.upgrade() else {
                 if let Some(h) = h2.borrow().as_ref() {
                     h.unregister();
@@ -1252,8 +1379,8 @@ impl Writecache {
                 to_free.push(b);
             }
         }
-        let on_home = wc_reactor::current().index() == self.home.index();
-        let kick = {
+        let on_home = self.on_home();
+        {
             let mut wb = lock(&self.wb);
             if on_home {
                 wb.retired.extend_from_slice(&to_free);
@@ -1267,20 +1394,15 @@ impl Writecache {
             // The next batch goes out from the retire poller, once for all
             // the runs that complete in this reactor iteration.
             wb.completed = true;
-            !on_home && !std::mem::replace(&mut wb.kick_pending, true)
-        };
+        }
+        // After the lock: the poller that sees it set finds the above.
+        self.retire_pending.store(true, Ordering::Release);
         if !on_home {
             // A lane frees its blocks at once (its writers waiting for
             // them run next on this reactor) and wakes home, which may be
             // asleep, for the next batch.
             self.free_blocks(&to_free);
-            if kick {
-                let me = self.clone();
-                self.home.send(move || {
-                    lock(&me.wb).kick_pending = false;
-                    me.kick_writeback();
-                });
-            }
+            self.kick_home();
         }
     }
 

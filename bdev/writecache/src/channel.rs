@@ -102,17 +102,18 @@ pub(crate) struct Local {
     ssd_cb: Rc<dyn IoCompletion>,
     /// ssd mode: writes (parent keys) waiting for free blocks.
     ssd_waiting: RefCell<VecDeque<usize>>,
-    /// Reads accepted since the poller last ran: their index slots are
-    /// being fetched; the poller looks them up and copies them as a batch
-    /// (see [`Local::run_reads`]).
-    reads: RefCell<Vec<Io>>,
+    /// Reads and one-block writes accepted since the poller last ran:
+    /// their index slots are being fetched; the poller looks them up and
+    /// serves them as a batch (see [`Local::run_batch`]).
+    batch: RefCell<Vec<Io>>,
     /// The batch the poller is working on (kept to reuse its allocation).
-    reads_batch: RefCell<Vec<Io>>,
-    /// Reads accepted since the poller last ran.
-    reads_seen: Cell<u32>,
-    /// Whether reads come several per reactor iteration (then they are
-    /// batched; one at a time, as at queue depth 1, they run at once).
-    batch_reads: Cell<bool>,
+    batch_spare: RefCell<Vec<Io>>,
+    /// Batchable I/Os accepted since the poller last ran.
+    batch_seen: Cell<u32>,
+    /// Whether reads and one-block writes come several per reactor
+    /// iteration (then they are batched; one at a time, as at queue depth
+    /// 1, they run at once).
+    batching: Cell<bool>,
     /// When waiting writes last pushed deferred frees along (ticks).
     last_flush: Cell<u64>,
     /// Set while a cache-bdev completion runs (ssd mode): the parent it
@@ -151,8 +152,9 @@ impl Drop for WcChannel {
             p.unregister();
         }
         let l = &self.0;
-        // Reads still queued: served now, while the cache is mapped.
-        l.run_reads();
+        // Reads and writes still queued: served now, while the cache is
+        // mapped (and before the write log is handed over below).
+        l.run_batch();
         l.free_displaced();
         // Blocks written here and not yet committed: make their entries
         // durable now and hand the logs to home, or no commit would cover
@@ -202,10 +204,10 @@ pub(crate) fn create_channel(wc: &Arc<Writecache>) -> Result<WcChannel, wc_bdev:
         one_writes: RefCell::new(slab::Slab::new()),
         ssd_cb: Rc::new(ssd::RunDone(weak.clone())),
         ssd_waiting: RefCell::new(VecDeque::new()),
-        reads: RefCell::new(Vec::with_capacity(64)),
-        reads_batch: RefCell::new(Vec::with_capacity(64)),
-        reads_seen: Cell::new(0),
-        batch_reads: Cell::new(false),
+        batch: RefCell::new(Vec::with_capacity(64)),
+        batch_spare: RefCell::new(Vec::with_capacity(64)),
+        batch_seen: Cell::new(0),
+        batching: Cell::new(false),
         last_flush: Cell::new(0),
         complete_now: Cell::new(false),
         stats: std::ptr::NonNull::from(&*wc.stats[r.index() % wc.stats.len().max(1)]),
@@ -218,7 +220,7 @@ pub(crate) fn create_channel(wc: &Arc<Writecache>) -> Result<WcChannel, wc_bdev:
     let weak = Rc::downgrade(&local);
     let p = r.register_poller("writecache_waiters", None, move || match weak.upgrade() {
         Some(l) => {
-            let r = l.run_reads();
+            let r = l.run_batch();
             let a = l.release_held();
             let b = l.retry_waiting();
             l.free_displaced();
@@ -261,12 +263,16 @@ impl Local {
             return l.ssd_dispatch(io);
         }
         match io.io_type() {
-            IoType::Read => l.queue_read(io),
+            IoType::Read => l.queue(io),
             IoType::Write => {
                 if l.wc.error() != 0 {
                     return io.complete(IoStatus::Failed(libc::EIO));
                 }
-                l.write(io)
+                if io.num_blocks() == 1 {
+                    l.queue(io)
+                } else {
+                    l.write(io)
+                }
             }
             IoType::WriteZeroes => {
                 if l.wc.error() != 0 {
@@ -398,45 +404,71 @@ impl Local {
 
     // ------------------------------------------------------------------ read
 
-    /// Accepts a read: starts fetching the index slot of its first block
-    /// and leaves the rest to the poller, which runs in this reactor
-    /// iteration (while reads come one per iteration, it reads at once). A read hit is an index probe (two dependent cache
-    /// misses: the slot, then the block's state) and a copy out of the
-    /// mapping (a TLB miss and the data); done one read at a time these
-    /// wait for memory one after the other, done for the batch of reads a
+    /// Accepts a read or a one-block write: starts fetching the index
+    /// slot of its first block and leaves the rest to the poller, which
+    /// runs in this reactor iteration (while they come one per iteration,
+    /// it serves them at once). A read hit is an index probe (two dependent
+    /// cache misses: the slot, then the block's state) and a copy out of
+    /// the mapping (a TLB miss and the data); a write's index insert makes
+    /// the same probe (the slot, then the state of the block it displaces,
+    /// last touched when that block was written). Done one I/O at a time
+    /// these wait for memory one after the other; done for the batch a
     /// reactor iteration brings they overlap.
-    fn queue_read(&self, io: Io) {
-        self.reads_seen.set(self.reads_seen.get() + 1);
-        if !self.batch_reads.get() && self.reads.borrow().is_empty() {
-            // Reads come one per iteration: a batch would only add one.
-            return self.read(io);
+    fn queue(self: &Rc<Self>, io: Io) {
+        self.batch_seen.set(self.batch_seen.get() + 1);
+        if !self.batching.get() && self.batch.borrow().is_empty() {
+            // One per iteration: a batch would only add one.
+            return self.serve(io);
         }
         self.wc.index.prefetch_slot(io.offset_blocks());
         inc(&self.stats().inflight, 1);
-        self.reads.borrow_mut().push(io);
+        self.batch.borrow_mut().push(io);
     }
 
-    /// Serves the queued reads: first fetches every candidate block's
-    /// state and data (their slots have arrived meanwhile), then looks
-    /// each read up and copies it. True if there were any.
-    pub(crate) fn run_reads(&self) -> bool {
-        self.batch_reads.set(self.reads_seen.replace(0) > 1);
+    /// Serves a queued read or one-block write.
+    fn serve(self: &Rc<Self>, io: Io) {
+        if io.io_type() == IoType::Read {
+            return self.read(io);
+        }
+        if self.wc.error() != 0 {
+            return io.complete(IoStatus::Failed(libc::EIO));
+        }
+        if self.cache.is_some() {
+            return self.ssd_write(io);
+        }
+        self.write(io)
+    }
+
+    /// Serves the queued reads and writes: first fetches every candidate
+    /// block's state (and a read's data; their slots have arrived
+    /// meanwhile), then serves each. True if there were any.
+    pub(crate) fn run_batch(self: &Rc<Self>) -> bool {
+        self.batching.set(self.batch_seen.replace(0) > 1);
         let mut batch = std::mem::replace(
-            &mut *self.reads.borrow_mut(),
-            std::mem::take(&mut *self.reads_batch.borrow_mut()),
+            &mut *self.batch.borrow_mut(),
+            std::mem::take(&mut *self.batch_spare.borrow_mut()),
         );
         if batch.is_empty() {
-            *self.reads_batch.borrow_mut() = batch;
+            *self.batch_spare.borrow_mut() = batch;
             return false;
         }
         let wc = &self.wc;
         let bs = wc.block_size as usize;
+        // One epoch pin for the batch: each I/O's own pin nests in it (a
+        // counter, not a fenced store per I/O).
+        let guard = crossbeam::epoch::pin();
         if batch.len() > 1 {
-            let guard = crossbeam::epoch::pin();
             for io in &batch {
-                // Small reads only: a large one streams on its own.
-                if io.num_blocks() <= PREFETCH_BLOCKS {
-                    for lba in io.offset_blocks()..io.offset_blocks() + io.num_blocks() {
+                let lbas = io.offset_blocks()..io.offset_blocks() + io.num_blocks();
+                if io.io_type() != IoType::Read {
+                    // The displaced block's state, read by the insert.
+                    for lba in lbas {
+                        wc.index
+                            .prefetch_candidates(lba, &guard, |b| wc.meta.prefetch_block(b));
+                    }
+                } else if io.num_blocks() <= PREFETCH_BLOCKS {
+                    // Small reads only: a large one streams on its own.
+                    for lba in lbas {
                         wc.index.prefetch_candidates(lba, &guard, |b| {
                             crate::meta::prefetch(wc.meta.get(b) as *const _ as *const u8);
                             prefetch_block(wc.media.data_ptr(b), bs);
@@ -453,9 +485,10 @@ impl Local {
             Ordering::Relaxed,
         );
         for io in batch.drain(..) {
-            self.read(io);
+            self.serve(io);
         }
-        *self.reads_batch.borrow_mut() = batch;
+        drop(guard);
+        *self.batch_spare.borrow_mut() = batch;
         true
     }
 
@@ -553,6 +586,8 @@ impl Local {
             let Some(b) = self.alloc() else {
                 return self.wait_for_blocks(io, 0);
             };
+            // The insert's slot line arrives while the block is copied.
+            wc.index.prefetch_slot(first);
             let log = self.write_block(&io, 0, b, zeroes);
             // As `publish`, for one block: index, log, then the displaced.
             let old = wc.index.insert(&wc.meta, first, b);
@@ -563,6 +598,7 @@ impl Local {
             io.driver_ctx()[PROGRESS] = 1;
             return self.written(io, 1);
         }
+        self.prefetch_displaced(first + start, n - start);
         let mut i = start;
         // Blocks written and not yet in the index: published a run at a
         // time (one shard lock per group of neighbouring LBAs).
@@ -592,6 +628,21 @@ impl Local {
         self.publish(&run, &logs);
         io.driver_ctx()[PROGRESS] = n;
         self.written(io, n - start)
+    }
+
+    /// Starts loading the state of each block the LBAs `first..first + n`
+    /// map to now (at most [`PUBLISH_PREFETCH_BLOCKS`] of them): publishing
+    /// compares each LBA with its slot's block, and in a cache written at
+    /// random that block's line was last touched long ago — one miss per
+    /// block, in a row, after the copies. Issued before the copies, the
+    /// misses overlap them.
+    fn prefetch_displaced(&self, first: u64, n: u64) {
+        let wc = &self.wc;
+        let guard = crossbeam::epoch::pin();
+        for lba in first..first + n.min(PUBLISH_PREFETCH_BLOCKS) {
+            wc.index
+                .prefetch_candidates(lba, &guard, |b| wc.meta.prefetch_block(b));
+        }
     }
 
     /// Parks a write that found no free block at its block `i` (the blocks
@@ -780,7 +831,7 @@ impl Local {
             && !wc.commit_requested.load(Ordering::Relaxed)
             && !wc.commit_requested.swap(true, Ordering::AcqRel)
         {
-            wc.request_commit(None);
+            wc.request_autocommit();
         }
     }
 
@@ -1058,6 +1109,10 @@ fn for_each_piece(io: &Io, start: usize, len: usize, mut f: impl FnMut(usize, &[
 /// copy's start until the hardware prefetcher follows the stream, few
 /// enough not to queue behind the line fill buffers.
 const PREFETCH_LINES: usize = 8;
+
+/// Largest part of a write (in blocks) whose displaced blocks' states are
+/// prefetched before its copies (a 256 KiB write of 4 KiB blocks).
+const PUBLISH_PREFETCH_BLOCKS: u64 = 64;
 
 /// Largest read (in blocks) whose blocks the batch prefetches.
 const PREFETCH_BLOCKS: u64 = 8;

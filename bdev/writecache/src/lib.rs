@@ -15,9 +15,11 @@
 //! block in its core's write-order log. Nothing global is locked.
 //!
 //! The commit coordinator and the writeback run on the instance's home
-//! reactor. A commit bumps the stamp sequence, sends every reactor a message
-//! that fences its stores and hands over its logs, then writes the
-//! superblock's sequence count. Blocks leave the index only on home or by a
+//! reactor. A commit bumps the stamp sequence, sends every reactor with a
+//! channel a message that fences its stores and hands over its logs, then
+//! writes the superblock's sequence count. An autocommit asked for by the
+//! only core with a channel (pmem mode: fio's job thread, a lone bdevperf
+//! job) runs there whole, with no message to home. Blocks leave the index only on home or by a
 //! writer displacing them, and return to the free pool only after an epoch
 //! grace period, so a reader copying a block never sees it reused.
 //!
@@ -446,6 +448,7 @@ fn start(
         coord: CachePadded::new(std::sync::Mutex::new(cache::Coordinator::new(n))),
         wb: Default::default(),
         commit_requested: CachePadded::new(AtomicBool::new(false)),
+        retire_pending: Arc::new(CachePadded::new(AtomicBool::new(false))),
         channel_cores: AtomicU64::new(0),
         last_write_around: CachePadded::new(AtomicU64::new(0)),
         drip: Arc::new(CachePadded::new(Default::default())),

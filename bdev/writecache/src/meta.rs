@@ -15,7 +15,7 @@
 //! 32-bit block ids (the key is read back from the block's state), the free
 //! pool and the writeback queue 4 bytes per block each.
 
-use std::sync::atomic::{fence, AtomicPtr, AtomicU32, AtomicU64, AtomicU8, AtomicUsize, Ordering};
+use std::sync::atomic::{fence, AtomicPtr, AtomicU16, AtomicU32, AtomicU64, AtomicUsize, Ordering};
 use std::sync::{Arc, Mutex, MutexGuard};
 
 use crossbeam::epoch::{self, Atomic, Guard, Owned};
@@ -231,18 +231,23 @@ const EMPTY: u32 = u32::MAX;
 const MAX_DISP: usize = u8::MAX as usize;
 
 /// The slots of one shard: Robin Hood linear probing over 32-bit block
-/// ids, with each entry's distance from its home slot in a parallel byte
-/// array. The key (the LBA) is not stored: it is the block's `lba`. The
-/// distance lets a probe skip entries of other home slots without reading
-/// their block's state, stop early on a miss (clusters are ordered by home
-/// slot), and lets a removal shift entries back without rehashing them.
+/// ids, with each entry's tag in a parallel array: its distance from its
+/// home slot (low byte) and a fingerprint of its LBA (high byte, see
+/// [`fingerprint`]). The key (the LBA) is not stored: it is the block's
+/// `lba`. The distance lets a probe skip entries of other home slots
+/// without reading their block's state, stop early on a miss (clusters are
+/// ordered by home slot), and lets a removal shift entries back without
+/// rehashing them; the fingerprint lets it skip the entries of its own
+/// home slot that hold other LBAs (all but 1 in 256) without reading their
+/// block's state either: that read is a cache miss of its own, after the
+/// slot's, on a random write to a large cache.
 ///
 /// Readers probe without the shard's lock (every slot is an atomic, read
 /// relaxed, and the shard's version tells them whether a writer moved
 /// entries meanwhile); writers change slots only under the lock.
 struct Slots {
     ids: Box<[AtomicU32]>,
-    disp: Box<[AtomicU8]>,
+    tags: Box<[AtomicU16]>,
 }
 
 /// What a probe found: the slot holding the key and its block, or the slot
@@ -258,7 +263,7 @@ impl Slots {
         let cap = cap.max(GROUP as usize);
         Slots {
             ids: (0..cap).map(|_| AtomicU32::new(EMPTY)).collect(),
-            disp: (0..cap).map(|_| AtomicU8::new(0)).collect(),
+            tags: (0..cap).map(|_| AtomicU16::new(0)).collect(),
         }
     }
 
@@ -289,16 +294,29 @@ impl Slots {
         self.ids[i].load(Ordering::Relaxed)
     }
 
+    /// Slot `i`'s tag: fingerprint `<< 8 |` distance.
     #[inline]
-    fn dist(&self, i: usize) -> usize {
-        self.disp[i].load(Ordering::Relaxed) as usize
+    fn tag(&self, i: usize) -> u16 {
+        self.tags[i].load(Ordering::Relaxed)
     }
 
-    /// Writes slot `i` (writers, under the shard's lock).
     #[inline]
-    fn put(&self, i: usize, b: u32, d: usize) {
+    fn dist(&self, i: usize) -> usize {
+        (self.tag(i) & 0xff) as usize
+    }
+
+    /// Writes slot `i` (writers, under the shard's lock): block `b` at
+    /// distance `d` (at most [`MAX_DISP`]) with fingerprint `fp`.
+    #[inline]
+    fn put(&self, i: usize, b: u32, d: usize, fp: u8) {
+        debug_assert!(d <= MAX_DISP);
+        self.put_tag(i, b, (fp as u16) << 8 | d as u16);
+    }
+
+    #[inline]
+    fn put_tag(&self, i: usize, b: u32, tag: u16) {
         self.ids[i].store(b, Ordering::Relaxed);
-        self.disp[i].store(d as u8, Ordering::Relaxed);
+        self.tags[i].store(tag, Ordering::Relaxed);
     }
 
     /// Finds `lba`. `candidate` sees each block whose LBA is compared (a
@@ -309,14 +327,18 @@ impl Slots {
     fn probe(&self, meta: &Meta, lba: u64, h: u32, mut candidate: impl FnMut(u32)) -> Probe {
         let mut i = self.home(h, lba);
         let mut d = 0;
+        // The tag an entry for `lba` has at distance `d`: `want + d`.
+        let want = (fingerprint(h) as u16) << 8;
         loop {
             let b = self.id(i);
+            let tag = self.tag(i);
             // Entries closer to their home than we are to ours have homes
             // after ours: the key would sit before them.
-            if b == EMPTY || self.dist(i) < d {
+            if b == EMPTY || ((tag & 0xff) as usize) < d {
                 return Probe::Vacant(i, d);
             }
-            if self.dist(i) == d {
+            // Same home (distance) and fingerprint: maybe ours.
+            if tag == want | d as u16 {
                 candidate(b);
                 if meta.get(b).lba.load(Ordering::Relaxed) == lba {
                     return Probe::Found(i, b);
@@ -330,7 +352,7 @@ impl Slots {
     /// Puts `b` at slot `i` (distance `d`), shifting the rest of the
     /// cluster one slot on; false (nothing changed) if a distance would
     /// overflow or no slot is empty.
-    fn insert_at(&self, len: &mut usize, i: usize, d: usize, b: u32) -> bool {
+    fn insert_at(&self, len: &mut usize, i: usize, d: usize, b: u32, fp: u8) -> bool {
         if d > MAX_DISP || *len + 1 >= self.cap() {
             return false;
         }
@@ -344,10 +366,12 @@ impl Slots {
         // Shift [i, e) one slot on, back to front.
         while e != i {
             let p = if e == 0 { self.cap() - 1 } else { e - 1 };
-            self.put(e, self.id(p), self.dist(p) + 1);
+            // Distance + 1 (below MAX_DISP: checked above), same
+            // fingerprint.
+            self.put_tag(e, self.id(p), self.tag(p) + 1);
             e = p;
         }
-        self.put(i, b, d);
+        self.put(i, b, d, fp);
         *len += 1;
         true
     }
@@ -358,11 +382,12 @@ impl Slots {
         // home moves one step closer (Robin Hood keeps homes in order, so
         // the first entry at its home ends the cluster).
         while self.id(j) != EMPTY && self.dist(j) > 0 {
-            self.put(hole, self.id(j), self.dist(j) - 1);
+            // Distance - 1 (above 0), same fingerprint.
+            self.put_tag(hole, self.id(j), self.tag(j) - 1);
             hole = j;
             j = self.next(j);
         }
-        self.put(hole, EMPTY, 0);
+        self.put_tag(hole, EMPTY, 0);
         *len -= 1;
     }
 
@@ -391,10 +416,20 @@ impl Slots {
         let lba = meta.get(b).lba.load(Ordering::Relaxed);
         let (_, h) = Index::hash(lba);
         match self.probe(meta, lba, h, |_| {}) {
-            Probe::Vacant(i, d) => self.insert_at(len, i, d, b),
+            Probe::Vacant(i, d) => self.insert_at(len, i, d, b, fingerprint(h)),
             Probe::Found(..) => false,
         }
     }
+}
+
+/// The fingerprint an index entry keeps of its LBA (whose group hashes to
+/// `h`): bits of the hash that the home slot does not use (it takes the
+/// top ones). LBAs that share a home slot are of different groups (the
+/// LBAs of one group have distinct homes), so their fingerprints differ
+/// but for one pair in 256.
+#[inline]
+fn fingerprint(h: u32) -> u8 {
+    h as u8
 }
 
 /// The home slot of `lba` (whose group hashes to `h`) among `cap` slots.
@@ -426,7 +461,7 @@ struct Shard {
     /// address to prefetch (never dereferenced), so a stale or mismatched
     /// triple costs a useless prefetch, nothing else.
     ids_hint: AtomicPtr<AtomicU32>,
-    disp_hint: AtomicPtr<AtomicU8>,
+    tags_hint: AtomicPtr<AtomicU16>,
     cap_hint: AtomicUsize,
 }
 
@@ -437,7 +472,7 @@ impl Shard {
             version: AtomicU64::new(0),
             slots: Atomic::new(Slots::with_capacity(cap)),
             ids_hint: AtomicPtr::new(std::ptr::null_mut()),
-            disp_hint: AtomicPtr::new(std::ptr::null_mut()),
+            tags_hint: AtomicPtr::new(std::ptr::null_mut()),
             cap_hint: AtomicUsize::new(0),
         };
         let l = shard.lock();
@@ -450,8 +485,8 @@ impl Shard {
     fn set_hints(&self, slots: &Slots) {
         self.ids_hint
             .store(slots.ids.as_ptr() as *mut AtomicU32, Ordering::Relaxed);
-        self.disp_hint
-            .store(slots.disp.as_ptr() as *mut AtomicU8, Ordering::Relaxed);
+        self.tags_hint
+            .store(slots.tags.as_ptr() as *mut AtomicU16, Ordering::Relaxed);
         self.cap_hint.store(slots.cap(), Ordering::Relaxed);
     }
 
@@ -600,7 +635,7 @@ impl Index {
         let cap = shard.cap_hint.load(Ordering::Relaxed).max(1);
         let i = home_of(h, lba, cap);
         prefetch(shard.ids_hint.load(Ordering::Relaxed).wrapping_add(i) as *const u8);
-        prefetch(shard.disp_hint.load(Ordering::Relaxed).wrapping_add(i) as *const u8);
+        prefetch(shard.tags_hint.load(Ordering::Relaxed).wrapping_add(i) as *const u8);
     }
 
     /// Calls `f` with each block a lookup of `lba` would compare, without
@@ -612,13 +647,14 @@ impl Index {
         // SAFETY: never null; `guard` keeps replaced slots alive.
         let slots = unsafe { self.shards[s].slots.load(Ordering::Acquire, guard).deref() };
         let mut i = slots.home(h, lba);
+        let want = (fingerprint(h) as u16) << 8;
         for d in 0..=MAX_DISP {
             let b = slots.id(i);
-            let di = slots.dist(i);
-            if b == EMPTY || di < d {
+            let tag = slots.tag(i);
+            if b == EMPTY || ((tag & 0xff) as usize) < d {
                 return;
             }
-            if di == d {
+            if tag == want | d as u16 {
                 f(b);
             }
             i = slots.next(i);
@@ -691,7 +727,7 @@ impl Index {
                 Probe::Vacant(i, d) => {
                     if (**len + 1) * 100 <= slots.cap() * MAX_LOAD_PCT {
                         let mut n = **len;
-                        if shard.moving(|| slots.insert_at(&mut n, i, d, b)) {
+                        if shard.moving(|| slots.insert_at(&mut n, i, d, b, fingerprint(h))) {
                             **len = n;
                             return None;
                         }
@@ -739,7 +775,7 @@ impl Index {
             .iter()
             .map(|s| {
                 let l = s.lock();
-                s.slots_locked(&l).cap() * 5
+                s.slots_locked(&l).cap() * 6
             })
             .sum()
     }
@@ -1225,11 +1261,50 @@ mod tests {
         assert_eq!(i.len(), 1);
     }
 
+    /// LBAs whose entries share a shard and a home slot (in a fresh
+    /// index's 32-slot shards) and a fingerprint: only their blocks' LBAs
+    /// tell them apart.
+    fn lbas_with_one_fingerprint(n: usize) -> Vec<u64> {
+        let mut seen: HashMap<(usize, usize, u8), Vec<u64>> = HashMap::new();
+        for g in 0.. {
+            let lba = g * GROUP + 5;
+            let (s, h) = Index::hash(lba);
+            let v = seen
+                .entry((s, home_of(h, lba, GROUP as usize), fingerprint(h)))
+                .or_default();
+            v.push(lba);
+            if v.len() == n {
+                return v.clone();
+            }
+        }
+        unreachable!()
+    }
+
     #[test]
-    fn index_ram_is_about_six_bytes_per_block() {
+    fn index_tells_apart_lbas_with_one_home_and_fingerprint() {
+        let lbas = lbas_with_one_fingerprint(3);
+        let mut rig = IndexRig::new(16, 0);
+        let blocks: Vec<u32> = lbas.iter().map(|&l| rig.insert(l).0).collect();
+        for (&l, &b) in lbas.iter().zip(&blocks) {
+            assert_eq!(rig.index.get(&rig.meta, l), Some(b), "lba {l}");
+        }
+        // An overwrite of the last one displaces its own block only.
+        let (b, old) = rig.insert(lbas[2]);
+        assert_eq!(old, Some(blocks[2]));
+        // Removing the first shifts the others back; each still found.
+        assert!(!rig.index.remove_if(&rig.meta, lbas[0], blocks[1]));
+        assert!(rig.index.remove_if(&rig.meta, lbas[0], blocks[0]));
+        assert_eq!(rig.index.get(&rig.meta, lbas[0]), None);
+        assert_eq!(rig.index.get(&rig.meta, lbas[1]), Some(blocks[1]));
+        assert_eq!(rig.index.get(&rig.meta, lbas[2]), Some(b));
+        assert_eq!(rig.index.len(), 2);
+    }
+
+    #[test]
+    fn index_ram_is_about_seven_and_a_half_bytes_per_block() {
         let i = Index::new(1 << 20);
         let per = i.ram_bytes() as f64 / (1 << 20) as f64;
-        assert!((6.0..7.0).contains(&per), "{per} bytes per block");
+        assert!((7.0..8.0).contains(&per), "{per} bytes per block");
     }
 
     #[test]

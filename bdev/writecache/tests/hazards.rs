@@ -308,8 +308,47 @@ fn a_cache_error_enters_the_error_state_and_keeps_data() {
     assert_eq!(rig.stats().dirty, 2);
 }
 
+/// Autocommit with one writing core that is not home (as fio's job
+/// thread): in pmem mode that core runs the whole round itself — home
+/// never polls — and the writes are durable once it has; in ssd mode home
+/// runs the round.
+fn autocommit_with_one_writing_core_off_home() {
+    let rig = Rig::writing_on(1, 2, 16, 64, Layer::Plain, |o| {
+        quiet(o);
+        o.autocommit_blocks = Some(4);
+    });
+    let before = rig.stats();
+    let slots: Vec<_> = (0..4)
+        .map(|lba| rig.submit_write(1, lba, 10 + lba, false))
+        .collect();
+    poll_only(&rig, 1, 64);
+    if mode() == Mode::Pmem {
+        assert!(
+            slots.iter().all(|s| matches!(*s.borrow(), Some(Ok(_)))),
+            "the writes completed on reactor 1 alone"
+        );
+        let s = rig.stats();
+        assert_eq!(
+            (s.seq_count, s.commits),
+            (before.seq_count + 1, before.commits + 1),
+            "reactor 1 committed without home: {s:?}"
+        );
+        assert_eq!(rig.cache.not_durable(), 0, "{s:?}");
+    } else {
+        for s in &slots {
+            rig.wait(s).unwrap();
+        }
+        assert!(rig.wait_stats(WAIT, |s| s.seq_count > before.seq_count));
+    }
+    let reboot = rig.reboot(1, quiet);
+    for lba in 0..4 {
+        assert_eq!(version(&reboot, 0, lba), 10 + lba);
+    }
+}
+
 both_modes!(
     flush_waits_for_every_writing_core,
+    autocommit_with_one_writing_core_off_home,
     freed_blocks_wait_for_readers_before_reuse,
     overwrite_during_writeback_keeps_the_newer_version_and_frees_once,
     same_sector_writes_from_two_cores_free_the_loser_once,

@@ -374,7 +374,89 @@ fn reads_of_hits_stay_exact_while_they_are_overwritten() {
     }
 }
 
+/// One-block writes in flight together (pmem mode serves those of one
+/// reactor iteration as a batch, their index slots and displaced blocks
+/// fetched first), overwriting committed and uncommitted versions, mixed
+/// with batched reads: after each round every sector reads back as its
+/// newest write, whole.
+fn one_block_writes_in_flight_together_land_whole() {
+    const LBAS: u64 = 24;
+    const IN_FLIGHT: u64 = 16;
+    const ROUNDS: u64 = 200;
+    let rt = test_runtime(2);
+    let (on, cn, wn) = names("Bat");
+    wc_bdev_malloc::create(wc_bdev_malloc::MallocOpts::new(on, 64, BS as u32)).unwrap();
+    let f = wcrig::real_cache_bdev(wcrig::mode(), cn, 512 * BS as u64, BS as u32);
+    let mode = wcrig::mode();
+    run_on(rt.main(), move || async move {
+        let mut o = CreateOpts::new(wn, on, cn);
+        o.mode = Some(mode);
+        o.high_watermark = Some(100);
+        o.low_watermark = Some(100);
+        o.autocommit_blocks = Some(64);
+        create(o).await
+    })
+    .unwrap();
+    // Off home: the writes' commits and frees cross cores.
+    let h = rt.handles()[1].clone();
+    run_on(&h, move || async move {
+        let d = wc_bdev::open(wn, true, None).unwrap();
+        let ch = d.channel().unwrap();
+        let mut newest = vec![0u64; LBAS as usize];
+        for round in 1..=ROUNDS {
+            // Distinct sectors per round (IN_FLIGHT < LBAS, stride 5 is
+            // coprime with 24), a different window each round.
+            let lbas: Vec<u64> = (0..IN_FLIGHT).map(|k| (round * 7 + k * 5) % LBAS).collect();
+            let writes = lbas
+                .iter()
+                .map(|&lba| ch.write_async(lba, block(lba, round), false));
+            for r in futures::future::join_all(writes).await {
+                r.expect("write");
+            }
+            for &lba in &lbas {
+                newest[lba as usize] = round;
+            }
+            if round % 8 == 0 {
+                // Commit: later overwrites displace committed blocks.
+                ch.io_async(IoType::Flush, 0, 0).await.unwrap();
+            }
+            let written = (0..LBAS).filter(|&lba| newest[lba as usize] != 0);
+            let reads = written.map(|lba| {
+                let ch = &ch;
+                async move {
+                    (
+                        lba,
+                        ch.read_async(lba, DmaBuf::new(BS)).await.expect("read"),
+                    )
+                }
+            });
+            for (lba, b) in futures::future::join_all(reads).await {
+                let got = decode(&b).unwrap_or_else(|e| panic!("lba {lba}, round {round}: {e}"));
+                assert_eq!(got, (lba, newest[lba as usize]), "lba {lba}, round {round}");
+            }
+        }
+    });
+    let s = wc_writecache::stats(wn).unwrap();
+    assert!(
+        s.write_hits_committed > 0 && s.write_hits_uncommitted > 0,
+        "both overwrite paths ran: {s:?}"
+    );
+    let (tx, rx) = std::sync::mpsc::channel();
+    rt.main().send(move || {
+        wc_writecache::delete(
+            wn,
+            false,
+            Box::new(move |r| tx.send(r.map_err(|e| e.to_string())).unwrap()),
+        )
+    });
+    rx.recv_timeout(Duration::from_secs(30)).unwrap().unwrap();
+    if let Some(f) = f {
+        let _ = std::fs::remove_file(f);
+    }
+}
+
 both_modes!(
     concurrent_writers_readers_flushers_and_writeback_agree,
     reads_of_hits_stay_exact_while_they_are_overwritten,
+    one_block_writes_in_flight_together_land_whole,
 );

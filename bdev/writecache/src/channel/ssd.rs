@@ -129,7 +129,14 @@ impl Local {
                 if self.wc.error() != 0 {
                     return io.complete(IoStatus::Failed(libc::EIO));
                 }
-                self.ssd_write(io)
+                // A one-block write's index slot is a cache miss on a large
+                // cache: several per iteration are batched (`Local::queue`)
+                // so their misses overlap.
+                if io.num_blocks() == 1 && !io.fua() {
+                    self.queue(io)
+                } else {
+                    self.ssd_write(io)
+                }
             }
             IoType::Flush => self.flush(io),
             IoType::Unmap => self.unmap(io),
@@ -269,7 +276,7 @@ impl Local {
 
     // ----------------------------------------------------------------- write
 
-    fn ssd_write(self: &Rc<Self>, io: Io) {
+    pub(super) fn ssd_write(self: &Rc<Self>, io: Io) {
         let wc = &self.wc;
         let (first, n) = (io.offset_blocks(), io.num_blocks());
         // Cleaner mode: new data goes around the cache (see `write`).

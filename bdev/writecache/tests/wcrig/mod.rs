@@ -270,7 +270,12 @@ pub struct Rig {
     pub opts: CreateOpts,
     /// `EE_<cache>` once [`Rig::wrap_cache_in_error`] put it in between.
     pub cache_ee: Option<String>,
-    chans: Vec<Rc<BdevChannel>>,
+    /// Our channel on each reactor (None: not opened, see `writer`).
+    chans: Vec<Option<Rc<BdevChannel>>>,
+    /// The only reactor the rig opens a channel on (None: every one). A
+    /// bdev's channel stays cached on its reactor until the bdev goes, so
+    /// this is chosen up front.
+    writer: Option<usize>,
     descs: Vec<wc_bdev::Desc>,
 }
 
@@ -285,9 +290,41 @@ impl Rig {
         layer: Layer,
         tune: impl FnOnce(&mut CreateOpts),
     ) -> Rig {
+        Rig::writing_on_all(None, reactors, cache_blocks, origin_blocks, layer, tune)
+    }
+
+    /// As [`Rig::new`], with a channel on reactor `writer` only (as fio's
+    /// job thread: the only core that writes, not home).
+    pub fn writing_on(
+        writer: usize,
+        reactors: usize,
+        cache_blocks: u64,
+        origin_blocks: u64,
+        layer: Layer,
+        tune: impl FnOnce(&mut CreateOpts),
+    ) -> Rig {
+        Rig::writing_on_all(
+            Some(writer),
+            reactors,
+            cache_blocks,
+            origin_blocks,
+            layer,
+            tune,
+        )
+    }
+
+    /// Blank devices; channels on `writer` only, or every reactor.
+    fn writing_on_all(
+        writer: Option<usize>,
+        reactors: usize,
+        cache_blocks: u64,
+        origin_blocks: u64,
+        layer: Layer,
+        tune: impl FnOnce(&mut CreateOpts),
+    ) -> Rig {
         let disk = Arc::new(SimDisk::new((origin_blocks * BS as u64) as usize));
         let cache = CacheDev::blank(pmem_size(cache_blocks));
-        Rig::on_devices(reactors, cache, disk, layer, tune)
+        Rig::build(reactors, cache, disk, layer, tune, writer)
     }
 
     /// An instance on existing devices (formatted or recovered, as their
@@ -298,6 +335,17 @@ impl Rig {
         disk: Arc<SimDisk>,
         layer: Layer,
         tune: impl FnOnce(&mut CreateOpts),
+    ) -> Rig {
+        Rig::build(reactors, cache, disk, layer, tune, None)
+    }
+
+    fn build(
+        reactors: usize,
+        cache: CacheDev,
+        disk: Arc<SimDisk>,
+        layer: Layer,
+        tune: impl FnOnce(&mut CreateOpts),
+        writer: Option<usize>,
     ) -> Rig {
         let h = Harness::new(reactors);
         let disk_name = unique("fo");
@@ -344,6 +392,7 @@ impl Rig {
             opts,
             cache_ee: None,
             chans: Vec::new(),
+            writer,
             descs: Vec::new(),
         };
         rig.attach().expect("writecache created");
@@ -370,9 +419,13 @@ impl Rig {
         );
         slot.lock().unwrap().take().unwrap()?;
         for r in 0..self.h.len() {
+            if self.writer.is_some_and(|w| w != r) {
+                self.chans.push(None);
+                continue;
+            }
             let d = wc_bdev::open(&self.name, true, None).map_err(|e| e.to_string())?;
             let ch = self.h.on(r, || d.channel()).map_err(|e| e.to_string())?;
-            self.chans.push(ch);
+            self.chans.push(Some(ch));
             self.descs.push(d);
         }
         Ok(())
@@ -456,10 +509,19 @@ impl Rig {
     fn close_channels(&mut self) {
         let chans = std::mem::take(&mut self.chans);
         for (r, ch) in chans.into_iter().enumerate() {
-            self.h.on(r, move || drop(ch));
+            if let Some(ch) = ch {
+                self.h.on(r, move || drop(ch));
+            }
         }
         let descs = std::mem::take(&mut self.descs);
         self.h.on(0, move || drop(descs));
+    }
+
+    /// Our channel on reactor `r`; panics where the rig opened none.
+    fn chan(&self, r: usize) -> Rc<BdevChannel> {
+        self.chans[r]
+            .clone()
+            .unwrap_or_else(|| panic!("no channel on reactor {r}"))
     }
 
     /// The running instance.
@@ -571,7 +633,7 @@ impl Rig {
     pub fn submit_write_buf(&self, r: usize, lba: u64, buf: DmaBuf, fua: bool) -> Slot {
         let slot: Slot = Rc::default();
         let cb = completion(&slot);
-        let ch = self.chans[r].clone();
+        let ch = self.chan(r);
         self.h.on(r, move || ch.write(lba, buf, fua, &cb, 0));
         slot
     }
@@ -580,7 +642,7 @@ impl Rig {
     pub fn submit_read(&self, r: usize, lba: u64, n: u64) -> Slot {
         let slot: Slot = Rc::default();
         let cb = completion(&slot);
-        let ch = self.chans[r].clone();
+        let ch = self.chan(r);
         self.h.on(r, move || {
             ch.read(lba, DmaBuf::new((n * BS as u64) as usize), &cb, 0)
         });
@@ -591,7 +653,7 @@ impl Rig {
     pub fn submit_flush(&self, r: usize) -> Slot {
         let slot: Slot = Rc::default();
         let cb = completion(&slot);
-        let ch = self.chans[r].clone();
+        let ch = self.chan(r);
         self.h.on(r, move || ch.flush(0, 0, &cb, 0));
         slot
     }
@@ -600,7 +662,7 @@ impl Rig {
     pub fn submit_unmap(&self, r: usize, lba: u64, n: u64) -> Slot {
         let slot: Slot = Rc::default();
         let cb = completion(&slot);
-        let ch = self.chans[r].clone();
+        let ch = self.chan(r);
         self.h.on(r, move || ch.unmap(lba, n, &cb, 0));
         slot
     }
@@ -609,7 +671,7 @@ impl Rig {
     pub fn submit_write_zeroes(&self, r: usize, lba: u64, n: u64) -> Slot {
         let slot: Slot = Rc::default();
         let cb = completion(&slot);
-        let ch = self.chans[r].clone();
+        let ch = self.chan(r);
         self.h.on(r, move || ch.write_zeroes(lba, n, &cb, 0));
         slot
     }
@@ -690,12 +752,16 @@ impl Rig {
     }
 
     /// Polls until every freed block is back in the pool (grace periods
-    /// over), i.e. `free_blocks + dirty == blocks`, for at most 3 s; returns
-    /// the stats then (a leaked block shows as a smaller sum, a block freed
-    /// twice as a larger one).
+    /// over, and in ssd mode its cleared entry synced), i.e.
+    /// `free_blocks + dirty == blocks` with none in grace, for at most 3 s;
+    /// returns the stats then (a leaked block shows as a smaller sum, a
+    /// block freed twice as a larger one, one stuck in grace as a non-zero
+    /// `free_blocks_in_grace`).
     pub fn settle(&self) -> Stats {
         self.wait_stats(Duration::from_secs(3), |s| {
-            s.free_blocks + s.dirty == s.blocks && s.writeback_blocks == 0
+            s.free_blocks + s.dirty == s.blocks
+                && s.writeback_blocks == 0
+                && s.free_blocks_in_grace == 0
         });
         self.stats()
     }
