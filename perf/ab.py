@@ -109,7 +109,7 @@ def main():
         if k.startswith("wc") and med.get(base):
             out += f" {k}/{base}={med[k] / med[base]:.3f}"
     for k in bdevs:
-        out += f" {k}.p99={statistics.median(p99[k]):.0f}us"
+        out += f" {k}.p99={statistics.median(p99[k]):.1f}us"
     print(f"{wk} qd{qd} {mode}: {out}")
     return 0
 

@@ -22,6 +22,7 @@ use wc_reactor::tick::{duration_to_ticks, ticks};
 use wc_reactor::ReactorHandle;
 
 use crate::fifo::WbQueue;
+use crate::free_drip::FreeDrip;
 use crate::media::Media;
 use crate::meta::{seq32, seq_at_or_after, FreePool, Index, Meta, SEQ_REBASE_PERIOD, VALID};
 use crate::options::{Mode, Tunables, UNLIMITED};
@@ -140,6 +141,9 @@ pub struct Writecache {
     /// I/O looks at (sequence, flags, tunables) do not miss each time.
     pub(crate) coord: CachePadded<Mutex<Coordinator>>,
     pub(crate) wb: CachePadded<Mutex<Writeback>>,
+    /// pmem mode: superseded blocks a commit freed, their entries cleared
+    /// a share per home iteration (see [`crate::free_drip`]).
+    pub(crate) drip: Arc<CachePadded<FreeDrip>>,
     /// Set (after the lock is released) when a writeback run left work for
     /// the retire poller (`Writeback::retired`, `completed`): the poller
     /// runs every home iteration and takes the lock only when it is set.
@@ -245,6 +249,12 @@ impl Writecache {
     pub(crate) fn free_blocks(&self, blocks: &[u32]) {
         if blocks.is_empty() {
             return;
+        }
+        if self.ssd.is_none() {
+            // Older versions of these blocks' sectors may still await their
+            // clear: durably first, or a crash once these entries are gone
+            // (written back, unmapped) would bring the older ones back.
+            self.drip.finish(&self.media, &self.pool);
         }
         for &b in blocks {
             self.media.clear_entry(b);
@@ -640,7 +650,20 @@ impl Writecache {
         };
         c.in_progress = more;
         drop(c);
-        self.free_blocks(&to_free);
+        if self.ssd.is_none()
+            && self.on_home()
+            && self.waiting_writers() == 0
+            && self.drip.may_spread(&self.pool, to_free.len())
+        {
+            // Not in front of the write waiting on this reactor: home
+            // clears them over its next iterations (see `free_drip` for
+            // when, and why never many). Only a round home runs: a
+            // writing core's own round (`commit_here`) leaves home asleep,
+            // and its frees would wait for the next round.
+            self.drip.queue(&self.media, &self.pool, &to_free);
+        } else {
+            self.free_blocks(&to_free);
+        }
         let result = match self.error() {
             0 => Ok(()),
             e => Err(e),
@@ -1454,6 +1477,8 @@ impl Writecache {
 
     /// Drops the home pollers' origin channel (on delete).
     pub(crate) fn release_home(&self) {
+        // A clean delete leaves no superseded entry behind.
+        self.drip.finish(&self.media, &self.pool);
         lock(&self.wb).origin = None;
         if let Some(ssd) = &self.ssd {
             ssd.release();

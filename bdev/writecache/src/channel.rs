@@ -606,9 +606,13 @@ impl Local {
         let mut logs: SmallVec<[LogEntry; RUN_MAX]> = SmallVec::new();
         while i < n {
             let Some(b) = self.alloc() else {
-                // What is written so far is published: the write resumes
-                // at block `i`.
+                // What is written so far is published and counted (the
+                // resumed write counts from block `i` on): the write
+                // resumes at block `i`.
                 self.publish(&run, &logs);
+                let st = self.stats();
+                inc(&st.write_blocks, i - start);
+                inc(&st.writes_allocate, i - start);
                 return self.wait_for_blocks(io, i);
             };
             let log = self.write_block(&io, i, b, zeroes);

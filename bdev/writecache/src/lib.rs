@@ -34,6 +34,7 @@
 mod cache;
 mod channel;
 mod fifo;
+mod free_drip;
 mod media;
 mod meta;
 mod options;
@@ -450,6 +451,7 @@ fn start(
         retire_pending: Arc::new(CachePadded::new(AtomicBool::new(false))),
         channel_cores: AtomicU64::new(0),
         last_write_around: CachePadded::new(AtomicU64::new(0)),
+        drip: Arc::new(CachePadded::new(Default::default())),
         flush_on_suspend: AtomicBool::new(false),
         closing: AtomicBool::new(false),
         suspended: AtomicBool::new(false),
@@ -481,6 +483,7 @@ fn start(
     }
     let home_origin = wc.origin_desc.channel()?;
     wc.start_home_pollers(home_origin);
+    wc.start_free_drip();
     let mut cfg = BdevConfig::new(opts.name.clone(), bs, num_blocks);
     cfg.required_alignment = 1;
     cfg.uuid = opts.uuid;

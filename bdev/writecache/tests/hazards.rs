@@ -356,6 +356,203 @@ both_modes!(
     a_cache_error_enters_the_error_state_and_keeps_data,
 );
 
+// ------------------------------------ pmem mode: frees after the commit
+
+/// Crash case for the superseded frees home spreads over its iterations
+/// after a commit (pmem mode): until an older version's entry is cleared
+/// and fenced, a power cut leaves two committed entries of one sector,
+/// and recovery keeps the newer; a freed block is reused only after its
+/// clear is durable, so a power cut after the reuse never pairs the old
+/// entry with the new data.
+#[test]
+fn pmem_superseded_frees_after_the_commit_survive_power_cuts() {
+    with_mode(Mode::Pmem, || {
+        const OLD: u64 = 20;
+        // Room for the frees to wait (the pool holds four times as many).
+        const CACHE: u64 = 320;
+        let rig = Rig::new(1, CACHE, CACHE, Layer::Plain, quiet);
+        for lba in 0..OLD {
+            rig.write(0, lba, 1);
+        }
+        rig.flush(0).unwrap();
+        for lba in 0..OLD {
+            rig.write(0, lba, 2);
+        }
+        rig.flush(0).unwrap();
+        let valid = |rig: &Rig| rig.media_entries().iter().flatten().count() as u64;
+        // Committed, and the older versions not all cleared yet: the frees
+        // are still on their way (this test exercises the deferral).
+        assert!(valid(&rig) > OLD, "{} entries", valid(&rig));
+        // Power cuts now and a few iterations into the frees: the newer
+        // version of every sector wins.
+        for polls in [0, 1, 3] {
+            poll_only(&rig, 0, polls);
+            let reboot = rig.reboot(1, quiet);
+            for lba in 0..OLD {
+                assert_eq!(version(&reboot, 0, lba), 2, "lba {lba} after {polls} polls");
+            }
+        }
+        // Once idle every older entry is cleared and durable, and the
+        // blocks are free.
+        rig.run_idle();
+        assert_eq!(valid(&rig), OLD);
+        assert_eq!(rig.cache.not_durable(), 0);
+        assert!(
+            rig.wait_stats(WAIT, |s| s.free_blocks == CACHE - OLD
+                && s.free_blocks_in_grace == 0),
+            "{:?}",
+            rig.stats()
+        );
+        // Reuse every free block (the freed ones among them), commit, cut
+        // the power: each sector reads as its last version.
+        for lba in OLD..CACHE {
+            rig.write(0, lba, 3);
+        }
+        assert_eq!(rig.stats().free_blocks, 0);
+        rig.flush(0).unwrap();
+        let reboot = rig.reboot(1, quiet);
+        for lba in 0..CACHE {
+            let want = if lba < OLD { 2 } else { 3 };
+            assert_eq!(version(&reboot, 0, lba), want, "lba {lba}");
+        }
+    });
+}
+
+/// Crash case: the writeback of a newer version clears its entry; the
+/// older version's entry, still waiting for its clear after the commit,
+/// must be durably cleared first, or a power cut in between brings the
+/// older version back from the cache over the origin's newer one.
+#[test]
+fn pmem_a_written_back_successor_never_revives_its_superseded_version() {
+    with_mode(Mode::Pmem, || {
+        const OLD: u64 = 40;
+        let rig = rig(1, 320);
+        for version in 1..=2 {
+            for lba in 0..OLD {
+                rig.write(0, lba, version);
+            }
+            rig.flush(0).unwrap();
+        }
+        // The older versions' frees are under way; write everything back.
+        rig.set_options(|o| {
+            o.high_watermark = Some(0);
+            o.low_watermark = Some(0);
+        });
+        let mut cuts = 0;
+        loop {
+            let reboot = rig.reboot(1, quiet);
+            for lba in 0..OLD {
+                assert_eq!(version(&reboot, 0, lba), 2, "lba {lba} after {cuts} rounds");
+            }
+            let s = rig.stats();
+            if s.dirty == 0 && s.free_blocks_in_grace == 0 {
+                break;
+            }
+            assert!(cuts < 1000, "writeback did not finish: {s:?}");
+            if !rig.round() {
+                std::thread::sleep(Duration::from_micros(100));
+            }
+            cuts += 1;
+        }
+    });
+}
+
+/// Entries a power cut now would leave valid, of LBAs below `lbas`.
+fn durable_entries_below(rig: &Rig, lbas: u64) -> u64 {
+    let entries = rig.durable_entries();
+    entries.iter().flatten().filter(|&&l| l < lbas).count() as u64
+}
+
+/// The frees left to home's iterations are bounded (pmem mode): a commit
+/// that finds the previous one's still queued frees both at once, and a
+/// commit superseding more blocks than a drip spreads frees them at once,
+/// so the pool is never short of more than one commit's older versions.
+/// (Unbounded, they fell behind fast writes until writers waited for
+/// blocks, and waiting writers wrote back - dropped from the cache -
+/// everything committed.)
+#[test]
+fn pmem_at_most_one_commits_frees_wait_for_home() {
+    with_mode(Mode::Pmem, || {
+        // One write of the whole range per version, then a commit. The
+        // pool holds four times as many blocks as a commit frees.
+        const N: u64 = 200;
+        let rig = Rig::new(1, 3 * N + 4 * N + 128, N, Layer::Plain, quiet);
+        let write_all = |v| {
+            let w = rig.submit_write_run(0, 0, N, v);
+            assert_eq!(rig.wait(&w), Ok(None));
+            rig.flush(0).unwrap();
+        };
+        write_all(1);
+        write_all(2);
+        assert!(
+            durable_entries_below(&rig, N) > N,
+            "the second commit's frees are spread"
+        );
+        // The third commit comes before home is through them.
+        write_all(3);
+        assert_eq!(
+            durable_entries_below(&rig, N),
+            N,
+            "the third commit freed the second's and its own"
+        );
+        // A larger commit: freed at once.
+        const LARGE: u64 = 300;
+        let rig = Rig::new(1, 2 * LARGE + 16, LARGE, Layer::Plain, quiet);
+        for v in 1..=2 {
+            for lba in 0..LARGE {
+                rig.write(0, lba, v);
+            }
+            rig.flush(0).unwrap();
+        }
+        assert_eq!(durable_entries_below(&rig, LARGE), LARGE);
+    });
+}
+
+/// Crash case (pmem mode): a free on another reactor first finishes the
+/// frees home is spreading, some of whose entries home has cleared with
+/// stores only home's fence makes durable. That reactor must make them
+/// durable itself before the blocks go back to the pool, or once reused a
+/// power cut could pair an old entry with new data (or revive the older
+/// version when the newer one's entry is cleared next).
+#[test]
+fn pmem_frees_finished_on_another_reactor_are_durable_first() {
+    with_mode(Mode::Pmem, || {
+        // Enough frees that home is still at them after the flush (it
+        // clears 16 an iteration); the pool holds four times as many.
+        const OLD: u64 = 200;
+        let rig = Rig::new(2, 2 * OLD + 4 * OLD + 256, 256, Layer::Plain, quiet);
+        for v in 1..=2 {
+            for lba in 0..OLD {
+                rig.write(0, lba, v);
+            }
+            rig.flush(0).unwrap();
+        }
+        poll_only(&rig, 0, 2);
+        let visible = rig.media_entries().iter().flatten().count() as u64;
+        let durable = durable_entries_below(&rig, OLD);
+        assert!(
+            OLD < visible && visible < durable,
+            "home cleared some older entries, not durably yet ({visible} visible, {durable} durable)"
+        );
+        // Reactor 1 alone: an overwrite of its own uncommitted block frees
+        // the older one, which first finishes home's frees.
+        let a = rig.submit_write(1, 250, 1, false);
+        let b = rig.submit_write(1, 250, 2, false);
+        poll_only(&rig, 1, 4);
+        assert!(a.borrow().is_some() && b.borrow().is_some(), "written");
+        assert_eq!(
+            durable_entries_below(&rig, OLD),
+            OLD,
+            "every superseded entry durably cleared"
+        );
+        rig.run_idle();
+        let reboot = rig.reboot(1, quiet);
+        for lba in 0..OLD {
+            assert_eq!(version(&reboot, 0, lba), 2, "lba {lba}");
+        }
+    });
+}
+
 // ------------------------------------------------- ssd mode: async data I/O
 
 /// A read of a block whose in-place overwrite is in flight returns the

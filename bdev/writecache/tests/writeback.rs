@@ -422,6 +422,8 @@ fn a_single_write_larger_than_the_cache_completes() {
     assert_eq!(rig.wait(&w), Ok(None), "{:?}", rig.stats());
     let s = rig.stats();
     assert!(s.writes_blocked_on_freelist > 0, "{s:?}");
+    // Every block counted once, however often the write waited.
+    assert_eq!(s.write_blocks, len, "{s:?}");
     let r = rig.submit_read(0, 100, len);
     let data = rig.wait(&r).unwrap().unwrap();
     for i in 0..len {

@@ -170,6 +170,16 @@ pub fn content(lba: u64, version: u64) -> DmaBuf {
     b
 }
 
+/// Content of `n` blocks from `lba` on, each stamped as [`content`] with
+/// `version` (one multi-block write's buffer).
+pub fn run_content(lba: u64, n: u64, version: u64) -> DmaBuf {
+    let mut b = DmaBuf::new((n * BS as u64) as usize);
+    for (k, block) in b.chunks_mut(BS as usize).enumerate() {
+        block.copy_from_slice(&content(lba + k as u64, version));
+    }
+    b
+}
+
 /// Decodes a block written by [`content`]: `Some((lba, version))`, `None`
 /// for an all-zero block; panics on a torn or foreign block.
 pub fn decode(b: &[u8]) -> Option<(u64, u64)> {
@@ -193,6 +203,20 @@ pub fn decode(b: &[u8]) -> Option<(u64, u64)> {
 pub fn pmem_size(blocks: u64) -> usize {
     let meta = (64 + 16 * blocks).div_ceil(BS as u64) * BS as u64;
     (meta + blocks * BS as u64) as usize
+}
+
+/// Per block of a pmem-mode cache image: `Some(lba)` of a valid entry,
+/// `None` if free.
+fn entries_of(img: &[u8]) -> Vec<Option<u64>> {
+    use wc_writecache_format::{Entry, Geometry, ENTRY_SIZE};
+    let geo = Geometry::compute(img.len() as u64, 0, BS).unwrap();
+    (0..geo.n_blocks())
+        .map(|b| {
+            let off = geo.entry_offset(b) as usize;
+            let e = Entry::decode(img[off..off + ENTRY_SIZE].try_into().unwrap());
+            (e.seq_count != u64::MAX).then_some(e.original_sector / (BS as u64 / 512))
+        })
+        .collect()
 }
 
 /// What sits between the writecache and the simulated origin disk.
@@ -599,6 +623,12 @@ impl Rig {
         self.submit_write_buf(r, lba, content(lba, version), fua)
     }
 
+    /// Submits a write of `n` blocks at `lba`, each stamped with `version`,
+    /// on reactor `r`.
+    pub fn submit_write_run(&self, r: usize, lba: u64, n: u64, version: u64) -> Slot {
+        self.submit_write_buf(r, lba, run_content(lba, n, version), false)
+    }
+
     /// Submits a write of `buf` at `lba` on reactor `r`.
     pub fn submit_write_buf(&self, r: usize, lba: u64, buf: DmaBuf, fua: bool) -> Slot {
         let slot: Slot = Rc::default();
@@ -677,16 +707,13 @@ impl Rig {
     /// The cache's metadata entries as the media holds them now (visible
     /// stores): per block, `Some(lba)` of a valid entry, `None` if free.
     pub fn media_entries(&self) -> Vec<Option<u64>> {
-        use wc_writecache_format::{Entry, Geometry, ENTRY_SIZE};
-        let img = self.cache.visible();
-        let geo = Geometry::compute(img.len() as u64, 0, BS).unwrap();
-        (0..geo.n_blocks())
-            .map(|b| {
-                let off = geo.entry_offset(b) as usize;
-                let e = Entry::decode(img[off..off + ENTRY_SIZE].try_into().unwrap());
-                (e.seq_count != u64::MAX).then_some(e.original_sector / (BS as u64 / 512))
-            })
-            .collect()
+        entries_of(&self.cache.visible())
+    }
+
+    /// [`Rig::media_entries`] as a power cut now would leave them (durable
+    /// stores only).
+    pub fn durable_entries(&self) -> Vec<Option<u64>> {
+        entries_of(&self.cache.crashed().visible())
     }
 
     // -------------------------------------------------------------- control
