@@ -28,7 +28,6 @@ import os
 import shutil
 import statistics
 import sys
-import tempfile
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
 import bench  # noqa: E402
@@ -50,26 +49,7 @@ def main():
     root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     binp = os.environ.get("BIN", os.path.join(root, "target/release/bdevperf"))
     mib = int(os.environ.get("MIB", 256))
-    tmp = tempfile.mkdtemp(dir="/dev/shm", prefix="wc-ab-")
-    od = tempfile.mkdtemp(dir="/var/tmp", prefix="wc-ab-o-")
-
-    class A:
-        pass
-
-    a = A()
-    a.origin_blocks = mib * 256
-    a.origin_file = os.path.join(od, "origin.img")
-    a.cache_file = os.path.join(tmp, "cache.pmem")
-    a.steady_blocks = 64 * 256
-    with open(a.origin_file, "wb") as f:
-        if steady:
-            # Written end to end, as perf/run.sh's origin: writes into holes
-            # would allocate extents and make the first cells slower.
-            chunk = b"\0" * (1 << 20)
-            for _ in range(mib):
-                f.write(chunk)
-        else:
-            f.truncate(mib << 20)
+    a, tmp, od = bench.cell_scratch(mib, "wc-ab", full_origin=steady)
     cfgs = bench.configs(a)
     margs = dict((m[0], m[1]) for m in bench.MODES)[mode]
     target = {b[0]: b[1] for b in bench.BDEVS}

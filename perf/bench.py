@@ -186,6 +186,35 @@ def pmem_size(blocks):
     return meta + blocks * BS
 
 
+class CellArgs:
+    """What `configs` reads: bdev sizes and the files behind them."""
+
+
+def cell_scratch(mib, prefix, full_origin=False):
+    """Scratch dirs (cache in /dev/shm, origin in /var/tmp) and the
+    `configs` arguments of one A/B or profile run over a `mib` MiB bdev.
+    The origin file is sparse unless `full_origin` (written end to end, as
+    perf/run.sh's origin: writes into holes would allocate extents and
+    make the first cells slower). Returns (args, tmp, origin_dir)."""
+    import tempfile
+
+    tmp = tempfile.mkdtemp(dir="/dev/shm", prefix=prefix + "-")
+    od = tempfile.mkdtemp(dir="/var/tmp", prefix=prefix + "-o-")
+    a = CellArgs()
+    a.origin_blocks = mib * 256
+    a.origin_file = os.path.join(od, "origin.img")
+    a.cache_file = os.path.join(tmp, "cache.pmem")
+    a.steady_blocks = 64 * 256
+    with open(a.origin_file, "wb") as f:
+        if full_origin:
+            chunk = b"\0" * (1 << 20)
+            for _ in range(mib):
+                f.write(chunk)
+        else:
+            f.truncate(mib << 20)
+    return a, tmp, od
+
+
 def configs(a):
     nb = a.origin_blocks
     origin = {"method": "bdev_uring_create",

@@ -23,7 +23,6 @@ import os
 import shutil
 import subprocess
 import sys
-import tempfile
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
@@ -42,19 +41,7 @@ def main():
     secs = float(os.environ.get("SECS", 2))
     pre = os.environ.get("PRE", "prewrite" if wk in ("randread_hit", "randrw") else "none")
     data = os.path.splitext(svg)[0] + ".data"
-    tmp = tempfile.mkdtemp(dir="/dev/shm", prefix="wc-prof-")
-    od = tempfile.mkdtemp(dir="/var/tmp", prefix="wc-prof-o-")
-
-    class A:
-        pass
-
-    a = A()
-    a.origin_blocks = mib * 256
-    a.origin_file = os.path.join(od, "origin.img")
-    a.cache_file = os.path.join(tmp, "cache.pmem")
-    a.steady_blocks = 64 * 256
-    with open(a.origin_file, "wb") as f:
-        f.truncate(mib << 20)
+    a, tmp, od = bench.cell_scratch(mib, "wc-prof")
     cfgs = bench.configs(a)
     margs = dict((m[0], m[1]) for m in bench.MODES)[mode]
     target = {b[0]: b[1] for b in bench.BDEVS}[bdev]

@@ -49,6 +49,20 @@ type Written = Arc<Mutex<HashMap<u64, HashSet<u64>>>>;
 
 /// Bdev names (origin, cache, writecache) of one mode's run (both modes
 /// run in one process; the names live as long as the reactor jobs).
+/// Deletes writecache `wn` (draining it first when `drain`) from the main
+/// reactor and waits for the delete to finish.
+fn delete_and_wait(rt: &wc_reactor::Runtime, wn: &'static str, drain: bool) {
+    let (tx, rx) = std::sync::mpsc::channel();
+    rt.main().send(move || {
+        wc_writecache::delete(
+            wn,
+            drain,
+            Box::new(move |r| tx.send(r.map_err(|e| e.to_string())).unwrap()),
+        )
+    });
+    rx.recv_timeout(Duration::from_secs(30)).unwrap().unwrap();
+}
+
 fn names(tag: &str) -> (&'static str, &'static str, &'static str) {
     let m = match wcrig::mode() {
         Mode::Pmem => "pmem",
@@ -199,15 +213,7 @@ fn concurrent_writers_readers_flushers_and_writeback_agree() {
         v
     });
     // ...is exactly what the origin alone holds after a drain and delete.
-    let (tx, rx) = std::sync::mpsc::channel();
-    rt.main().send(move || {
-        wc_writecache::delete(
-            wn,
-            true,
-            Box::new(move |r| tx.send(r.map_err(|e| e.to_string())).unwrap()),
-        )
-    });
-    rx.recv_timeout(Duration::from_secs(30)).unwrap().unwrap();
+    delete_and_wait(&rt, wn, true);
     let origin: Vec<(u64, u64)> = run_on(rt.main(), || async {
         let d = wc_bdev::open(on, false, None).unwrap();
         let ch = d.channel().unwrap();
@@ -360,15 +366,7 @@ fn reads_of_hits_stay_exact_while_they_are_overwritten() {
         s.write_hits_committed > 0 && s.write_hits_uncommitted > 0,
         "both overwrite paths ran: {s:?}"
     );
-    let (tx, rx) = std::sync::mpsc::channel();
-    rt.main().send(move || {
-        wc_writecache::delete(
-            wn,
-            false,
-            Box::new(move |r| tx.send(r.map_err(|e| e.to_string())).unwrap()),
-        )
-    });
-    rx.recv_timeout(Duration::from_secs(30)).unwrap().unwrap();
+    delete_and_wait(&rt, wn, false);
     if let Some(f) = f {
         let _ = std::fs::remove_file(f);
     }
@@ -441,15 +439,7 @@ fn one_block_writes_in_flight_together_land_whole() {
         s.write_hits_committed > 0 && s.write_hits_uncommitted > 0,
         "both overwrite paths ran: {s:?}"
     );
-    let (tx, rx) = std::sync::mpsc::channel();
-    rt.main().send(move || {
-        wc_writecache::delete(
-            wn,
-            false,
-            Box::new(move |r| tx.send(r.map_err(|e| e.to_string())).unwrap()),
-        )
-    });
-    rx.recv_timeout(Duration::from_secs(30)).unwrap().unwrap();
+    delete_and_wait(&rt, wn, false);
     if let Some(f) = f {
         let _ = std::fs::remove_file(f);
     }

@@ -104,6 +104,9 @@ pub(crate) struct CtrlrInfo {
     /// Number of namespaces (Identify Controller NN).
     pub nn: u32,
     pub namespaces: Vec<NsInfo>,
+    /// The controller took namespace attribute notices (Set Features,
+    /// asynchronous event configuration) before its namespaces were read.
+    pub ns_notices: bool,
 }
 
 /// Shared state of one attached controller.
@@ -556,6 +559,7 @@ impl AdminPath {
             mqes: caps.mqes,
             nn: 0,
             namespaces: Vec::new(),
+            ns_notices: false,
         };
         if id.mdts != 0 {
             let mps_min = 1u64 << (12 + caps.mpsmin as u32);
@@ -563,6 +567,29 @@ impl AdminPath {
             info.max_xfer = info.max_xfer.min(mdts.min(u32::MAX as u64) as u32);
         }
         info.nn = id.nn;
+        // Notices go on before the namespaces are read, so a namespace
+        // added or removed after that read raises one (the target holds it
+        // until an Asynchronous Event Request comes); turned on after, a
+        // change in between would go unnoticed.
+        info.ns_notices = match self
+            .command(
+                "Set Features (async event configuration)",
+                cmd::enable_ns_notices(),
+                Vec::new(),
+                false,
+            )
+            .await
+        {
+            Ok(_) => true,
+            Err(CtrlrError::Status(..)) => false,
+            Err(e) => return Err(e),
+        };
+        if !info.ns_notices {
+            tracing::warn!(
+                "nvme {}: the controller refused namespace change notices",
+                self.ctrlr.params.name
+            );
+        }
         info.namespaces = self.identify_namespaces_up_to(id.nn).await?;
         let want = self.ctrlr.params.num_io_queues.min(65535) as u16;
         let (cqe, _) = self
@@ -648,7 +675,7 @@ pub(crate) async fn connect(params: CtrlrParams) -> Result<(Arc<Ctrlr>, CtrlrInf
         Ok(info) => {
             apply_info(&ctrlr, &info);
             ctrlr.set_phase(phase::ENABLED);
-            start_events(&admin);
+            start_events(&admin, info.ns_notices);
             Ok((ctrlr, info))
         }
         Err(e) => {
@@ -787,7 +814,7 @@ async fn reset_loop(admin: Rc<AdminPath>) {
                 if let Err(e) = crate::ns::sync_namespaces(&ctrlr, &info.namespaces) {
                     tracing::error!("nvme {name}: namespaces after the reconnect: {e}");
                 }
-                start_events(&admin);
+                start_events(&admin, info.ns_notices);
                 ctrlr.finish_reset(Ok(()));
                 return;
             }
@@ -847,30 +874,21 @@ pub(crate) fn delete(ctrlr: &Arc<Ctrlr>) {
     drop_admin(ctrlr);
 }
 
-/// Turns namespace attribute notices on and keeps one Asynchronous Event
-/// Request outstanding on the admin queue; a notice reads the Changed
-/// Namespace List (which re-arms the target's notice) and brings the
-/// bdevs in line with the active namespace list. The loop ends with the
-/// admin connection (a reset starts a new one). A target that refuses the
-/// feature or the request gets no notices: its namespaces are then only
-/// looked at again on a reconnect.
-fn start_events(admin: &Rc<AdminPath>) {
+/// Keeps one Asynchronous Event Request outstanding on the admin queue
+/// (notices were turned on by `connect_and_init`); a notice reads the
+/// Changed Namespace List (which re-arms the target's notice) and brings
+/// the bdevs in line with the active namespace list. The loop ends with the
+/// admin connection (a reset starts a new one). A target that refused the
+/// notices gets no requests: its namespaces are then only looked at again
+/// on a reconnect.
+fn start_events(admin: &Rc<AdminPath>, notices: bool) {
+    if !notices {
+        return;
+    }
     let admin = admin.clone();
     wc_reactor::current()
         .spawn_local(async move {
             let name = admin.ctrlr.params.name.clone();
-            if let Err(e) = admin
-                .command(
-                    "Set Features (async event configuration)",
-                    cmd::enable_ns_notices(),
-                    Vec::new(),
-                    false,
-                )
-                .await
-            {
-                tracing::warn!("nvme {name}: no namespace change notices: {e}");
-                return;
-            }
             loop {
                 let rx = match admin.qp.borrow_mut().submit_aer() {
                     Ok(rx) => rx,

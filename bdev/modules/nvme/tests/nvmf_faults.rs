@@ -25,7 +25,7 @@ use common::{attach_on, wait_for};
 use fault_proxy::{pdu, Dir, Fault, Proxy};
 use wc_bdev::testing::{pattern, run_on, test_runtime};
 use wc_bdev::{DmaBuf, IoStatus, IoType};
-use wc_bdev_nvme::{controller_namespaces, controller_state, detach, AttachOpts};
+use wc_bdev_nvme::{attach, controller_namespaces, controller_state, detach, AttachOpts};
 use wc_reactor::Runtime;
 
 const BS: u32 = 512;
@@ -404,13 +404,18 @@ fn namespace_changes_on_the_target_add_and_remove_bdevs() {
     let _s = serial();
     let nqn = "nqn.2026-12.io.writecache:nschg";
     let target = export(nqn, "NsChg1", 4096);
-    attach_ok(opts("FNs", target.port(), nqn, false));
-    assert_eq!(controller_namespaces("FNs").unwrap().1, vec!["FNsn1"]);
-    // nvmf_subsystem_add_ns: a notice, a new bdev FNsn3.
-    on_main(move || {
+    // nvmf_subsystem_add_ns the moment the attach returns, before the
+    // initiator's event task has run: a notice all the same (notices are
+    // on before the namespaces are read), a new bdev FNsn3.
+    let o = opts("FNs", target.port(), nqn, false);
+    let names = run_on(rt().main(), move || async move {
+        let names = attach(o).await;
         wc_bdev_malloc::create(wc_bdev_malloc::MallocOpts::new("NsChg3", 2048, BS)).unwrap();
-        wc_nvmf::testing::add_namespace("nqn.2026-12.io.writecache:nschg", "NsChg3", Some(3))
-    });
+        wc_nvmf::testing::add_namespace("nqn.2026-12.io.writecache:nschg", "NsChg3", Some(3));
+        names
+    })
+    .expect("attach");
+    assert_eq!(names, vec!["FNsn1"]);
     wait_for("FNsn3", Duration::from_secs(10), || {
         wc_bdev::lookup("FNsn3").is_some()
     });
