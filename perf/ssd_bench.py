@@ -8,9 +8,10 @@
   ssd-malloc    writecache in ssd mode, cache on malloc, over the origin
   ssd-shm       writecache in ssd mode, cache on the /dev/shm file
 Each writecache cell starts from a blank cache (burst: watermarks at 95/90,
-so no writeback runs). Then the steady state (a small cache kept at the
-high watermark while writeback runs; the second of two runs) against the
-origin alone, and the recovery time of a 4 Mi-block ssd-mode cache
+so no writeback runs). Then the steady state (a small cache, on the
+/dev/shm file and on malloc, kept at the high watermark while writeback
+runs; the second of two runs) against the origin alone, on 1 and 2
+reactors at QD 32 and 128, and the recovery time of a 4 Mi-block ssd-mode cache
 (wc_recovery). Writes a markdown report that ends with issue 13's
 targets table (measured, met or not).
 
@@ -21,6 +22,7 @@ alternating process by process, median of --runs; prints the ratios.
 Usage: cargo build --release -p wc-perf
        perf/ssd_bench.py --bin target/release [--secs 0.5] [--cache-mib 4096] [--out FILE]
        perf/ssd_bench.py --bin target/release --ab /tmp/bdevperf.base [--runs 3]
+       perf/ssd_bench.py --bin target/release --steady-only   (the steady cells alone)
 """
 
 import argparse
@@ -51,9 +53,10 @@ def cfg_for(name, a, tmp, origin_file):
     origin = {"method": "bdev_uring_create",
               "params": {"name": "Origin0", "filename": origin_file, "block_size": BS}}
     shm = os.path.join(a.shm, "wc-ssd-bench-cache.img")
-    malloc = {"method": "bdev_malloc_create",
-              "params": {"name": "Cache0", "num_blocks": (a.cache_mib << 20) // BS,
-                         "block_size": BS}}
+    def malloc_of(mib):
+        return {"method": "bdev_malloc_create",
+                "params": {"name": "Cache0", "num_blocks": (mib << 20) // BS, "block_size": BS}}
+    malloc = malloc_of(a.cache_mib)
     uring = {"method": "bdev_uring_create",
              "params": {"name": "Cache0", "filename": shm, "block_size": BS}}
 
@@ -72,6 +75,7 @@ def cfg_for(name, a, tmp, origin_file):
         "ssd-malloc": ([origin, malloc, wc(burst)], "WC0"),
         "ssd-shm": ([origin, uring, wc(burst)], "WC0"),
         "steady": ([origin, uring, wc({})], "WC0"),
+        "steady-malloc": ([origin, malloc_of(a.steady_cache_mib), wc({})], "WC0"),
     }[name]
 
 
@@ -104,7 +108,12 @@ def targets(res, iops, steady, recovery_s, reactors, qds):
              if iops(num, x, q) and iops(den, x, q)]
         return min(r) if r else None
 
-    so, ss = steady.get("origin"), steady.get("steady")
+    def steady_worst(name):
+        r = [steady[(name, x, q)]["iops"] / steady[("origin", x, q)]["iops"]
+             for (n, x, q) in steady if n == name
+             if steady[(n, x, q)] and steady.get(("origin", x, q))]
+        return min(r) if r else None
+
     rows = [
         ("ssd mode on malloc vs malloc alone (worst cell)", worst("ssd-malloc", "malloc"), 0.7),
         ("ssd mode on /dev/shm uring vs that bdev alone (worst cell)",
@@ -112,8 +121,10 @@ def targets(res, iops, steady, recovery_s, reactors, qds):
         ("burst, ssd mode on malloc vs origin (worst cell)", worst("ssd-malloc", "origin"), 5.0),
         ("burst, ssd mode on /dev/shm uring vs origin (worst cell)",
          worst("ssd-shm", "origin"), 5.0),
-        ("steady state with writeback vs origin",
-         ss["iops"] / so["iops"] if ss and so and so["iops"] else None, 1.0),
+        ("steady state with writeback vs origin, cache on /dev/shm uring (worst cell)",
+         steady_worst("steady"), 1.0),
+        ("steady state with writeback vs origin, cache on malloc (worst cell)",
+         steady_worst("steady-malloc"), 1.0),
     ]
     out = ["| target | measured | goal | met |", "|---|---|---|---|"]
     for what, v, goal in rows:
@@ -122,6 +133,35 @@ def targets(res, iops, steady, recovery_s, reactors, qds):
     met = "–" if recovery_s is None else ("yes" if recovery_s < 2.0 else "**no**")
     out.append(f"| recovery of a 4 Mi-block ssd cache | "
                f"{'–' if recovery_s is None else f'{recovery_s:.3f} s'} | < 2 s | {met} |")
+    return out
+
+
+# Queue depths of the steady-state cells.
+STEADY_QDS = (32, 128)
+
+
+def steady_table(a, steady):
+    """The steady-state cells: writecache (ssd mode, cache on the /dev/shm
+    file and on malloc) vs the origin alone, IOPS, foreground p99, ratio."""
+    def c(n, r, q, k="iops"):
+        x = steady.get((n, r, q))
+        return x[k] if x else None
+    out = [f"Steady state ({a.steady_cache_mib} MiB ssd-mode cache, default watermarks, "
+           f"second of two {a.steady_secs} s runs per cell; p99 of the foreground writes):", "",
+           "| reactors | QD | origin | wc, cache on shm | x origin | p99 µs | "
+           "wc, cache on malloc | x origin | p99 µs |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in [int(x) for x in a.reactors.split()]:
+        for q in STEADY_QDS:
+            o, s, m = c("origin", r, q), c("steady", r, q), c("steady-malloc", r, q)
+
+            def x(n):
+                return f"{n / o:.2f}" if n and o else "-"
+
+            def p(n):
+                v = c(n, r, q, "p99_us")
+                return f"{v:,.0f}" if v else "-"
+            out.append(f"| {r} | {q} | {bench.fmt_i(o)} | {bench.fmt_i(s)} | {x(s)} | {p('steady')} "
+                       f"| {bench.fmt_i(m)} | {x(m)} | {p('steady-malloc')} |")
     return out
 
 
@@ -180,6 +220,7 @@ def main():
     ap.add_argument("--ab", metavar="BASE_BDEVPERF",
                     help="compare the ssd-malloc cells of this bdevperf binary with --bin's")
     ap.add_argument("--runs", type=int, default=3, help="runs per A/B cell (median)")
+    ap.add_argument("--steady-only", action="store_true", help="run the steady-state cells alone")
     a = ap.parse_args()
     tmp = tempfile.mkdtemp(prefix="wc-ssd-bench.", dir=a.shm)
     odir = tempfile.mkdtemp(prefix="wc-ssd-bench-origin.", dir=a.origin_dir)
@@ -194,7 +235,7 @@ def main():
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.rmtree(odir, ignore_errors=True)
     try:
-        for r in [int(x) for x in a.reactors.split()]:
+        for r in [int(x) for x in a.reactors.split()] if not a.steady_only else []:
             for q in qds:
                 for name in ("malloc", "shm", "origin", "ssd-malloc", "ssd-shm"):
                     cell = run(a, tmp, origin_file, name, r, q, a.secs,
@@ -203,9 +244,16 @@ def main():
                     bench.log(f"{name} reactors {r} qd {q}: "
                               f"{cell['iops'] if cell else 'failed'}")
         steady = {}
-        for name in ("origin", "steady"):
-            steady[name] = run(a, tmp, origin_file, name, 1, 32, a.steady_secs, repeat=2)
-            bench.log(f"steady {name}: {steady[name]['iops'] if steady[name] else 'failed'}")
+        for r in [int(x) for x in a.reactors.split()]:
+            for q in STEADY_QDS:
+                for name in ("origin", "steady", "steady-malloc"):
+                    c = run(a, tmp, origin_file, name, r, q, a.steady_secs, repeat=2)
+                    steady[(name, r, q)] = c
+                    bench.log(f"steady {name} reactors {r} qd {q}: "
+                              f"{c['iops'] if c else 'failed'}")
+        if a.steady_only:
+            print("\n".join(steady_table(a, steady)))
+            return
         rec = subprocess.run([os.path.join(a.bin, "wc_recovery"), str(4 << 20), "512", a.shm,
                               "ssd"], capture_output=True, text=True, timeout=600)
         recovery = rec.stdout.strip() or rec.stderr.strip()
@@ -242,13 +290,8 @@ def main():
             lines.append(f"| {r} | {q} | {bench.fmt_i(m)} | {bench.fmt_i(sm)} | {ratio(sm, m)} "
                          f"| {bench.fmt_i(s)} | {bench.fmt_i(ss)} | {ratio(ss, s)} "
                          f"| {bench.fmt_i(o)} | {ratio(sm, o)} | {ratio(ss, o)} |")
-    so, ss = steady.get("origin"), steady.get("steady")
-    lines += ["", f"Steady state (1 reactor, QD 32, {a.steady_cache_mib} MiB ssd-mode cache "
-              f"on {a.shm}, default watermarks, second of two {a.steady_secs} s runs): "
-              f"writecache {bench.fmt_i(ss and ss['iops'])} IOPS vs origin alone "
-              f"{bench.fmt_i(so and so['iops'])} IOPS: "
-              f"{ratio(ss and ss['iops'], so and so['iops'])}x.", "",
-              f"Recovery: `wc_recovery {4 << 20} 512 {a.shm} ssd`: {recovery}", "",
+    lines += [""] + steady_table(a, steady)
+    lines += ["", f"Recovery: `wc_recovery {4 << 20} 512 {a.shm} ssd`: {recovery}", "",
               "## Targets (issue 13)", ""]
     lines += targets(res, iops, steady, recovery_seconds(recovery),
                      [int(x) for x in a.reactors.split()], qds)
