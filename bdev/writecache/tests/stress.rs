@@ -49,6 +49,36 @@ type Written = Arc<Mutex<HashMap<u64, HashSet<u64>>>>;
 
 /// Bdev names (origin, cache, writecache) of one mode's run (both modes
 /// run in one process; the names live as long as the reactor jobs).
+/// A runtime of two reactors and a writecache `wn` (this run's mode) of
+/// 512 cache blocks over a 64-block malloc origin whose writeback never
+/// starts (every LBA written stays a hit), committing every 64 blocks.
+/// Returns the runtime, the writecache's name, the cache file (ssd mode's
+/// real cache bdev, removed by the caller) and the mode.
+fn small_instance(
+    tag: &str,
+) -> (
+    wc_reactor::Runtime,
+    &'static str,
+    Option<std::path::PathBuf>,
+    Mode,
+) {
+    let rt = test_runtime(2);
+    let (on, cn, wn) = names(tag);
+    wc_bdev_malloc::create(wc_bdev_malloc::MallocOpts::new(on, 64, BS as u32)).unwrap();
+    let f = wcrig::real_cache_bdev(wcrig::mode(), cn, 512 * BS as u64, BS as u32);
+    let mode = wcrig::mode();
+    run_on(rt.main(), move || async move {
+        let mut o = CreateOpts::new(wn, on, cn);
+        o.mode = Some(mode);
+        o.high_watermark = Some(100);
+        o.low_watermark = Some(100);
+        o.autocommit_blocks = Some(64);
+        create(o).await
+    })
+    .unwrap();
+    (rt, wn, f, mode)
+}
+
 /// Deletes writecache `wn` (draining it first when `drain`) from the main
 /// reactor and waits for the delete to finish.
 fn delete_and_wait(rt: &wc_reactor::Runtime, wn: &'static str, drain: bool) {
@@ -266,21 +296,7 @@ fn reads_of_hits_stay_exact_while_they_are_overwritten() {
         .ok()
         .and_then(|s| s.parse().ok())
         .unwrap_or(2);
-    let rt = test_runtime(2);
-    let (on, cn, wn) = names("Ovr");
-    wc_bdev_malloc::create(wc_bdev_malloc::MallocOpts::new(on, 64, BS as u32)).unwrap();
-    let f = wcrig::real_cache_bdev(wcrig::mode(), cn, 512 * BS as u64, BS as u32);
-    let mode = wcrig::mode();
-    run_on(rt.main(), move || async move {
-        let mut o = CreateOpts::new(wn, on, cn);
-        o.mode = Some(mode);
-        // Writeback never starts: every read is a hit.
-        o.high_watermark = Some(100);
-        o.low_watermark = Some(100);
-        o.autocommit_blocks = Some(64);
-        create(o).await
-    })
-    .unwrap();
+    let (rt, wn, f, mode) = small_instance("Ovr");
     // Every sector cached before the readers start.
     run_on(rt.main(), || async {
         let d = wc_bdev::open(wn, true, None).unwrap();
@@ -381,20 +397,7 @@ fn one_block_writes_in_flight_together_land_whole() {
     const LBAS: u64 = 24;
     const IN_FLIGHT: u64 = 16;
     const ROUNDS: u64 = 200;
-    let rt = test_runtime(2);
-    let (on, cn, wn) = names("Bat");
-    wc_bdev_malloc::create(wc_bdev_malloc::MallocOpts::new(on, 64, BS as u32)).unwrap();
-    let f = wcrig::real_cache_bdev(wcrig::mode(), cn, 512 * BS as u64, BS as u32);
-    let mode = wcrig::mode();
-    run_on(rt.main(), move || async move {
-        let mut o = CreateOpts::new(wn, on, cn);
-        o.mode = Some(mode);
-        o.high_watermark = Some(100);
-        o.low_watermark = Some(100);
-        o.autocommit_blocks = Some(64);
-        create(o).await
-    })
-    .unwrap();
+    let (rt, wn, f, _) = small_instance("Bat");
     // Off home: the writes' commits and frees cross cores.
     let h = rt.handles()[1].clone();
     run_on(&h, move || async move {
