@@ -1037,14 +1037,14 @@ impl Writecache {
         }
     }
 
-    /// Sends a sorted batch out. pmem mode: in shares of consecutive LBAs,
-    /// one per reactor with a channel, each written from that reactor's own
-    /// origin channel, so writeback is not bound by one reactor's I/O rate
-    /// (ssd mode reads the cache through home's channel: all on home).
+    /// Sends a sorted batch out in shares of consecutive LBAs, one per
+    /// reactor with a channel, each written from that reactor's own origin
+    /// channel (ssd mode: and read from its own cache-bdev channel), so
+    /// writeback is not bound by one reactor's I/O rate.
     fn dispatch_batch(self: &Arc<Self>, home_origin: &Rc<BdevChannel>, batch: Vec<(u64, u32)>) {
         let (lanes, first) = {
             let mut wb = lock(&self.wb);
-            if self.ssd.is_some() || wb.lanes.len() <= 1 {
+            if wb.lanes.len() <= 1 {
                 drop(wb);
                 return self.issue_runs(home_origin, batch);
             }
@@ -1083,6 +1083,9 @@ impl Writecache {
         let live = lock(&self.wb).origin.is_some();
         if let Some(origin) = crate::channel::local_of(self.id)
             .filter(|_| live)
+            // ssd mode: the share is read through this reactor's channel
+            // of the cache bdev.
+            .filter(|l| self.ssd.is_none() || l.cache_channel().is_some())
             .map(|l| l.origin_channel())
         {
             return self.issue_runs(&origin, share);
@@ -1258,16 +1261,21 @@ impl Writecache {
         }
     }
 
-    /// ssd mode: reads the run's blocks from the cache bdev into pooled
-    /// buffers (one read per stretch of adjacent cache blocks), then writes
-    /// them to the origin in one I/O.
+    /// ssd mode: reads the run's blocks from the cache bdev (through this
+    /// reactor's channel of it) into pooled buffers (one read per stretch
+    /// of adjacent cache blocks), then writes them to the origin in one I/O.
     fn ssd_issue_run(
         self: &Arc<Self>,
         ssd: &Arc<crate::ssd::Ssd>,
         origin: &Rc<BdevChannel>,
         run: Rc<WbRun>,
     ) {
-        let Some(cache) = ssd.channel() else {
+        let cache = if self.on_home() {
+            ssd.channel()
+        } else {
+            crate::channel::local_of(self.id).and_then(|l| l.cache_channel())
+        };
+        let Some(cache) = cache else {
             return self.abandon_run(&run.run);
         };
         {

@@ -238,6 +238,12 @@ impl Local {
     pub(crate) fn origin_channel(&self) -> Rc<BdevChannel> {
         self.origin.clone()
     }
+
+    /// ssd mode: this reactor's channel of the cache bdev (writeback
+    /// shares read their blocks through it).
+    pub(crate) fn cache_channel(&self) -> Option<Rc<BdevChannel>> {
+        self.cache.clone()
+    }
 }
 
 impl IoChannel for WcChannel {

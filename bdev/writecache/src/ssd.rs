@@ -275,14 +275,12 @@ struct SyncReq {
     done: Waiter,
 }
 
-/// Home-reactor state of the metadata writer and the writeback buffers.
+/// Home-reactor state of the metadata writer.
 struct Home {
     /// The cache bdev's channel on home.
     cache: Option<Rc<BdevChannel>>,
     queue: Vec<SyncReq>,
     busy: bool,
-    /// Block-sized buffers the writeback reads into, reused.
-    bufs: Vec<DmaBuf>,
 }
 
 // SAFETY: `cache` is an Rc created and used only on the home reactor; the
@@ -306,11 +304,14 @@ pub(crate) struct Ssd {
     /// Set by a failed metadata write or flush (sticky).
     failed: AtomicI32,
     home: Mutex<Home>,
+    /// Block-sized buffers the writeback reads into, reused; taken and
+    /// returned on whichever reactor writes a run back.
+    bufs: Mutex<Vec<DmaBuf>>,
     /// Metadata syncs requested and not yet done (for delete's wait).
     pending: AtomicU64,
 }
 
-fn lock(m: &Mutex<Home>) -> MutexGuard<'_, Home> {
+fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
     m.lock().unwrap_or_else(|p| p.into_inner())
 }
 
@@ -328,8 +329,8 @@ impl Ssd {
                 cache: Some(cache),
                 queue: Vec::new(),
                 busy: false,
-                bufs: Vec::new(),
             }),
+            bufs: Mutex::new(Vec::new()),
             pending: AtomicU64::new(0),
         }
     }
@@ -360,23 +361,21 @@ impl Ssd {
 
     /// Drops the home channel (delete).
     pub(crate) fn release(&self) {
-        let mut h = lock(&self.home);
-        h.cache = None;
-        h.bufs.clear();
+        lock(&self.home).cache = None;
+        lock(&self.bufs).clear();
     }
 
     /// A block-sized buffer for the writeback (reused; allocated only while
     /// the pool grows to the writeback's high-water mark).
     pub(crate) fn take_buf(&self) -> DmaBuf {
-        lock(&self.home)
-            .bufs
+        lock(&self.bufs)
             .pop()
             .unwrap_or_else(|| DmaBuf::new(self.block_size as usize))
     }
 
     /// Returns writeback buffers.
     pub(crate) fn put_bufs(&self, bufs: impl IntoIterator<Item = DmaBuf>) {
-        lock(&self.home).bufs.extend(bufs);
+        lock(&self.bufs).extend(bufs);
     }
 
     /// Writes the dirty metadata regions, flushes the device, and — with

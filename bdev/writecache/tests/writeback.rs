@@ -585,13 +585,13 @@ fn an_autocommit_requested_during_a_commit_is_not_lost() {
     );
 }
 
-/// pmem mode spreads writeback over the reactors with a channel: home
-/// writes its share of a batch from its own origin channel and sends each
-/// other reactor its share, which that reactor writes from its own origin
-/// channel — so polling home alone writes back only part of the batch.
-#[test]
+/// Writeback is spread over the reactors with a channel: home writes its
+/// share of a batch from its own origin channel and sends each other
+/// reactor its share, which that reactor writes from its own origin
+/// channel (ssd mode: read through its own channel of the cache bdev) —
+/// so polling home alone writes back only part of the batch.
 fn writeback_is_spread_over_the_reactors_with_a_channel() {
-    wcrig::with_mode(wc_writecache::Mode::Pmem, || {
+    {
         let rig = Rig::new(2, 64, 256, Layer::Plain, |o| {
             o.max_age_ms = Some(20);
         });
@@ -629,7 +629,7 @@ fn writeback_is_spread_over_the_reactors_with_a_channel() {
         }
         let s = rig.settle();
         assert_eq!(s.free_blocks, s.blocks, "{s:?}");
-    });
+    }
 }
 
 /// Coalescing beyond the batch (as dm-writecache): writing back the oldest
@@ -668,6 +668,7 @@ fn writeback_takes_committed_neighbours_into_one_origin_write() {
 }
 
 both_modes!(
+    writeback_is_spread_over_the_reactors_with_a_channel,
     a_full_cache_blocks_writers_until_writeback_frees_blocks,
     writeback_starts_at_the_high_watermark_and_ends_below_the_low_one,
     writeback_stops_just_below_the_low_watermark,
