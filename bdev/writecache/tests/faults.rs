@@ -431,7 +431,40 @@ fn a_writeback_in_flight_at_delete_cannot_corrupt_a_recreated_cache() {
     }
 }
 
+/// Two reactors: every writeback share's first origin write fails, on
+/// home and on reactor 1 alike; each is retried from the reactor that
+/// wrote it (ssd mode: read again through that reactor's own channel of
+/// the cache bdev), a drain running meanwhile succeeds, and every block
+/// reaches the origin.
+fn writeback_shares_are_retried_on_the_reactor_that_wrote_them() {
+    let rig = Rig::new(2, 64, 256, Layer::Error, |_| {});
+    // LBAs far apart (one run each), written on both reactors.
+    let lbas: Vec<u64> = (0..8).map(|i| i * 10).collect();
+    for &lba in &lbas {
+        rig.write((lba / 10 % 2) as usize, lba, 1);
+    }
+    rig.flush(0).expect("FLUSH");
+    // Every run's first origin write fails: each waits for a retry on the
+    // reactor that wrote it.
+    inject_writes(&rig, lbas.len() as u32);
+    let drain = rig.start_flush_rpc();
+    assert!(
+        rig.wait_stats(Duration::from_secs(2), |s| s.writeback_retries
+            >= lbas.len() as u64),
+        "{:?}",
+        rig.stats()
+    );
+    assert_eq!(rig.wait_ctl(&drain), Ok(()), "{:?}", rig.stats());
+    let s = rig.settle();
+    assert_eq!(s.error, 0, "{s:?}");
+    assert_eq!((s.dirty, s.free_blocks), (0, s.blocks), "{s:?}");
+    for &lba in &lbas {
+        assert_eq!(rig.origin_block(lba), Some((lba, 1)), "origin lba {lba}");
+    }
+}
+
 both_modes!(
+    writeback_shares_are_retried_on_the_reactor_that_wrote_them,
     persistent_origin_write_failure_enters_error_state_and_keeps_data,
     transient_origin_write_failures_are_retried_and_writeback_succeeds,
     after_the_error_state_a_recreated_cache_writes_everything_back,
