@@ -23,6 +23,7 @@ import socket
 import statistics
 import subprocess
 import sys
+import tempfile
 import time
 
 # ---------------------------------------------------------------- settings
@@ -196,8 +197,6 @@ def cell_scratch(mib, prefix, full_origin=False):
     The origin file is sparse unless `full_origin` (written end to end, as
     perf/run.sh's origin: writes into holes would allocate extents and
     make the first cells slower). Returns (args, tmp, origin_dir)."""
-    import tempfile
-
     tmp = tempfile.mkdtemp(dir="/dev/shm", prefix=prefix + "-")
     od = tempfile.mkdtemp(dir="/var/tmp", prefix=prefix + "-o-")
     a = CellArgs()

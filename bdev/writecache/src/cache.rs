@@ -1083,9 +1083,6 @@ impl Writecache {
         let live = lock(&self.wb).origin.is_some();
         if let Some(origin) = crate::channel::local_of(self.id)
             .filter(|_| live)
-            // ssd mode: the share is read through this reactor's channel
-            // of the cache bdev.
-            .filter(|l| self.ssd.is_none() || l.cache_channel().is_some())
             .map(|l| l.origin_channel())
         {
             return self.issue_runs(&origin, share);
