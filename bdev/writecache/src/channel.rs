@@ -110,9 +110,9 @@ pub(crate) struct Local {
     batch_spare: RefCell<Vec<Io>>,
     /// Batchable I/Os accepted since the poller last ran.
     batch_seen: Cell<u32>,
-    /// Whether reads and one-block writes come several per reactor
-    /// iteration (then they are batched; one at a time, as at queue depth
-    /// 1, they run at once).
+    /// Whether reads and one-block writes came several per reactor
+    /// iteration the last time any came (then they are batched; one at a
+    /// time, as at queue depth 1, they run at once).
     batching: Cell<bool>,
     /// When waiting writes last pushed deferred frees along (ticks).
     last_flush: Cell<u64>,
@@ -449,7 +449,15 @@ impl Local {
     /// block's state (and a read's data; their slots have arrived
     /// meanwhile), then serves each. True if there were any.
     pub(crate) fn run_batch(self: &Rc<Self>) -> bool {
-        self.batching.set(self.batch_seen.replace(0) > 1);
+        // An iteration that brought none leaves the mode as it was: a
+        // submitter outside the reactor (fio's engine) submits between
+        // polls, and its completions arrive one poll after the batch ran;
+        // taking that empty poll for "one at a time" served every other
+        // round unbatched.
+        let seen = self.batch_seen.replace(0);
+        if seen > 0 {
+            self.batching.set(seen > 1);
+        }
         let mut batch = std::mem::replace(
             &mut *self.batch.borrow_mut(),
             std::mem::take(&mut *self.batch_spare.borrow_mut()),

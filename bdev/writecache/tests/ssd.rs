@@ -209,6 +209,48 @@ fn writes_coming_together_are_placed_together_in_order() {
     })
 }
 
+/// Batching outlives an iteration that brought no I/O: a submitter
+/// outside the reactor (fio's engine: submit, then poll for completions)
+/// sees its completions one poll after the batch ran, so an empty poll
+/// comes between every two rounds. Taken for "one at a time", it served
+/// every other round unbatched.
+fn batching_survives_an_empty_poll() {
+    let rig = Rig::new(1, 64, 256, Layer::Plain, quiet);
+    let round = |base: u64| -> Vec<_> {
+        (base..base + 8)
+            .map(|l| rig.submit_write(0, l, 1, false))
+            .collect()
+    };
+    let first = round(0);
+    rig.h.poll(0); // the batch of 8: batching on
+    for _ in 0..3 {
+        rig.h.poll(0); // nothing new came
+    }
+    let second = round(8);
+    let s = rig.stats();
+    assert_eq!(
+        (s.write_blocks, s.writes_allocate),
+        (8, 8),
+        "the second round waits for the poller as a batch: {s:?}"
+    );
+    for w in first.iter().chain(&second) {
+        rig.wait(w).unwrap();
+    }
+    for l in 0..16 {
+        assert_eq!(rig.read_block(0, l), Ok(Some((l, 1))), "lba {l}");
+    }
+}
+
+#[test]
+fn batching_survives_an_empty_poll_pmem() {
+    batching_survives_an_empty_poll();
+}
+
+#[test]
+fn batching_survives_an_empty_poll_ssd() {
+    ssd(batching_survives_an_empty_poll);
+}
+
 /// Every hit/miss pattern of 1..=8 blocks, at a few alignments, over
 /// blocks cached at different places in the cache: each request must
 /// reassemble exactly.
