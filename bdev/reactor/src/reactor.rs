@@ -243,6 +243,8 @@ struct PollerEntry {
     /// Finds only work this reactor queued itself (see
     /// [`Reactor::register_event_poller`]): no reason to wake up early.
     event_driven: bool,
+    /// Set by [`PollerHandle::pause`]: the iteration skips the poller.
+    paused: Rc<Cell<bool>>,
     f: Rc<RefCell<PollFn>>,
 }
 
@@ -301,6 +303,7 @@ pub(crate) fn enter<T>(r: &Rc<Reactor>, f: impl FnOnce() -> T) -> T {
 pub struct PollerHandle {
     reactor: Weak<Reactor>,
     id: u64,
+    paused: Rc<Cell<bool>>,
 }
 
 impl PollerHandle {
@@ -309,6 +312,26 @@ impl PollerHandle {
         if let Some(r) = self.reactor.upgrade() {
             r.removed.borrow_mut().push(self.id);
         }
+    }
+
+    /// Skips the poller from the next iteration on until
+    /// [`resume`](Self::resume) (SPDK's `spdk_poller_pause`): a poller
+    /// that knows it has nothing to do (a channel with nothing in flight)
+    /// costs its reactor nothing per iteration, where running it cost a
+    /// call and a look at its state on every one. Call it on the poller's
+    /// reactor (the handle is not `Send`), also from inside the poller.
+    pub fn pause(&self) {
+        self.paused.set(true);
+    }
+
+    /// Runs the poller again from the next iteration on.
+    pub fn resume(&self) {
+        self.paused.set(false);
+    }
+
+    /// Whether the poller is paused.
+    pub fn is_paused(&self) -> bool {
+        self.paused.get()
     }
 }
 
@@ -483,6 +506,7 @@ impl Reactor {
         self.next_poller_id.set(id + 1);
         let period_ticks = period.map(duration_to_ticks).unwrap_or(0);
         let now = ticks();
+        let paused = Rc::new(Cell::new(false));
         self.pollers.borrow_mut().push(PollerEntry {
             id,
             name: name.to_string(),
@@ -494,12 +518,14 @@ impl Reactor {
             },
             one_shot,
             event_driven,
+            paused: paused.clone(),
             f: Rc::new(RefCell::new(f)),
         });
         self.update_poller_counts();
         PollerHandle {
             reactor: self.self_weak.borrow().clone(),
             id,
+            paused,
         }
     }
 
@@ -602,6 +628,9 @@ impl Reactor {
             let (id, f, one_shot) = {
                 let mut pollers = self.pollers.borrow_mut();
                 let Some(p) = pollers.get_mut(i) else { break };
+                if p.paused.get() {
+                    continue;
+                }
                 if p.period_ticks > 0 {
                     if now < p.next_run {
                         continue;

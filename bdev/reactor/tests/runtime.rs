@@ -333,3 +333,49 @@ fn event_pollers_let_an_idle_reactor_sleep() {
     assert_eq!(rt.main().poller_counts(), (1, 0));
     rt.shutdown();
 }
+
+/// A paused poller is skipped until resumed, and may pause itself from
+/// inside its own run.
+#[test]
+fn paused_pollers_are_skipped_until_resumed() {
+    let h = Harness::new(1);
+    let runs = Arc::new(AtomicUsize::new(0));
+    let r2 = runs.clone();
+    let handle = h.on(0, move || {
+        let me = std::rc::Rc::new(std::cell::OnceCell::<wc_reactor::PollerHandle>::new());
+        let me2 = me.clone();
+        let p = current().register_poller("pausing", None, move || {
+            // Pauses itself on its third run.
+            if r2.fetch_add(1, Ordering::SeqCst) == 2 {
+                me2.get().expect("set before the first poll").pause();
+            }
+            PollStatus::Idle
+        });
+        let _ = me.set(p.clone());
+        p
+    });
+    for _ in 0..10 {
+        h.poll(0);
+    }
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        3,
+        "paused itself on its third run"
+    );
+    h.on(0, || {
+        assert!(handle.is_paused());
+        handle.resume();
+    });
+    h.poll(0);
+    assert_eq!(runs.load(Ordering::SeqCst), 4, "runs again once resumed");
+    h.on(0, || handle.pause());
+    for _ in 0..5 {
+        h.poll(0);
+    }
+    assert_eq!(
+        runs.load(Ordering::SeqCst),
+        4,
+        "paused from outside the poller"
+    );
+    h.on(0, || handle.unregister());
+}

@@ -365,6 +365,7 @@ impl BdevOps for DelayBdev {
             resets: RefCell::new(Vec::new()),
             next_token: Cell::new(0),
             spin_ticks: duration_to_ticks(SPIN_WINDOW),
+            poller: std::cell::OnceCell::new(),
         });
         wc_bdev::channels::register_local(self.shared.id, &st);
         self.shared.reactors.add(st.chan_id);
@@ -373,6 +374,7 @@ impl BdevOps for DelayBdev {
             Some(st) => st.finish_due(),
             None => PollStatus::Idle,
         });
+        let _ = st.poller.set(poller.clone());
         Ok(Box::new(DelayChannel { st, poller }))
     }
 
@@ -453,6 +455,8 @@ struct ChanState {
     resets: RefCell<Vec<(u64, Io)>>,
     next_token: Cell<u64>,
     spin_ticks: u64,
+    /// This channel's poller: paused while nothing is held.
+    poller: std::cell::OnceCell<PollerHandle>,
 }
 
 /// The channel the framework holds; unregisters the poller on drop.
@@ -544,9 +548,13 @@ impl ChanState {
     /// The poller: completes held I/O whose time has come.
     fn finish_due(&self) -> PollStatus {
         // Nothing held (a stacked bdev's origin between writebacks, say):
-        // no clock read. `rdtsc` costs the idle poll most of its time on
-        // a VM, where it runs on every reactor iteration.
+        // the poller pauses until a completion is held again, so the
+        // reactor's iterations skip it (with no clock read: `rdtsc` cost
+        // the idle poll most of its time on a VM).
         if self.queues.iter().all(|q| q.borrow().is_empty()) {
+            if let Some(p) = self.poller.get() {
+                p.pause();
+            }
             return PollStatus::Idle;
         }
         let now = ticks();
@@ -590,6 +598,9 @@ impl IoCompletion for ChanState {
         match p.class {
             Some(c) => {
                 let lat = self.shared.latency_ticks[c.index()].load(Ordering::Relaxed);
+                if let Some(poller) = self.poller.get() {
+                    poller.resume();
+                }
                 self.queues[c.index()].borrow_mut().push_back(Held {
                     due: ticks().saturating_add(lat),
                     status,
