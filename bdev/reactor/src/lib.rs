@@ -79,11 +79,19 @@ where
         h.send(move || {
             f();
             if remaining.fetch_sub(1, Ordering::AcqRel) == 1 {
-                me.send(move || {
+                let run_done = move || {
                     if let Some(d) = done.lock().ok().and_then(|mut d| d.take()) {
                         d();
                     }
-                });
+                };
+                // The last visit ran on the caller's reactor: done runs
+                // right after it (still in a message, never inside f),
+                // without a message to itself.
+                if me.is_current() {
+                    run_done();
+                } else {
+                    me.send(run_done);
+                }
             }
         });
     }

@@ -148,6 +148,15 @@ impl ReactorHandle {
         self.0.core
     }
 
+    /// Whether this handle is the reactor polled by the calling thread.
+    pub fn is_current(&self) -> bool {
+        CURRENT.with(|c| {
+            c.borrow()
+                .as_ref()
+                .is_some_and(|r| Arc::ptr_eq(&r.shared, &self.0))
+        })
+    }
+
     /// Queues `f` to run on this reactor. Lock-free; callable from any thread.
     pub fn send(&self, f: impl FnOnce() + Send + 'static) {
         self.send_boxed(Box::new(f));

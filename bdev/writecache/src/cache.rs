@@ -417,6 +417,12 @@ impl Writecache {
         let Some(here) = wc_reactor::try_current().filter(|_| self.ssd.is_none()) else {
             return self.request_commit(None);
         };
+        if self.channel_cores.load(Ordering::Relaxed) > 1 {
+            // Several writing cores: `commit_here` would refuse. Straight
+            // to home, without the message to this core first (a stale
+            // count only costs a home round, always correct).
+            return self.request_commit(None);
+        }
         // Not in the middle of the write that asked: its borrows of the
         // core's logs are live there.
         let me = self.clone();
