@@ -523,26 +523,30 @@ impl Writecache {
         // each round (under fio, two wake-ups per commit). Taken after the
         // bump under the lock `add_lane` takes, so a channel that opens
         // later stamps `s + 1` or above.
-        let lanes = lock(&self.wb).lanes.clone();
-        wc_reactor::for_each_of(
-            lanes,
+        let mut lanes = lock(&self.wb).lanes.clone();
+        let visit = move || {
+            if let Some((w, sup)) = me.fence_core(limit) {
+                // The first core's logs are taken as they are (one
+                // core: no copy at all), the others' appended.
+                let mut c = lock(&col);
+                append(&mut c.0, w);
+                append(&mut c.1, sup);
+            }
+        };
+        // This core's visit runs here and now, not via a message to
+        // itself: a round runs from a message or a poller (never inside a
+        // write, whose borrows of the core's logs would be live).
+        if let Some(i) = lanes.iter().position(|l| l.is_current()) {
+            lanes.swap_remove(i);
+            visit();
+        }
+        wc_reactor::for_each_of(lanes, visit, {
+            let me = self.clone();
             move || {
-                if let Some((w, sup)) = me.fence_core(limit) {
-                    // The first core's logs are taken as they are (one
-                    // core: no copy at all), the others' appended.
-                    let mut c = lock(&col);
-                    append(&mut c.0, w);
-                    append(&mut c.1, sup);
-                }
-            },
-            {
-                let me = self.clone();
-                move || {
-                    let (w, sup) = std::mem::take(&mut *lock(&collected));
-                    me.finish_commit(s, bump, w, sup, waiters)
-                }
-            },
-        );
+                let (w, sup) = std::mem::take(&mut *lock(&collected));
+                me.finish_commit(s, bump, w, sup, waiters)
+            }
+        });
     }
 
     fn finish_commit(
