@@ -458,14 +458,13 @@ impl Local {
         if seen > 0 {
             self.batching.set(seen > 1);
         }
+        if self.batch.borrow().is_empty() {
+            return false;
+        }
         let mut batch = std::mem::replace(
             &mut *self.batch.borrow_mut(),
             std::mem::take(&mut *self.batch_spare.borrow_mut()),
         );
-        if batch.is_empty() {
-            *self.batch_spare.borrow_mut() = batch;
-            return false;
-        }
         let wc = &self.wc;
         let bs = wc.block_size as usize;
         // One epoch pin for the batch: each I/O's own pin nests in it (a
@@ -767,10 +766,13 @@ impl Local {
     /// Frees the displaced uncommitted blocks collected so far: entries
     /// cleared, one fence, back to the pool after a grace period.
     pub(crate) fn free_displaced(&self) {
-        let blocks = std::mem::take(&mut *self.to_free.borrow_mut());
-        if blocks.is_empty() {
+        // Looked at before taking: taking an empty list would drop its
+        // allocation, and the next displaced block allocate a new one
+        // (once per overwrite at queue depth 1).
+        if self.to_free.borrow().is_empty() {
             return;
         }
+        let blocks = std::mem::take(&mut *self.to_free.borrow_mut());
         self.wc.free_blocks(&blocks);
         let mut blocks = blocks;
         blocks.clear();
