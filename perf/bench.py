@@ -12,6 +12,7 @@ runs. Results go to results.json (raw and medians) and report.md; plot.py
 draws the PNGs from results.json.
 """
 
+import atexit
 import argparse
 import datetime
 import json
@@ -191,13 +192,67 @@ class CellArgs:
     """What `configs` reads: bdev sizes and the files behind them."""
 
 
+_HUGE_MNT = []
+
+
+def ram_parent():
+    """Where cache files go: a tmpfs mounted with huge=always under
+    /dev/shm (once per process, unmounted at exit), so the pmem cache file
+    is mapped with 2 MiB pages as DAX pmem is (and as malloc's memory is);
+    /dev/shm itself (4 KiB pages) when that is not possible or
+    CACHE_PAGES=4k. CACHE_DIR overrides both (perf/common.sh's `ram_tmp`
+    is the shell side)."""
+    if os.environ.get("CACHE_DIR"):
+        return os.environ["CACHE_DIR"]
+    if _HUGE_MNT:
+        return _HUGE_MNT[0]
+    if os.environ.get("CACHE_PAGES", "huge") == "4k":
+        return "/dev/shm"
+    shmem = "/sys/kernel/mm/transparent_hugepage/shmem_enabled"
+    if os.geteuid() == 0 and os.path.exists(shmem) and "[deny]" not in open(shmem).read():
+        mnt = tempfile.mkdtemp(dir="/dev/shm", prefix="wc-huge.")
+        r = subprocess.run(["mount", "-t", "tmpfs", "-o", "huge=always,mode=0700", "tmpfs", mnt],
+                           capture_output=True)
+        if r.returncode == 0:
+            _HUGE_MNT.append(mnt)
+            atexit.register(_unmount_huge, mnt)
+            return mnt
+        os.rmdir(mnt)
+    log("warning: no tmpfs with huge pages (needs root and THP): cache files on /dev/shm, "
+        "4 KiB pages")
+    return "/dev/shm"
+
+
+def _unmount_huge(mnt):
+    if subprocess.run(["umount", mnt], capture_output=True).returncode != 0:
+        subprocess.run(["umount", "-l", mnt], capture_output=True)
+    try:
+        os.rmdir(mnt)
+    except OSError:
+        pass
+
+
+def cache_pages(path):
+    """The page size a file under `path` is mapped with: '2 MiB' on a tmpfs
+    mounted huge=always, else '4 KiB'."""
+    path = os.path.realpath(path)
+    best, opts = "", ""
+    with open("/proc/mounts") as f:
+        for line in f:
+            parts = line.split()
+            mp = parts[1].replace("\\040", " ")
+            if (path == mp or path.startswith(mp.rstrip("/") + "/")) and len(mp) >= len(best):
+                best, opts = mp, parts[3]
+    return "2 MiB" if "huge=always" in opts.split(",") else "4 KiB"
+
+
 def cell_scratch(mib, prefix, full_origin=False):
-    """Scratch dirs (cache in /dev/shm, origin in /var/tmp) and the
+    """Scratch dirs (cache in RAM: `ram_parent`, origin in /var/tmp) and the
     `configs` arguments of one A/B or profile run over a `mib` MiB bdev.
     The origin file is sparse unless `full_origin` (written end to end, as
     perf/run.sh's origin: writes into holes would allocate extents and
     make the first cells slower). Returns (args, tmp, origin_dir)."""
-    tmp = tempfile.mkdtemp(dir="/dev/shm", prefix=prefix + "-")
+    tmp = tempfile.mkdtemp(dir=ram_parent(), prefix=prefix + "-")
     od = tempfile.mkdtemp(dir="/var/tmp", prefix=prefix + "-o-")
     a = CellArgs()
     a.origin_blocks = mib * 256
@@ -590,7 +645,7 @@ def write_report(a, raw, med, path):
       f"wrapped in `bdev_delay` adding {DELAY_US[0]} µs average / {DELAY_US[1]} µs p99 to "
       "reads and writes (added to the disk's own latency), a stand-in for an NVMe drive; "
       "**writecache**: `bdev_writecache` in pmem mode, cache = `bdev_pmem` on a file in "
-      f"`{a.tmp_parent}` (tmpfs, persistence strategy "
+      f"`{a.tmp_parent}` (tmpfs, {cache_pages(a.tmp)} pages, persistence strategy "
       f"`{info.get('pmem_strategy', 'unknown')}`), over origin+delay. Its cache holds the "
       "whole origin and the high watermark is 100%, so writeback never starts: this is "
       "writecache *until the cache fills*.")

@@ -48,7 +48,7 @@ fi
 # shellcheck source=perf/common.sh
 source "$ROOT/perf/common.sh"
 
-TMP=$(mktemp -d "$SHM_DIR/wc-fio.XXXXXX")
+ram_tmp "$SHM_DIR" wc-fio
 ORIGIN_DIR=$(mktemp -d "$ORIGIN_PARENT/wc-fio-origin.XXXXXX")
 
 python3 perf/fio_bench.py --mode "$MODE" --tgt "$TGT" --tmp "$TMP" --origin-dir "$ORIGIN_DIR" \

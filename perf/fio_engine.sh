@@ -36,7 +36,7 @@ ENGINE=$(bash scripts/build_fio_engine.sh --release)
 # shellcheck source=perf/common.sh
 source "$ROOT/perf/common.sh"
 
-TMP=$(mktemp -d "$SHM_DIR/wc-fio-engine.XXXXXX")
+ram_tmp "$SHM_DIR" wc-fio-engine
 ORIGIN_DIR=$(mktemp -d "$ORIGIN_PARENT/wc-fio-engine-origin.XXXXXX")
 
 python3 perf/fio_engine_bench.py --bin "$ROOT/target/release" --engine "$ENGINE" \

@@ -48,7 +48,7 @@ SHM_DIR=${SHM_DIR:-/dev/shm}
 source "$ROOT/perf/common.sh"
 echo "building bdevperf, nvmf_perf and writecache_tgt (release)..." >&2
 cargo build --release -p wc-perf -p writecache-tgt -q
-TMP=$(mktemp -d "$SHM_DIR/wc-nvme-perf.XXXXXX")
+ram_tmp "$SHM_DIR" wc-nvme-perf
 python3 perf/nvme_tcp_bench.py --bin "$ROOT/target/release" --tmp "$TMP" --out "$OUT" \
   --secs "$SECS" --qds "${QDS:-1,32,128}" --mib "${MIB:-256}" \
   --steady-mib "${STEADY_MIB:-32}" --warm "$WARM" "${ARGS[@]}" &

@@ -53,7 +53,7 @@ if ! python3 -c 'import matplotlib' 2>/dev/null; then
     echo "warning: no matplotlib; the report will have no plots" >&2
 fi
 
-TMP=$(mktemp -d "$SHM_DIR/wc-perf.XXXXXX")
+ram_tmp "$SHM_DIR" wc-perf
 ORIGIN_DIR=$(mktemp -d "$ORIGIN_PARENT/wc-perf-origin.XXXXXX")
 
 ARGS=(--tmp "$TMP" --origin-dir "$ORIGIN_DIR" --bin "$BIN" --out "$OUT" "${QUICK[@]}")
