@@ -150,6 +150,12 @@ pub struct Writecache {
     /// Shared with that poller, which checks it without upgrading its
     /// reference to the instance.
     pub(crate) retire_pending: Arc<CachePadded<AtomicBool>>,
+    /// The log entries the running commit round collects from the cores
+    /// (written, superseded). One round runs at a time; its end gives the
+    /// vectors back emptied, so rounds reuse them: a core's visit
+    /// allocates nothing that the core ending the round would free (a
+    /// cross-thread free per round, and the allocator's fresh pages).
+    pub(crate) round_logs: CachePadded<Mutex<(Vec<LogEntry>, Vec<LogEntry>)>>,
     /// Set by the core that asks for a commit, cleared by home when it
     /// starts one (per commit): on a line of its own, as `seq`.
     pub(crate) commit_requested: CachePadded<AtomicBool>,
@@ -181,15 +187,6 @@ pub struct Writecache {
 /// True when logs of closed channels wait for the next round.
 fn has_orphans(c: &Coordinator) -> bool {
     !c.orphans.0.is_empty() || !c.orphans.1.is_empty()
-}
-
-/// Appends `more` to `v`, taking `more`'s allocation when `v` is empty.
-fn append<T>(v: &mut Vec<T>, mut more: Vec<T>) {
-    if v.is_empty() {
-        *v = more;
-    } else {
-        v.append(&mut more);
-    }
 }
 
 fn lock<T>(m: &Mutex<T>) -> MutexGuard<'_, T> {
@@ -462,7 +459,8 @@ impl Writecache {
             self.bump_seq(false)
         };
         let limit = self.round_limit(s, bump);
-        let (written, superseded) = self.fence_core(limit).unwrap_or_default();
+        self.fence_core(limit);
+        let (written, superseded) = std::mem::take(&mut *lock(&self.round_logs));
         self.finish_commit(s, bump, written, superseded, Vec::new());
         true
     }
@@ -498,14 +496,33 @@ impl Writecache {
 
     /// A round's visit to one core: write back the entries it stamped
     /// (cached stores), fence so they and its data are durable, then hand
-    /// over the logs of everything below `limit` (None: no channel here).
-    fn fence_core(&self, limit: u64) -> Option<(Vec<LogEntry>, Vec<LogEntry>)> {
-        let drained = crate::channel::local_of(self.id).map(|local| local.drain_logs(limit));
-        if let Some((w, _)) = &drained {
-            self.media.flush_entries(w);
+    /// over the logs of everything below `limit` to the round's
+    /// (`round_logs`).
+    fn fence_core(&self, limit: u64) {
+        if let Some(local) = crate::channel::local_of(self.id) {
+            local.free_displaced();
+            let mut logs = lock(&self.round_logs);
+            let (written, superseded) = &mut *logs;
+            let from = written.len();
+            local.drain_logs_into(limit, written, superseded);
+            self.media.flush_entries(&written[from..]);
         }
         self.media.pmem.fence();
-        drained
+    }
+
+    /// Gives a round's log vectors back, emptied, for the next round.
+    fn recycle_round_logs(&self, mut written: Vec<LogEntry>, mut superseded: Vec<LogEntry>) {
+        written.clear();
+        superseded.clear();
+        let mut logs = lock(&self.round_logs);
+        // A round that started meanwhile (asked for during this one) may
+        // have filled them already: then these are simply dropped.
+        if logs.0.capacity() == 0 {
+            logs.0 = written;
+        }
+        if logs.1.capacity() == 0 {
+            logs.1 = superseded;
+        }
     }
 
     /// One commit round (on home): bump the stamp sequence, have every core
@@ -513,9 +530,7 @@ impl Writecache {
     fn start_commit(self: &Arc<Self>, waiters: Vec<Waiter>) {
         let orphans = has_orphans(&lock(&self.coord));
         let (s, bump) = self.bump_seq(orphans);
-        let collected: Arc<Mutex<(Vec<LogEntry>, Vec<LogEntry>)>> = Arc::default();
         let me = self.clone();
-        let col = collected.clone();
         let limit = self.round_limit(s, bump);
         // Only the cores with a channel hold logs or unfenced stores (one
         // that closed its channel fenced and handed its logs over): a
@@ -524,15 +539,7 @@ impl Writecache {
         // bump under the lock `add_lane` takes, so a channel that opens
         // later stamps `s + 1` or above.
         let mut lanes = lock(&self.wb).lanes.clone();
-        let visit = move || {
-            if let Some((w, sup)) = me.fence_core(limit) {
-                // The first core's logs are taken as they are (one
-                // core: no copy at all), the others' appended.
-                let mut c = lock(&col);
-                append(&mut c.0, w);
-                append(&mut c.1, sup);
-            }
-        };
+        let visit = move || me.fence_core(limit);
         // This core's visit runs here and now, not via a message to
         // itself: a round runs from a message or a poller (never inside a
         // write, whose borrows of the core's logs would be live).
@@ -543,7 +550,7 @@ impl Writecache {
         wc_reactor::for_each_of(lanes, visit, {
             let me = self.clone();
             move || {
-                let (w, sup) = std::mem::take(&mut *lock(&collected));
+                let (w, sup) = std::mem::take(&mut *lock(&me.round_logs));
                 me.finish_commit(s, bump, w, sup, waiters)
             }
         });
@@ -632,11 +639,13 @@ impl Writecache {
         if bump {
             c.commits += 1;
         }
-        for e in written {
+        for e in &written {
             // Stale entries (freed since) are dropped when popped.
             c.fifo.push_back(e.block, now);
         }
-        c.superseded.extend(superseded);
+        c.superseded.extend_from_slice(&superseded);
+        // Before the next round can start (`in_progress` below).
+        self.recycle_round_logs(written, superseded);
         // Free superseded versions whose successor is now committed.
         let committed_below = self.sb_seq.load(Ordering::Acquire);
         // In place (the list keeps its capacity), one allocation for what

@@ -1036,17 +1036,21 @@ impl Local {
     }
 
     /// Hands over (and forgets) log entries stamped below `limit` (the
-    /// superblock sequence the running commit establishes).
-    pub(crate) fn drain_logs(&self, limit: u64) -> (Vec<LogEntry>, Vec<LogEntry>) {
-        self.free_displaced();
-
+    /// superblock sequence the running commit establishes), appending
+    /// them to `written` and `superseded` (the round's, reused round after
+    /// round: no allocation here that another core would free).
+    pub(crate) fn drain_logs_into(
+        &self,
+        limit: u64,
+        written: &mut Vec<LogEntry>,
+        superseded: &mut Vec<LogEntry>,
+    ) {
         let mut w = self.write_log.borrow_mut();
-        let done = take_below(&mut w, limit);
+        move_below(&mut w, limit, written);
         self.stats()
             .uncommitted
             .store(w.len() as u64, Ordering::Release);
-        let ready = take_below(&mut self.superseded.borrow_mut(), limit);
-        (done, ready)
+        move_below(&mut self.superseded.borrow_mut(), limit, superseded);
     }
 }
 
@@ -1087,13 +1091,11 @@ impl Writecache {
     }
 }
 
-/// Moves the entries stamped below `limit` out of `log` (order kept) into
-/// one exactly sized vector. `log` keeps its capacity: the writes after a
-/// commit do not grow it again from nothing (each growth copies the whole
-/// log inside some write, a latency spike).
-fn take_below(log: &mut Vec<LogEntry>, limit: u64) -> Vec<LogEntry> {
-    let n = log.iter().filter(|e| e.seq < limit).count();
-    let mut out = Vec::with_capacity(n);
+/// Moves the entries stamped below `limit` out of `log` (order kept) to
+/// the end of `out`. `log` keeps its capacity: the writes after a commit
+/// do not grow it again from nothing (each growth copies the whole log
+/// inside some write, a latency spike).
+fn move_below(log: &mut Vec<LogEntry>, limit: u64, out: &mut Vec<LogEntry>) {
     log.retain(|e| {
         if e.seq < limit {
             out.push(*e);
@@ -1102,7 +1104,6 @@ fn take_below(log: &mut Vec<LogEntry>, limit: u64) -> Vec<LogEntry> {
             true
         }
     });
-    out
 }
 
 /// Calls `f(offset_in_block, piece)` for the parts of the I/O's segments
@@ -1216,7 +1217,7 @@ mod tests {
     }
 
     #[test]
-    fn take_below_keeps_order_and_capacity() {
+    fn move_below_keeps_order_and_capacity() {
         let e = |seq| LogEntry {
             block: seq as u32,
             gen: 0,
@@ -1225,13 +1226,15 @@ mod tests {
         let mut log: Vec<LogEntry> = [5, 1, 7, 2, 9, 3].into_iter().map(e).collect();
         log.reserve(100);
         let cap = log.capacity();
-        let done = take_below(&mut log, 5);
+        let mut done = vec![e(0)];
+        move_below(&mut log, 5, &mut done);
         let seqs = |v: &[LogEntry]| v.iter().map(|x| x.seq).collect::<Vec<_>>();
-        assert_eq!(seqs(&done), vec![1, 2, 3]);
-        assert_eq!(done.capacity(), 3);
+        assert_eq!(seqs(&done), vec![0, 1, 2, 3]);
         assert_eq!(seqs(&log), vec![5, 7, 9]);
         assert_eq!(log.capacity(), cap);
-        assert!(take_below(&mut log, 0).is_empty());
+        move_below(&mut log, 0, &mut done);
+        assert_eq!(done.len(), 4);
+        assert_eq!(log.len(), 3);
     }
 
     #[test]

@@ -452,6 +452,7 @@ fn start(
         channel_cores: AtomicU64::new(0),
         last_write_around: CachePadded::new(AtomicU64::new(0)),
         drip: Arc::new(CachePadded::new(Default::default())),
+        round_logs: CachePadded::new(std::sync::Mutex::new(Default::default())),
         flush_on_suspend: AtomicBool::new(false),
         closing: AtomicBool::new(false),
         suspended: AtomicBool::new(false),
