@@ -159,6 +159,11 @@ pub struct Writecache {
     /// Set by the core that asks for a commit, cleared by home when it
     /// starts one (per commit): on a line of its own, as `seq`.
     pub(crate) commit_requested: CachePadded<AtomicBool>,
+    /// An autocommit for home to run, asked without a message (see
+    /// [`Self::request_autocommit`]): home's retire poller claims it. Its
+    /// own line; shared with that poller, which looks at it every
+    /// iteration without a reference to the instance.
+    pub(crate) home_asked: Arc<CachePadded<AtomicBool>>,
     /// Reactors with a channel of this instance (`lanes.len()`, readable
     /// without the lock): autocommit splits its block count among them,
     /// not among every reactor of the runtime (fio's control reactor, or
@@ -385,22 +390,26 @@ impl Writecache {
     /// completed before this call is durable.
     pub(crate) fn request_commit(self: &Arc<Self>, waiter: Option<Waiter>) {
         let me = self.clone();
-        self.home.send(move || {
-            let mut c = lock(&me.coord);
-            if let Some(w) = waiter {
-                c.next.push(w);
-            }
-            if c.in_progress {
-                // Remember it: the running round may not cover writes that
-                // asked for this one.
-                c.again = true;
-                return;
-            }
-            c.in_progress = true;
-            let waiters = std::mem::take(&mut c.next);
-            drop(c);
-            me.start_commit(waiters);
-        });
+        self.home.send(move || me.commit_asked(waiter));
+    }
+
+    /// On home: starts a round for what asked, or has the running one
+    /// followed by another.
+    fn commit_asked(self: &Arc<Self>, waiter: Option<Waiter>) {
+        let mut c = lock(&self.coord);
+        if let Some(w) = waiter {
+            c.next.push(w);
+        }
+        if c.in_progress {
+            // Remember it: the running round may not cover writes that
+            // asked for this one.
+            c.again = true;
+            return;
+        }
+        c.in_progress = true;
+        let waiters = std::mem::take(&mut c.next);
+        drop(c);
+        self.start_commit(waiters);
     }
 
     /// Asks for a commit from a writing core (autocommit by count). In
@@ -410,15 +419,24 @@ impl Writecache {
     /// another thread, and a round on home cost a wake-up, two messages
     /// and the commit state's lines crossing cores every 64 writes.
     /// Otherwise (several writers, ssd mode, a round running) home runs it.
+    ///
+    /// A home that polls without sleeping sees `home_asked` in its next
+    /// iteration (the retire poller claims it and runs
+    /// [`Self::commit_asked`]): no message crosses cores. A home that may
+    /// sleep gets a message, which wakes it.
     pub(crate) fn request_autocommit(self: &Arc<Self>) {
-        let Some(here) = wc_reactor::try_current().filter(|_| self.ssd.is_none()) else {
+        let Some(here) = wc_reactor::try_current() else {
             return self.request_commit(None);
         };
-        if self.channel_cores.load(Ordering::Relaxed) > 1 {
-            // Several writing cores: `commit_here` would refuse. Straight
-            // to home, without the message to this core first (a stale
-            // count only costs a home round, always correct).
-            return self.request_commit(None);
+        // Several writing cores: `commit_here` would refuse (a stale count
+        // only costs a home round, always correct). ssd mode: home's.
+        if self.ssd.is_some() || self.channel_cores.load(Ordering::Relaxed) > 1 {
+            if self.home.in_interrupt() {
+                self.request_commit(None);
+            } else {
+                self.home_asked.store(true, Ordering::Release);
+            }
+            return;
         }
         // Not in the middle of the write that asked: its borrows of the
         // core's logs are live there.
@@ -780,14 +798,16 @@ impl Writecache {
         let handle = Rc::new(std::cell::RefCell::new(None::<wc_reactor::PollerHandle>));
         let h2 = handle.clone();
         let pending = self.retire_pending.clone();
+        let asked = self.home_asked.clone();
         let p = r.register_event_poller("writecache_retire", move || {
-            // Nothing retired since the last run (nearly every iteration
-            // of a reactor busy with I/O): two plain loads, no lock, no
-            // reference count, no locked instruction. A run that retires
-            // after the swap sets it again.
+            // Nothing retired and no commit asked for since the last run
+            // (nearly every iteration of a reactor busy with I/O): three
+            // plain loads, no lock, no reference count, no locked
+            // instruction. A run that retires after the swap sets it again.
             let gone = me.strong_count() == 0;
-            if !gone && (!pending.load(Ordering::Relaxed) || !pending.swap(false, Ordering::AcqRel))
-            {
+            let commit = asked.load(Ordering::Relaxed) && asked.swap(false, Ordering::AcqRel);
+            let retire = pending.load(Ordering::Relaxed) && pending.swap(false, Ordering::AcqRel);
+            if !gone && !commit && !retire {
                 return wc_reactor::PollStatus::Idle;
             }
             let Some(wc) = me.upgrade() else {
@@ -796,6 +816,12 @@ impl Writecache {
                 }
                 return wc_reactor::PollStatus::Idle;
             };
+            if commit {
+                wc.commit_asked(None);
+            }
+            if !retire {
+                return wc_reactor::PollStatus::Busy;
+            }
             let retired = wc.free_retired();
             let completed = std::mem::take(&mut lock(&wc.wb).completed);
             if completed {

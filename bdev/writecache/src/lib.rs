@@ -448,6 +448,7 @@ fn start(
         coord: CachePadded::new(std::sync::Mutex::new(cache::Coordinator::new(n))),
         wb: Default::default(),
         commit_requested: CachePadded::new(AtomicBool::new(false)),
+        home_asked: Arc::new(CachePadded::new(AtomicBool::new(false))),
         retire_pending: Arc::new(CachePadded::new(AtomicBool::new(false))),
         channel_cores: AtomicU64::new(0),
         last_write_around: CachePadded::new(AtomicU64::new(0)),
