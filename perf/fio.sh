@@ -18,6 +18,9 @@
 # QDS="1 8 32 128", SIZE_MIB, TGT_ARGS="-m 0x1", SHM_DIR=/dev/shm,
 # ORIGIN_DIR_PARENT=/var/tmp, RESULTS_DIR=perf/results, WRITECACHE_TGT (a
 # built binary; otherwise a release build is made).
+# Cache files go on a tmpfs mounted huge=always under SHM_DIR (2 MiB pages,
+# as DAX pmem) where root can mount one; CACHE_PAGES=4k puts them in SHM_DIR
+# itself (see ram_tmp in perf/common.sh).
 set -euo pipefail
 
 MODE=full
@@ -25,7 +28,7 @@ for arg in "$@"; do
   case "$arg" in
     --quick) MODE=quick ;;
     --smoke) MODE=smoke ;;
-    -h|--help) sed -n '2,23p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "usage: $0 [--quick | --smoke]" >&2; exit 2 ;;
   esac
 done

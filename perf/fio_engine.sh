@@ -4,7 +4,7 @@
 #
 #   perf/fio_engine.sh
 #
-# Same bdevs (malloc; writecache with a pmem cache file in /dev/shm over a
+# Same bdevs (malloc; writecache with a pmem cache file in RAM over a
 # uring origin file + bdev_delay, as perf/run.sh), 4 KiB random writes and
 # reads, QD 1 and 32, 2 s per cell, RUNS=3 rounds of all methods (medians;
 # about 4 min). Builds bdevperf, writecache_tgt and the engine first.
@@ -13,11 +13,14 @@
 # from the same rounds) and fio_engine.json. Overrides (environment): RUNS,
 # SECS, RAMP, QDS="1 32", SIZE_MIB, SHM_DIR=/dev/shm,
 # ORIGIN_DIR_PARENT=/var/tmp, RESULTS_DIR=perf/results.
+# Cache files go on a tmpfs mounted huge=always under SHM_DIR (2 MiB pages,
+# as DAX pmem) where root can mount one; CACHE_PAGES=4k puts them in SHM_DIR
+# itself (see ram_tmp in perf/common.sh).
 set -euo pipefail
 
 for arg in "$@"; do
   case "$arg" in
-    -h|--help) sed -n '2,15p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "usage: $0" >&2; exit 2 ;;
   esac
 done

@@ -21,6 +21,9 @@
 # RESULTS_DIR=perf/results, PORTS=first-last (listener ports),
 # NICE="nice -n -20", RT=1 (root: SCHED_FIFO for the target's reactor and
 # nvmf_perf; quiet dedicated machines only).
+# Cache files go on a tmpfs mounted huge=always under SHM_DIR (2 MiB pages,
+# as DAX pmem) where root can mount one; CACHE_PAGES=4k puts them in SHM_DIR
+# itself (see ram_tmp in perf/common.sh).
 set -euo pipefail
 SECS=${SECS:-3}
 WARM=${WARM:-3}

@@ -8,7 +8,7 @@
 # writes and a 70/30 random mix, at QD 1/8/32/128, on 1 and 2 reactors
 # (-m 0x1; -m 0x3 -C), on null, malloc, the origin alone (uring O_DIRECT on
 # a file; also wrapped in bdev_delay, 40 us avg / 80 us p99, a stand-in for
-# an NVMe) and writecache (pmem mode, cache file in /dev/shm) over that
+# an NVMe) and writecache (pmem mode, cache file in RAM) over that
 # origin -- plus writecache in the steady state (a small cache kept at the
 # high watermark while writeback runs) and wc_recovery (recovery time for
 # 1/4/16 Mi cache blocks of 512 B, RAM per cache block) and copy_limit (the
@@ -22,13 +22,16 @@
 # Overrides (environment): RUNS, SECS, QDS="1 8 32 128", ORIGIN_MIB=1024,
 # STEADY_CACHE_MIB=64, STEADY_WARM, STEADY_SECS, RECOVERY_MI="1 4 16",
 # SHM_DIR=/dev/shm, ORIGIN_DIR_PARENT=/var/tmp, RESULTS_DIR=perf/results.
+# Cache files go on a tmpfs mounted huge=always under SHM_DIR (2 MiB pages,
+# as DAX pmem) where root can mount one; CACHE_PAGES=4k puts them in SHM_DIR
+# itself (see ram_tmp in perf/common.sh).
 set -euo pipefail
 
 QUICK=()
 for arg in "$@"; do
   case "$arg" in
     --quick) QUICK=(--quick) ;;
-    -h|--help) sed -n '2,24p' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
+    -h|--help) awk 'NR > 1 && !/^#/ {exit} NR > 1' "$0" | sed 's/^# \{0,1\}//'; exit 0 ;;
     *) echo "usage: $0 [--quick]" >&2; exit 2 ;;
   esac
 done
