@@ -37,6 +37,9 @@ pub(crate) fn probe_ring() -> Result<(), BdevError> {
 
 /// Creates the calling reactor's channel: its ring and its poller.
 pub(crate) fn create(file: Arc<FileState>) -> Result<Box<dyn IoChannel>, BdevError> {
+    if file.inline_io {
+        return Ok(Box::new(crate::inline::InlineChannel::new(file)));
+    }
     let reactor = wc_reactor::try_current()
         .ok_or_else(|| BdevError::Internal("uring channel created off a reactor".into()))?;
     let ring = IoUring::new(RING_DEPTH).map_err(|e| BdevError::os("io_uring_setup", e))?;

@@ -39,6 +39,8 @@ pub(crate) struct FileState {
     pub(crate) name: String,
     /// Opened with `O_DIRECT`.
     pub(crate) direct_io: bool,
+    /// On a memory file system: served inline (see `inline.rs`).
+    pub(crate) inline_io: bool,
     /// Opened read-only.
     pub(crate) readonly: bool,
     /// Block size of the bdev.
@@ -75,7 +77,13 @@ pub(crate) fn open(opts: &UringOpts, force_buffered: bool) -> Result<FileState, 
     if filename.is_empty() {
         return Err(BdevError::Invalid("filename must not be empty".into()));
     }
-    let (file, direct_io) = open_file(&filename, readonly, force_buffered)?;
+    let (mut file, mut direct_io) = open_file(&filename, readonly, force_buffered)?;
+    let inline_io = on_memory_fs(&file);
+    if inline_io && direct_io {
+        // tmpfs accepts O_DIRECT (since Linux 6.6) but its pages are the
+        // medium: direct I/O there only adds alignment rules.
+        (file, direct_io) = open_file(&filename, readonly, true)?;
+    }
     let meta = file
         .metadata()
         .map_err(os_err(format!("stat {filename}")))?;
@@ -140,7 +148,9 @@ pub(crate) fn open(opts: &UringOpts, force_buffered: bool) -> Result<FileState, 
         } else {
             probe_punch_hole(&file, size, block_size)
         };
-    if !direct_io {
+    if inline_io {
+        tracing::debug!("{filename}: on a memory file system, I/O served inline");
+    } else if !direct_io {
         tracing::debug!("{filename}: buffered I/O, FLUSH uses fdatasync");
     }
     Ok(FileState {
@@ -148,6 +158,7 @@ pub(crate) fn open(opts: &UringOpts, force_buffered: bool) -> Result<FileState, 
         filename,
         name: opts.name.clone(),
         direct_io,
+        inline_io,
         readonly,
         block_size,
         num_blocks,
@@ -189,6 +200,22 @@ fn open_file(
     open(false)
         .map(|f| (f, false))
         .map_err(os_err(format!("open {filename}")))
+}
+
+/// `statfs` magic of ramfs (not exported by `libc`).
+const RAMFS_MAGIC: u64 = 0x8584_58f6;
+
+/// Whether the open file lives on tmpfs or ramfs (pages are the medium).
+fn on_memory_fs(file: &File) -> bool {
+    // SAFETY: statfs is plain old data; all-zero is a valid value.
+    let mut st: libc::statfs = unsafe { std::mem::zeroed() };
+    // SAFETY: the fd is open for the duration of the call and `st` is a
+    // valid, writable statfs buffer.
+    if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
+        return false;
+    }
+    let magic = st.f_type as u64;
+    magic == libc::TMPFS_MAGIC as u64 || magic == RAMFS_MAGIC
 }
 
 /// `(memory alignment, offset/length alignment)` for direct I/O, from

@@ -11,11 +11,17 @@
 //! the ring's depth wait in a local overflow queue. Scatter-gather lists
 //! the kernel would refuse for direct I/O (segments not aligned to the file
 //! system's direct-I/O granularity) go through a per-slot bounce buffer.
+//!
+//! A file on a memory file system (tmpfs, ramfs) is opened buffered and
+//! served inline instead: one `preadv`/`pwritev` on the submitting reactor
+//! per request (io_uring would hand every tmpfs write to a worker thread);
+//! the driver info says `"inline_io": true`.
 
 #![warn(missing_docs)]
 
 mod channel;
 mod file;
+mod inline;
 
 use std::sync::Arc;
 
@@ -148,6 +154,7 @@ impl BdevOps for UringBdev {
             "uring": {
                 "filename": self.state.filename,
                 "direct_io": self.state.direct_io,
+                "inline_io": self.state.inline_io,
             }
         })
     }

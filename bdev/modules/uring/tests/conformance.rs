@@ -2,7 +2,7 @@ use std::path::PathBuf;
 
 use serde_json::json;
 use wc_bdev::testing::{conformance, pattern, run_on, test_runtime, Expect};
-use wc_bdev::{DmaBuf, IoStatus, IoType};
+use wc_bdev::{DmaBuf, IoStatus, IoType, IoVec};
 use wc_bdev_uring::{create, delete, UringOpts};
 
 /// A file of `len` bytes in the temp dir (ext4 here: O_DIRECT works),
@@ -53,7 +53,7 @@ fn uring_passes_conformance_from_two_reactors() {
         assert_eq!(info["product_name"], json!("URING bdev"));
         assert_eq!(
             info["driver_specific"],
-            json!({"uring": {"filename": f.path(), "direct_io": true}})
+            json!({"uring": {"filename": f.path(), "direct_io": true, "inline_io": false}})
         );
         for t in ["read", "write", "flush", "reset", "unmap", "write_zeroes"] {
             assert_eq!(info["supported_io_types"][t], json!(true), "{t}");
@@ -76,18 +76,81 @@ fn uring_passes_conformance_from_two_reactors() {
 
 #[test]
 fn conformance_on_tmpfs() {
-    // /dev/shm: tmpfs, no ZERO_RANGE (WRITE_ZEROES falls back to punching).
+    // /dev/shm: tmpfs, served inline (one system call per request), no
+    // ZERO_RANGE (WRITE_ZEROES falls back to punching).
     let dir = std::path::Path::new("/dev/shm");
     if !dir.is_dir() {
         return;
     }
     let p = dir.join(format!("wc-uring-shm-{}", std::process::id()));
-    std::fs::File::create(&p).unwrap().set_len(1 << 20).unwrap();
+    std::fs::File::create(&p).unwrap().set_len(4 << 20).unwrap();
+    let path = p.to_str().unwrap().to_string();
     let rt = test_runtime(2);
-    create(UringOpts::new("UringShm", p.to_str().unwrap())).unwrap();
+    let b = create(UringOpts::new("UringShm", &path)).unwrap();
+    // Opened buffered even though tmpfs accepts O_DIRECT since Linux 6.6.
+    assert_eq!(
+        b.info_json()["driver_specific"],
+        json!({"uring": {"filename": path, "direct_io": false, "inline_io": true}})
+    );
+    assert_eq!(b.required_alignment(), 1);
     conformance(&rt, "UringShm", STORES);
-    run_on(rt.main(), || async { delete("UringShm") }).unwrap();
+    // Scatter-gather lists longer than one pwritev/preadv takes (IOV_MAX
+    // 1024), with segments that do not line up between write and read.
+    let (wseg, rseg, blocks) = (512usize, 384usize, 1536u64);
+    let len = blocks as usize * 512;
+    let data = pattern(9, 4, len);
+    let got = run_on(rt.main(), move || async move {
+        let desc = wc_bdev::open("UringShm", true, None).unwrap();
+        let ch = desc.channel().unwrap();
+        let wiovs: Vec<IoVec> = (0..len / wseg)
+            .map(|i| IoVec {
+                // SAFETY: i * wseg < len, inside `data`, which outlives the I/O.
+                base: unsafe { data.as_ptr().add(i * wseg) }.cast_mut(),
+                len: wseg,
+            })
+            .collect();
+        let (cb, rx) = completion();
+        // SAFETY: `data` stays alive and unchanged until the completion.
+        unsafe { ch.writev(100, blocks, &wiovs, false, &cb, 0) };
+        assert_eq!(rx.await.unwrap(), IoStatus::Success);
+        let mut back = DmaBuf::new(len);
+        let riovs: Vec<IoVec> = (0..len / rseg)
+            .map(|i| IoVec {
+                // SAFETY: i * rseg < len, inside `back`, which outlives the I/O.
+                base: unsafe { back.as_mut_ptr().add(i * rseg) },
+                len: rseg,
+            })
+            .collect();
+        let (cb, rx) = completion();
+        // SAFETY: `back` stays alive and unaliased until the completion.
+        unsafe { ch.readv(100, blocks, &riovs, &cb, 0) };
+        assert_eq!(rx.await.unwrap(), IoStatus::Success);
+        drop(ch);
+        drop(desc);
+        delete("UringShm").unwrap();
+        (back, data)
+    });
+    assert!(got.0.as_slice() == got.1.as_slice());
+    // The file itself holds the data.
+    let raw = std::fs::read(&p).unwrap();
+    assert!(&raw[100 * 512..100 * 512 + len] == got.1.as_slice());
     let _ = std::fs::remove_file(p);
+}
+
+/// A completion callback and the receiver of its status.
+fn completion() -> (
+    std::rc::Rc<dyn wc_bdev::IoCompletion>,
+    futures::channel::oneshot::Receiver<IoStatus>,
+) {
+    let (tx, rx) = futures::channel::oneshot::channel();
+    let tx = std::cell::RefCell::new(Some(tx));
+    let cb: std::rc::Rc<dyn wc_bdev::IoCompletion> =
+        std::rc::Rc::new(wc_bdev::FnCompletion(move |io: wc_bdev::Io, _| {
+            if let Some(tx) = tx.borrow_mut().take() {
+                let _ = tx.send(io.status());
+            }
+        }));
+    (cb, rx)
 }
 
 #[test]
