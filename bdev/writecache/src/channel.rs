@@ -108,6 +108,12 @@ pub(crate) struct Local {
     batch: RefCell<Vec<Io>>,
     /// The batch the poller is working on (kept to reuse its allocation).
     batch_spare: RefCell<Vec<Io>>,
+    /// pmem mode: a batch's one-block writes with their data copied, not
+    /// yet published (see [`Local::serve_pmem_batch`]); kept for reuse.
+    staged: RefCell<Vec<(Io, u64, LogEntry)>>,
+    /// pmem mode: such a batch's other writes, served after the staged
+    /// ones are published; kept for reuse.
+    unstaged: RefCell<Vec<Io>>,
     /// Batchable I/Os accepted since the poller last ran.
     batch_seen: Cell<u32>,
     /// Whether reads and one-block writes came several per reactor
@@ -206,6 +212,8 @@ pub(crate) fn create_channel(wc: &Arc<Writecache>) -> Result<WcChannel, wc_bdev:
         ssd_waiting: RefCell::new(VecDeque::new()),
         batch: RefCell::new(Vec::with_capacity(64)),
         batch_spare: RefCell::new(Vec::with_capacity(64)),
+        staged: RefCell::new(Vec::with_capacity(64)),
+        unstaged: RefCell::new(Vec::with_capacity(64)),
         batch_seen: Cell::new(0),
         batching: Cell::new(false),
         last_flush: Cell::new(0),
@@ -497,12 +505,76 @@ impl Local {
                 .saturating_sub(batch.len() as u64),
             Ordering::Relaxed,
         );
-        for io in batch.drain(..) {
-            self.serve(io);
+        if self.cache.is_none() && batch.len() > 1 {
+            self.serve_pmem_batch(&mut batch);
+        } else {
+            for io in batch.drain(..) {
+                self.serve(io);
+            }
         }
         drop(guard);
         *self.batch_spare.borrow_mut() = batch;
         true
+    }
+
+    /// pmem mode: serves a batch's reads and its one-block writes' copies
+    /// first, then publishes the writes, then serves the other writes. A
+    /// write's data goes out with non-temporal stores, and the index
+    /// insert that publishes it takes a lock — a locked instruction, which
+    /// waits until those stores reach memory (a third of a random-write
+    /// cell's time, one wait per write). Copied together the writes wait
+    /// once, and the reads after them run while the stores drain.
+    ///
+    /// A commit's visit to this core (which drains its log) arrives as a
+    /// message or from a poller, never inside this one, so every staged
+    /// write is logged before a round can look for it, as a write served
+    /// alone is. The other writes (a write that found no free block waits,
+    /// and stops the staging) are served after the staged ones, in order.
+    fn serve_pmem_batch(self: &Rc<Self>, batch: &mut Vec<Io>) {
+        let wc = &self.wc;
+        let mut staged = std::mem::take(&mut *self.staged.borrow_mut());
+        let mut later = std::mem::take(&mut *self.unstaged.borrow_mut());
+        let mut staging = wc.error() == 0 && !wc.tunables.cleaner.load(Ordering::Relaxed);
+        for mut io in batch.drain(..) {
+            if io.io_type() == IoType::Read {
+                self.read(io);
+                continue;
+            }
+            if !staging
+                || io.io_type() != IoType::Write
+                || io.num_blocks() != 1
+                || io.driver_ctx()[PROGRESS] != 0
+            {
+                later.push(io);
+                continue;
+            }
+            let Some(b) = self.alloc() else {
+                staging = false;
+                later.push(io);
+                continue;
+            };
+            let log = self.write_block(&io, 0, b, false);
+            let lba = io.offset_blocks();
+            staged.push((io, lba, log));
+        }
+        // Publication, as `write`'s for one block: index, log, then the
+        // displaced. The first insert waits for the copies to land.
+        for &(_, lba, log) in staged.iter() {
+            let old = wc.index.insert(&wc.meta, lba, log.block);
+            self.write_log.borrow_mut().push(log);
+            if let Some(old) = old {
+                self.displace(old, log.seq);
+            }
+        }
+        for (mut io, _, _) in staged.drain(..) {
+            io.driver_ctx()[PROGRESS] = 1;
+            self.written(io, 1);
+        }
+        for io in later.drain(..) {
+            self.serve(io);
+        }
+        *self.staged.borrow_mut() = staged;
+        *self.unstaged.borrow_mut() = later;
     }
 
     fn read(&self, io: Io) {
