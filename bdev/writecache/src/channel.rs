@@ -738,11 +738,23 @@ impl Local {
             io.driver_ctx()[BLOCKED] = 1;
             inc(&self.stats().writes_blocked_on_freelist, 1);
         }
+        self.add_waiting_blocks(io.num_blocks() - i, 0);
         self.waiting.borrow_mut().push_back(io);
         self.stats()
             .waiting
             .store(self.waiting.borrow().len() as u64, Ordering::Relaxed);
         self.make_room();
+    }
+
+    /// Adds `more` to, and takes `less` from, the blocks this core's
+    /// waiting writes still need (the home's writeback reads the sum).
+    fn add_waiting_blocks(&self, more: u64, less: u64) {
+        let c = &self.stats().waiting_blocks;
+        // This core is the only writer: a plain store, no locked add.
+        c.store(
+            (c.load(Ordering::Relaxed) + more).saturating_sub(less),
+            Ordering::Relaxed,
+        );
     }
 
     /// Writes block `i` of `io` (zeroes for a write-zeroes) into cache
@@ -1016,6 +1028,7 @@ impl Local {
         if let Some(errno) = self.waiting_fails_with() {
             let waiting: Vec<Io> = self.waiting.borrow_mut().drain(..).collect();
             self.stats().waiting.store(0, Ordering::Relaxed);
+            self.stats().waiting_blocks.store(0, Ordering::Relaxed);
             for io in waiting {
                 io.complete(IoStatus::Failed(errno));
             }
@@ -1058,6 +1071,9 @@ impl Local {
             self.stats()
                 .waiting
                 .store(self.waiting.borrow().len() as u64, Ordering::Relaxed);
+            let mut io = io;
+            let done = io.driver_ctx()[PROGRESS];
+            self.add_waiting_blocks(0, io.num_blocks().saturating_sub(done));
             self.write(io);
             if !self.waiting.borrow().is_empty()
                 && self.free.borrow().is_empty()

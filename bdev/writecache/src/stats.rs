@@ -24,6 +24,9 @@ pub(crate) struct CoreStats {
     pub(crate) free_cached: AtomicU64,
     /// Writes waiting on this core for a free block.
     pub(crate) waiting: AtomicU64,
+    /// Blocks those writes still need (pmem mode; ssd mode counts its
+    /// waiting writes in `waiting` alone and leaves this 0).
+    pub(crate) waiting_blocks: AtomicU64,
     /// I/O accepted on this core and not completed yet (suspend drains it).
     pub(crate) inflight: AtomicU64,
     /// Completed read latencies: bucket i counts [2^i, 2^(i+1)) ns.

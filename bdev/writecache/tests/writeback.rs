@@ -683,3 +683,45 @@ both_modes!(
     blocked_writers_do_not_wait_for_the_autocommit_timer,
     an_autocommit_requested_during_a_commit_is_not_lost,
 );
+
+/// pmem mode: writers waiting for free blocks in a cache full of committed
+/// blocks they overwrite write back what they need, not the whole cache:
+/// the blocks they supersede come back with the next commit (dm's
+/// writeback on an empty free list likewise stops once the free list and
+/// the writeback reach the low watermark). Writing back everything
+/// committed, as before, sent every cached LBA to the origin.
+#[test]
+fn waiting_overwriters_write_back_what_they_need_not_the_whole_cache() {
+    wcrig::with_mode(wc_writecache::Mode::Pmem, || {
+        let rig = Rig::new(1, 256, 1024, Layer::Plain, |o| {
+            o.high_watermark = Some(100);
+            o.low_watermark = Some(100);
+        });
+        let n = rig.stats().blocks;
+        let cached = n - 4;
+        fill(&rig, 0..cached);
+        assert_eq!(rig.stats().writeback_completed_blocks, 0);
+        // Four times as many overwrites in flight as there are free blocks.
+        let hot = 16;
+        let pending: Vec<(u64, Slot)> = (0..hot)
+            .map(|lba| (lba, rig.submit_write(0, lba, 2, false)))
+            .collect();
+        for (lba, s) in &pending {
+            assert_eq!(rig.wait(s), Ok(None), "overwrite lba {lba}");
+        }
+        let s = rig.stats();
+        assert!(s.writes_blocked_on_freelist > 0, "{s:?}");
+        for lba in 0..cached {
+            let v = if lba < hot { 2 } else { 1 };
+            assert_eq!(rig.read_block(0, lba), Ok(Some((lba, v))), "lba {lba}");
+        }
+        until_writeback_quiet(&rig, Duration::from_millis(20));
+        let s = rig.stats();
+        assert!(
+            s.writeback_completed_blocks <= 2 * hot,
+            "{} of {cached} cached blocks written back for {hot} waiting overwrites: {s:?}",
+            s.writeback_completed_blocks
+        );
+        assert_eq!(s.error, 0, "{s:?}");
+    });
+}
