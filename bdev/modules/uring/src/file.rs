@@ -78,12 +78,6 @@ pub(crate) fn open(opts: &UringOpts, force_buffered: bool) -> Result<FileState, 
         return Err(BdevError::Invalid("filename must not be empty".into()));
     }
     let (mut file, mut direct_io) = open_file(&filename, readonly, force_buffered)?;
-    let inline_io = on_memory_fs(&file);
-    if inline_io && direct_io {
-        // tmpfs accepts O_DIRECT (since Linux 6.6) but its pages are the
-        // medium: direct I/O there only adds alignment rules.
-        (file, direct_io) = open_file(&filename, readonly, true)?;
-    }
     let meta = file
         .metadata()
         .map_err(os_err(format!("stat {filename}")))?;
@@ -93,6 +87,12 @@ pub(crate) fn open(opts: &UringOpts, force_buffered: bool) -> Result<FileState, 
         return Err(BdevError::Invalid(format!(
             "{filename} is neither a regular file nor a block device"
         )));
+    }
+    let inline_io = serves_inline(ft.is_file(), fs_magic(&file));
+    if inline_io && direct_io {
+        // tmpfs accepts O_DIRECT (since Linux 6.6) but its pages are the
+        // medium: direct I/O there only adds alignment rules.
+        (file, direct_io) = open_file(&filename, readonly, true)?;
     }
     let dio = if direct_io { dio_align(&file) } else { None };
     let (size, logical) = if is_blockdev {
@@ -205,17 +205,23 @@ fn open_file(
 /// `statfs` magic of ramfs (not exported by `libc`).
 const RAMFS_MAGIC: u64 = 0x8584_58f6;
 
-/// Whether the open file lives on tmpfs or ramfs (pages are the medium).
-fn on_memory_fs(file: &File) -> bool {
+/// Whether a file is served inline: a regular file on tmpfs or ramfs,
+/// whose pages are the medium. Not a device node: `/dev` is a devtmpfs,
+/// which reports tmpfs's magic for the NVMe drive's node too.
+fn serves_inline(regular_file: bool, fs_magic: Option<u64>) -> bool {
+    regular_file && fs_magic.is_some_and(|m| m == libc::TMPFS_MAGIC as u64 || m == RAMFS_MAGIC)
+}
+
+/// The `statfs` magic of the file system holding the open file.
+fn fs_magic(file: &File) -> Option<u64> {
     // SAFETY: statfs is plain old data; all-zero is a valid value.
     let mut st: libc::statfs = unsafe { std::mem::zeroed() };
     // SAFETY: the fd is open for the duration of the call and `st` is a
     // valid, writable statfs buffer.
     if unsafe { libc::fstatfs(file.as_raw_fd(), &mut st) } != 0 {
-        return false;
+        return None;
     }
-    let magic = st.f_type as u64;
-    magic == libc::TMPFS_MAGIC as u64 || magic == RAMFS_MAGIC
+    Some(st.f_type as u64)
 }
 
 /// `(memory alignment, offset/length alignment)` for direct I/O, from
@@ -297,4 +303,27 @@ fn probe_punch_hole(file: &File, size: u64, block_size: u32) -> bool {
         )
     };
     rc == 0
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn only_regular_files_on_memory_file_systems_are_served_inline() {
+        const EXT4_MAGIC: u64 = 0xEF53;
+        let tmpfs = libc::TMPFS_MAGIC as u64;
+        assert!(serves_inline(true, Some(tmpfs)));
+        assert!(serves_inline(true, Some(RAMFS_MAGIC)));
+        assert!(!serves_inline(true, Some(EXT4_MAGIC)));
+        assert!(!serves_inline(true, None));
+        // A block device's node in /dev (devtmpfs answers tmpfs's magic).
+        assert!(!serves_inline(false, Some(tmpfs)));
+        // A real device node (its /dev usually answers tmpfs's magic).
+        let node = File::open("/dev/null").unwrap();
+        assert!(!serves_inline(
+            node.metadata().unwrap().is_file(),
+            fs_magic(&node)
+        ));
+    }
 }
