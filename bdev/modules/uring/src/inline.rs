@@ -61,21 +61,19 @@ impl InlineChannel {
                 let pos = libc::off_t::try_from(off).map_err(|_| libc::EINVAL)?;
                 let list = &iovecs[first..];
                 let n = list.len() as libc::c_int;
-                // SAFETY: every iovec points into a segment of `io`, which
-                // the submitter keeps valid (and, for a read, writable)
-                // until the request completes, i.e. past this call; the
-                // array itself is live and unaliased for the call.
-                let res = unsafe {
-                    if write {
-                        libc::pwritev2(self.file.fd(), list.as_ptr(), n, pos, flags)
-                    } else {
-                        libc::preadv2(self.file.fd(), list.as_ptr(), n, pos, 0)
-                    }
+                // Every iovec points into a segment of `io`, which the
+                // submitter keeps valid (and, for a read, writable) until
+                // the request completes, i.e. past this call; the array
+                // itself is live and unaliased for the call.
+                let res = if write {
+                    // SAFETY: as above; pwritev2 only reads the segments.
+                    unsafe { libc::pwritev2(self.file.fd(), list.as_ptr(), n, pos, flags) }
+                } else {
+                    // SAFETY: as above; the segments are writable.
+                    unsafe { libc::preadv2(self.file.fd(), list.as_ptr(), n, pos, 0) }
                 };
                 if res < 0 {
-                    let errno = std::io::Error::last_os_error()
-                        .raw_os_error()
-                        .unwrap_or(libc::EIO);
+                    let errno = last_errno();
                     if errno == libc::EINTR {
                         continue;
                     }
@@ -108,17 +106,10 @@ impl InlineChannel {
     fn fallocate(&self, io: &Io, mode: libc::c_int) -> Result<(), i32> {
         let off = libc::off_t::try_from(io.offset_bytes()).map_err(|_| libc::EINVAL)?;
         let len = libc::off_t::try_from(io.len_bytes()).map_err(|_| libc::EINVAL)?;
+        let mode = mode | libc::FALLOC_FL_KEEP_SIZE;
         // SAFETY: fallocate only reads its integer arguments; the fd is open
         // while the channel holds the file state.
-        let rc =
-            unsafe { libc::fallocate(self.file.fd(), mode | libc::FALLOC_FL_KEEP_SIZE, off, len) };
-        if rc == 0 {
-            Ok(())
-        } else {
-            Err(std::io::Error::last_os_error()
-                .raw_os_error()
-                .unwrap_or(libc::EIO))
-        }
+        errno_of(unsafe { libc::fallocate(self.file.fd(), mode, off, len) })
     }
 
     fn serve(&self, io: &Io) -> Result<(), i32> {
@@ -127,13 +118,7 @@ impl InlineChannel {
             IoType::Flush => {
                 // SAFETY: fdatasync only takes the fd, open while the channel
                 // holds the file state.
-                if unsafe { libc::fdatasync(self.file.fd()) } == 0 {
-                    Ok(())
-                } else {
-                    Err(std::io::Error::last_os_error()
-                        .raw_os_error()
-                        .unwrap_or(libc::EIO))
-                }
+                errno_of(unsafe { libc::fdatasync(self.file.fd()) })
             }
             IoType::Unmap => self.fallocate(io, libc::FALLOC_FL_PUNCH_HOLE),
             IoType::WriteZeroes => {
@@ -161,5 +146,21 @@ impl IoChannel for InlineChannel {
             Err(errno) => IoStatus::Failed(errno),
         };
         io.complete(status);
+    }
+}
+
+/// `errno` of the system call that just failed.
+fn last_errno() -> i32 {
+    std::io::Error::last_os_error()
+        .raw_os_error()
+        .unwrap_or(libc::EIO)
+}
+
+/// A system call's return code (0 or -1 with `errno`) as a result.
+fn errno_of(rc: libc::c_int) -> Result<(), i32> {
+    if rc == 0 {
+        Ok(())
+    } else {
+        Err(last_errno())
     }
 }
