@@ -12,7 +12,8 @@ PRE (what runs before the cell: none | randwrite = 1 s of 4 KiB random
 writes at QD 1, 32 and 128, the cells before write128k in the matrix, so
 the cache holds every LBA and its free blocks are scattered | prewrite =
 the whole range written sequentially; default: prewrite for read cells,
-none otherwise), SECS (seconds recorded, default 2).
+none otherwise), SECS (seconds recorded, default 2), NO_FLAME=1 (keep
+the perf data, draw no flame graph).
 
 Prints the cell's IOPS and the top symbols; keeps the perf data next to
 OUT.svg (OUT.data). Needs `perf` and inferno (`inferno-collapse-perf`,
@@ -72,12 +73,18 @@ def main():
         bp.close()
         shutil.rmtree(tmp)
         shutil.rmtree(od)
-    script = subprocess.run(["perf", "script", "-i", data], capture_output=True, check=True)
-    folded = subprocess.run(["inferno-collapse-perf"], input=script.stdout,
-                            capture_output=True, check=True)
-    with open(svg, "wb") as f:
-        subprocess.run(["inferno-flamegraph", "--title", f"{wk} QD {qd} {mode} {bdev}"],
-                       input=folded.stdout, stdout=f, check=True)
+    if os.environ.get("NO_FLAME"):
+        pass
+    elif not shutil.which("inferno-collapse-perf"):
+        print("no flame graph: inferno is not installed (cargo install inferno); "
+              f"the profile is in {data}", file=sys.stderr)
+    else:
+        script = subprocess.run(["perf", "script", "-i", data], capture_output=True, check=True)
+        folded = subprocess.run(["inferno-collapse-perf"], input=script.stdout,
+                                capture_output=True, check=True)
+        with open(svg, "wb") as f:
+            subprocess.run(["inferno-flamegraph", "--title", f"{wk} QD {qd} {mode} {bdev}"],
+                           input=folded.stdout, stdout=f, check=True)
     top = subprocess.run(["perf", "report", "-i", data, "--no-children", "--sort", "sym",
                           "--stdio", "-g", "none"], capture_output=True, text=True)
     lines = [ln for ln in top.stdout.splitlines() if ln.strip() and not ln.startswith("#")]
