@@ -29,8 +29,8 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 # Layers, first match wins (perf's demangled symbol names).
 LAYERS = [
-    ("data copy", re.compile(r"memmove|memcpy|memset|copy_nt|nt_copy|copy_into_io|copy_from_io"
-                             r"|write_nt|stream_copy|clear_page")),
+    ("data copy", re.compile(r"^\[\.\] .*(memmove|memcpy|memset|copy_nt|nt_copy|copy_into_io"
+                             r"|copy_from_io|write_nt|stream_copy)")),
     ("cache index", re.compile(r"wc_writecache::meta::(Index|Slots)")),
     ("cache block states, free pool", re.compile(r"wc_writecache::meta::|FreePool|free_drip"
                                                  r"|wc_writecache::fifo")),

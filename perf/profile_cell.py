@@ -73,12 +73,12 @@ def main():
         bp.close()
         shutil.rmtree(tmp)
         shutil.rmtree(od)
-    if os.environ.get("NO_FLAME"):
-        pass
-    elif not shutil.which("inferno-collapse-perf"):
+    flame = not os.environ.get("NO_FLAME")
+    if flame and not shutil.which("inferno-collapse-perf"):
         print("no flame graph: inferno is not installed (cargo install inferno); "
               f"the profile is in {data}", file=sys.stderr)
-    else:
+        flame = False
+    if flame:
         script = subprocess.run(["perf", "script", "-i", data], capture_output=True, check=True)
         folded = subprocess.run(["inferno-collapse-perf"], input=script.stdout,
                                 capture_output=True, check=True)
