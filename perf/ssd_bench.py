@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""ssd-mode benchmark (issue 13), with our bdevperf, one short run per cell.
+"""ssd-mode benchmark (issue 13), with our bdevperf, short runs per cell.
 
 4 KiB random writes at QD 1/32/128 on 1 and 2 reactors against:
   malloc        the cache bdev alone (RAM)
@@ -7,11 +7,15 @@
   origin        the origin alone (uring, O_DIRECT, over a file on disk)
   ssd-malloc    writecache in ssd mode, cache on malloc, over the origin
   ssd-shm       writecache in ssd mode, cache on the /dev/shm file
-Each writecache cell starts from a blank cache (burst: watermarks at 95/90,
-so no writeback runs). Then the steady state (a small cache, on the
-/dev/shm file and on malloc, kept at the high watermark while writeback
-runs; the second of two runs) against the origin alone, on 1 and 2
-reactors at QD 32 and 128, and the recovery time of a 4 Mi-block ssd-mode cache
+Each cell is the median of --rounds rounds (a round runs every bdev in
+turn, so a slow spell of the shared machine hits them alike). The origin
+file is written once before the cells (--no-precondition: left as
+fallocated). Each writecache cell starts from a blank cache
+(burst: watermarks at 95/90, so no writeback runs). Then the steady
+state (a small cache, on the /dev/shm file and on malloc, kept at the
+high watermark while writeback runs; the second of two runs; medians of
+--steady-rounds rounds) against the origin alone, on 1 and 2 reactors at
+QD 32 and 128, and the recovery time of a 4 Mi-block ssd-mode cache
 (wc_recovery). Writes a markdown report that ends with issue 13's
 targets table (measured, met or not).
 
@@ -47,6 +51,17 @@ def sparse(path, mib):
     with open(path, "wb") as f:
         f.truncate(mib << 20)
         os.posix_fallocate(f.fileno(), 0, mib << 20)
+
+
+def precondition(path, mib):
+    """Writes the whole origin file once (1 MiB O_DIRECT writes), as a disk
+    is preconditioned before it is measured: a file that is only
+    fallocated has unwritten extents, whose first write costs ext4 a
+    conversion, so a cell's rate otherwise depends on how much of the file
+    the cells before it happened to write (origin 1r QD 128 moved from
+    ~125 k to ~111 k IOPS as the file filled)."""
+    subprocess.run(["dd", "if=/dev/zero", f"of={path}", "bs=1M", f"count={mib}",
+                    "oflag=direct", "conv=notrunc", "status=none"], check=True)
 
 
 def cfg_for(name, a, tmp, origin_file):
@@ -136,6 +151,11 @@ def targets(res, iops, steady, recovery_s, reactors, qds):
     return out
 
 
+def median_cell(cells):
+    """The run with the median IOPS of a steady cell's rounds (its p99 with it)."""
+    return sorted(cells, key=lambda c: c["iops"])[(len(cells) - 1) // 2]
+
+
 # Queue depths of the steady-state cells.
 STEADY_QDS = (32, 128)
 
@@ -146,8 +166,11 @@ def steady_table(a, steady):
     def c(n, r, q, k="iops"):
         x = steady.get((n, r, q))
         return x[k] if x else None
-    out = [f"Steady state ({a.steady_cache_mib} MiB ssd-mode cache, default watermarks, "
-           f"second of two {a.steady_secs} s runs per cell; p99 of the foreground writes):", "",
+    out = [f"Steady state ({a.steady_cache_mib} MiB ssd-mode cache, default watermarks; "
+           f"each cell the second of two {a.steady_secs} s runs, median of "
+           f"{a.steady_rounds} rounds that run the three in turn; origin file "
+           f"{'as fallocated' if a.no_precondition else 'preconditioned (written once)'}; "
+           "p99 of the foreground writes):", "",
            "| reactors | QD | origin | wc, cache on shm | x origin | p99 µs | "
            "wc, cache on malloc | x origin | p99 µs |", "|---|---|---|---|---|---|---|---|---|"]
     for r in [int(x) for x in a.reactors.split()]:
@@ -206,6 +229,9 @@ def main():
     ap.add_argument("--secs", type=float, default=0.5)
     ap.add_argument("--qds", default="1 32 128")
     ap.add_argument("--reactors", default="1 2")
+    ap.add_argument("--rounds", type=int, default=3,
+                    help="rounds of the burst cells (each round runs every bdev in turn; "
+                         "the table gives each cell's median)")
     # The cache must outlast a run: at 1M IOPS a 0.5 s run writes 2 GiB
     # (most of it new blocks: the origin has 2 Mi of them); a cache that
     # reaches its high watermark mid-run measures the writeback, not the
@@ -214,6 +240,11 @@ def main():
     ap.add_argument("--origin-mib", type=int, default=8192)
     ap.add_argument("--steady-cache-mib", type=int, default=64)
     ap.add_argument("--steady-secs", type=int, default=5)
+    ap.add_argument("--steady-rounds", type=int, default=3,
+                    help="rounds of the steady cells (each round runs origin and both "
+                         "caches in turn; the table gives each cell's median)")
+    ap.add_argument("--no-precondition", action="store_true",
+                    help="measure on the origin file as fallocated (unwritten extents)")
     ap.add_argument("--shm", default="/dev/shm")
     ap.add_argument("--origin-dir", default="/var/tmp")
     ap.add_argument("--out", default="perf/results/ssd.md")
@@ -226,6 +257,9 @@ def main():
     odir = tempfile.mkdtemp(prefix="wc-ssd-bench-origin.", dir=a.origin_dir)
     origin_file = os.path.join(odir, "origin.img")
     sparse(origin_file, a.origin_mib)
+    if not a.no_precondition and not a.ab:
+        bench.log(f"preconditioning the origin file ({a.origin_mib} MiB)")
+        precondition(origin_file, a.origin_mib)
     qds = [int(q) for q in a.qds.split()]
     res = {}
     if a.ab:
@@ -235,22 +269,29 @@ def main():
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.rmtree(odir, ignore_errors=True)
     try:
-        for r in [int(x) for x in a.reactors.split()] if not a.steady_only else []:
-            for q in qds:
-                for name in ("malloc", "shm", "origin", "ssd-malloc", "ssd-shm"):
-                    cell = run(a, tmp, origin_file, name, r, q, a.secs,
-                               repeat=ALONE_PASSES.get(name, 1))
-                    res[(name, r, q)] = cell
-                    bench.log(f"{name} reactors {r} qd {q}: "
-                              f"{cell['iops'] if cell else 'failed'}")
-        steady = {}
-        for r in [int(x) for x in a.reactors.split()]:
-            for q in STEADY_QDS:
-                for name in ("origin", "steady", "steady-malloc"):
-                    c = run(a, tmp, origin_file, name, r, q, a.steady_secs, repeat=2)
-                    steady[(name, r, q)] = c
-                    bench.log(f"steady {name} reactors {r} qd {q}: "
-                              f"{c['iops'] if c else 'failed'}")
+        burst = {}
+        for _ in range(a.rounds if not a.steady_only else 0):
+            for r in [int(x) for x in a.reactors.split()]:
+                for q in qds:
+                    for name in ("malloc", "shm", "origin", "ssd-malloc", "ssd-shm"):
+                        cell = run(a, tmp, origin_file, name, r, q, a.secs,
+                                   repeat=ALONE_PASSES.get(name, 1))
+                        if cell:
+                            burst.setdefault((name, r, q), []).append(cell)
+                        bench.log(f"{name} reactors {r} qd {q}: "
+                                  f"{cell['iops'] if cell else 'failed'}")
+        res = {k: median_cell(v) for k, v in burst.items()}
+        runs = {}
+        for _ in range(a.steady_rounds):
+            for r in [int(x) for x in a.reactors.split()]:
+                for q in STEADY_QDS:
+                    for name in ("origin", "steady", "steady-malloc"):
+                        c = run(a, tmp, origin_file, name, r, q, a.steady_secs, repeat=2)
+                        if c:
+                            runs.setdefault((name, r, q), []).append(c)
+                        bench.log(f"steady {name} reactors {r} qd {q}: "
+                                  f"{c['iops'] if c else 'failed'}")
+        steady = {k: median_cell(v) for k, v in runs.items()}
         if a.steady_only:
             print("\n".join(steady_table(a, steady)))
             return
@@ -272,10 +313,11 @@ def main():
     def ratio(x, y):
         return f"{x / y:.2f}" if x and y else "-"
 
-    lines = ["# ssd mode: 4 KiB random writes (bdevperf, one run of "
-             f"{a.secs:g} s per cell)", "",
+    lines = ["# ssd mode: 4 KiB random writes (bdevperf, median of "
+             f"{a.rounds} rounds of {a.secs:g} s per cell)", "",
              f"Cache {a.cache_mib} MiB (malloc, or uring over a file in {a.shm}); "
-             f"origin: uring O_DIRECT over a {a.origin_mib} MiB file in {a.origin_dir}. "
+             f"origin: uring O_DIRECT over a {a.origin_mib} MiB file in {a.origin_dir} "
+             f"({'as fallocated' if a.no_precondition else 'written once before the cells'}). "
              "writecache cells start from a blank cache with watermarks 95/90 (burst: "
              "no writeback); the cache bdevs alone are measured in a second pass (memory "
              "faulted in). Machine: " + bench.machine_info().get("cpu", "?") + ".", "",

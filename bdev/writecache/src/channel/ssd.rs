@@ -715,7 +715,7 @@ impl Local {
             }
             return PollStatus::Busy;
         }
-        crossbeam::epoch::pin().flush();
+        self.flush_deferred_frees();
         let ready = || !self.free.borrow().is_empty() || self.wc.pool.len() > 0;
         if !ready() {
             let wc = &self.wc;
