@@ -82,12 +82,18 @@ impl Media {
     }
 
     /// Starts loading block `b`'s entry line into the cache (a hint: no
-    /// fault, no effect on what is stored).
+    /// fault, no effect on what is stored); `for_write`: owned, as it is
+    /// written next.
     #[inline]
-    pub(crate) fn prefetch_entry(&self, b: u32) {
+    pub(crate) fn prefetch_entry(&self, b: u32, for_write: bool) {
         let off = self.entry_offset(b);
         if off < self.pmem.len() {
-            crate::meta::prefetch(self.pmem.base().wrapping_add(off));
+            let p = self.pmem.base().wrapping_add(off);
+            if for_write {
+                crate::meta::prefetch_for_write(p);
+            } else {
+                crate::meta::prefetch(p);
+            }
         }
     }
 

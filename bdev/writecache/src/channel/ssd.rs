@@ -381,6 +381,8 @@ impl Local {
             Some(p) => p,
             None => {
                 let b = self.alloc()?;
+                // The insert follows the data write's completion.
+                wc.index.prefetch_insert(lba);
                 let m = wc.meta.get(b);
                 let g = BlockMeta::next_gen(m.gen());
                 // A new allocation: readers that still hold the old
