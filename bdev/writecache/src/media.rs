@@ -81,19 +81,13 @@ impl Media {
         self.geo.entry_offset(b as u64) as usize
     }
 
-    /// Starts loading block `b`'s entry line into the cache (a hint: no
-    /// fault, no effect on what is stored); `for_write`: owned, as it is
-    /// written next.
+    /// Starts loading block `b`'s entry line into the cache, owned, as it
+    /// is written next (a hint: no fault, no effect on what is stored).
     #[inline]
-    pub(crate) fn prefetch_entry(&self, b: u32, for_write: bool) {
+    pub(crate) fn prefetch_entry_for_write(&self, b: u32) {
         let off = self.entry_offset(b);
         if off < self.pmem.len() {
-            let p = self.pmem.base().wrapping_add(off);
-            if for_write {
-                crate::meta::prefetch_for_write(p);
-            } else {
-                crate::meta::prefetch(p);
-            }
+            crate::meta::prefetch_for_write(self.pmem.base().wrapping_add(off));
         }
     }
 

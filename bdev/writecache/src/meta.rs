@@ -673,14 +673,25 @@ impl Index {
     /// lookup finds them in the cache).
     #[inline]
     pub(crate) fn prefetch_slot(&self, lba: u64) {
+        let (_, ids, tags) = self.home_hint(lba);
+        prefetch(ids);
+        prefetch(tags);
+    }
+
+    /// `lba`'s shard and the addresses of its home slot's id and tag, from
+    /// the shard's hints. Without a pin the slots may be replaced and
+    /// freed meanwhile: the addresses are only for prefetching, never read.
+    #[inline]
+    fn home_hint(&self, lba: u64) -> (&Shard, *const u8, *const u8) {
         let (s, h) = Self::hash(lba);
         let shard = &self.shards[s];
-        // Without a pin the slots may be replaced and freed meanwhile: the
-        // hints are only turned into addresses to prefetch, never read.
         let cap = shard.cap_hint.load(Ordering::Relaxed).max(1);
         let i = home_of(h, lba, cap);
-        prefetch(shard.ids_hint.load(Ordering::Relaxed).wrapping_add(i) as *const u8);
-        prefetch(shard.tags_hint.load(Ordering::Relaxed).wrapping_add(i) as *const u8);
+        (
+            shard,
+            shard.ids_hint.load(Ordering::Relaxed).wrapping_add(i) as *const u8,
+            shard.tags_hint.load(Ordering::Relaxed).wrapping_add(i) as *const u8,
+        )
     }
 
     /// Asks for the lines an insert of `lba` writes first — its shard's
@@ -690,13 +701,10 @@ impl Index {
     /// without waiting for the line from the core that took it last.
     #[inline]
     pub(crate) fn prefetch_insert(&self, lba: u64) {
-        let (s, h) = Self::hash(lba);
-        let shard = &self.shards[s];
-        prefetch_for_write(&**shard as *const Shard as *const u8);
-        let cap = shard.cap_hint.load(Ordering::Relaxed).max(1);
-        let i = home_of(h, lba, cap);
-        prefetch_for_write(shard.ids_hint.load(Ordering::Relaxed).wrapping_add(i) as *const u8);
-        prefetch_for_write(shard.tags_hint.load(Ordering::Relaxed).wrapping_add(i) as *const u8);
+        let (shard, ids, tags) = self.home_hint(lba);
+        prefetch_for_write(shard as *const Shard as *const u8);
+        prefetch_for_write(ids);
+        prefetch_for_write(tags);
     }
 
     /// Calls `f` with each block a lookup of `lba` would compare, without
