@@ -151,9 +151,19 @@ def targets(res, iops, steady, recovery_s, reactors, qds):
     return out
 
 
-def median_cell(cells):
-    """The run with the median IOPS of a steady cell's rounds (its p99 with it)."""
-    return sorted(cells, key=lambda c: c["iops"])[(len(cells) - 1) // 2]
+def rounds_of(a, tmp, origin_file, rounds, qds, names, secs, repeat, label=""):
+    """Runs every (reactors, QD, bdev) cell once per round, the bdevs in
+    turn, and returns each cell's medians (`bench.median_cell`)."""
+    runs = {}
+    for _ in range(rounds):
+        for r in [int(x) for x in a.reactors.split()]:
+            for q in qds:
+                for name in names:
+                    cell = run(a, tmp, origin_file, name, r, q, secs, repeat=repeat(name))
+                    runs.setdefault((name, r, q), []).append(cell)
+                    bench.log(f"{label}{name} reactors {r} qd {q}: "
+                              f"{cell['iops'] if cell else 'failed'}")
+    return {k: bench.median_cell(v) for k, v in runs.items()}
 
 
 # Queue depths of the steady-state cells.
@@ -269,29 +279,12 @@ def main():
             shutil.rmtree(tmp, ignore_errors=True)
             shutil.rmtree(odir, ignore_errors=True)
     try:
-        burst = {}
-        for _ in range(a.rounds if not a.steady_only else 0):
-            for r in [int(x) for x in a.reactors.split()]:
-                for q in qds:
-                    for name in ("malloc", "shm", "origin", "ssd-malloc", "ssd-shm"):
-                        cell = run(a, tmp, origin_file, name, r, q, a.secs,
-                                   repeat=ALONE_PASSES.get(name, 1))
-                        if cell:
-                            burst.setdefault((name, r, q), []).append(cell)
-                        bench.log(f"{name} reactors {r} qd {q}: "
-                                  f"{cell['iops'] if cell else 'failed'}")
-        res = {k: median_cell(v) for k, v in burst.items()}
-        runs = {}
-        for _ in range(a.steady_rounds):
-            for r in [int(x) for x in a.reactors.split()]:
-                for q in STEADY_QDS:
-                    for name in ("origin", "steady", "steady-malloc"):
-                        c = run(a, tmp, origin_file, name, r, q, a.steady_secs, repeat=2)
-                        if c:
-                            runs.setdefault((name, r, q), []).append(c)
-                        bench.log(f"steady {name} reactors {r} qd {q}: "
-                                  f"{c['iops'] if c else 'failed'}")
-        steady = {k: median_cell(v) for k, v in runs.items()}
+        res = rounds_of(a, tmp, origin_file, 0 if a.steady_only else a.rounds, qds,
+                        ("malloc", "shm", "origin", "ssd-malloc", "ssd-shm"), a.secs,
+                        lambda name: ALONE_PASSES.get(name, 1))
+        steady = rounds_of(a, tmp, origin_file, a.steady_rounds, STEADY_QDS,
+                           ("origin", "steady", "steady-malloc"), a.steady_secs,
+                           lambda _: 2, "steady ")
         if a.steady_only:
             print("\n".join(steady_table(a, steady)))
             return
