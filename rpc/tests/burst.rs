@@ -82,11 +82,17 @@ fn five_thousand_bad_clients_never_lock_out_a_good_one() {
     reg.set_state(RpcState::Runtime);
     let server = RpcServer::start(&sock, reg, inline_dispatcher()).unwrap();
 
-    // Settle: one served client, so that lazily created runtime state exists.
-    assert!(Client::connect(&sock)
-        .unwrap()
-        .call("spdk_get_version", None)
-        .is_ok());
+    // Settle: one served client, so that lazily created runtime state exists. The count is
+    // published once per event-loop pass, so a reply can arrive before it reads 1: wait for
+    // 1 while the client is open, then for 0 after it closed, so that the baseline below is
+    // taken after the server closed its end.
+    let mut first = Client::connect(&sock).unwrap();
+    assert!(first.call("spdk_get_version", None).is_ok());
+    wait_until(
+        || server.connection_count() == 1,
+        "the first client to count",
+    );
+    drop(first);
     wait_until(|| server.connection_count() == 0, "the first client to go");
     let (threads0, fds0) = (threads(), fds());
 
