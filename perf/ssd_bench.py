@@ -22,11 +22,14 @@ targets table (measured, met or not).
 --ab BASE_BDEVPERF instead compares two builds in one run: the
 ssd-malloc cells (and malloc alone) with BASE_BDEVPERF and with --bin's,
 alternating process by process, median of --runs; prints the ratios.
+With --steady-only, the steady-state cells (cache on malloc, and the
+origin alone) instead.
 
 Usage: cargo build --release -p wc-perf
        perf/ssd_bench.py --bin target/release [--secs 0.5] [--cache-mib 4096] [--out FILE]
        perf/ssd_bench.py --bin target/release --ab /tmp/bdevperf.base [--runs 3]
        perf/ssd_bench.py --bin target/release --steady-only   (the steady cells alone)
+       perf/ssd_bench.py --bin target/release --ab /tmp/bdevperf.base --steady-only
 """
 
 import argparse
@@ -205,19 +208,25 @@ def recovery_seconds(text):
 
 
 def ab(a, tmp, origin_file):
-    """Base build vs this build on the ssd-malloc cells, alternating."""
+    """Base build vs this build, alternating process by process: the
+    ssd-malloc burst cells against malloc alone, or (--steady-only) the
+    steady-state cells (cache on malloc) against the origin alone."""
     base, new = a.ab, os.path.join(a.bin, "bdevperf")
-    qds = [int(q) for q in a.qds.split()]
-    lines = ["| reactors | QD | malloc | ssd-malloc base | ssd-malloc new | base x malloc "
-             "| new x malloc | new x base |", "|---|---|---|---|---|---|---|---|"]
+    if a.steady_only:
+        ref, name, qds, secs, repeat = "origin", "steady-malloc", STEADY_QDS, a.steady_secs, 2
+    else:
+        ref, name, secs = "malloc", "ssd-malloc", a.secs
+        qds, repeat = [int(q) for q in a.qds.split()], None
+    lines = [f"| reactors | QD | {ref} | {name} base | {name} new | base x {ref} "
+             f"| new x {ref} | new x base |", "|---|---|---|---|---|---|---|---|"]
     for r in [int(x) for x in a.reactors.split()]:
         for q in qds:
-            got = {"malloc": [], "base": [], "new": []}
+            got = {"ref": [], "base": [], "new": []}
             for _ in range(a.runs):
-                for key, name, binary in (("malloc", "malloc", new), ("base", "ssd-malloc", base),
-                                          ("new", "ssd-malloc", new)):
-                    cell = run(a, tmp, origin_file, name, r, q, a.secs, binary=binary,
-                               repeat=ALONE_PASSES.get(name, 1))
+                for key, cell_name, binary in (("ref", ref, new), ("base", name, base),
+                                               ("new", name, new)):
+                    cell = run(a, tmp, origin_file, cell_name, r, q, secs, binary=binary,
+                               repeat=repeat or ALONE_PASSES.get(cell_name, 1))
                     if cell:
                         got[key].append(cell["iops"])
             med = {k: statistics.median(v) if v else None for k, v in got.items()}
@@ -225,10 +234,10 @@ def ab(a, tmp, origin_file):
 
             def x(n, d):
                 return f"{n / d:.2f}" if n and d else "-"
-            lines.append(f"| {r} | {q} | {bench.fmt_i(med['malloc'])} | {bench.fmt_i(med['base'])} "
-                         f"| {bench.fmt_i(med['new'])} | {x(med['base'], med['malloc'])} "
-                         f"| {x(med['new'], med['malloc'])} | {x(med['new'], med['base'])} |")
-    print(f"A/B, 4 KiB randwrite, medians of {a.runs} runs of {a.secs} s, base {base} "
+            lines.append(f"| {r} | {q} | {bench.fmt_i(med['ref'])} | {bench.fmt_i(med['base'])} "
+                         f"| {bench.fmt_i(med['new'])} | {x(med['base'], med['ref'])} "
+                         f"| {x(med['new'], med['ref'])} | {x(med['new'], med['base'])} |")
+    print(f"A/B, 4 KiB randwrite, medians of {a.runs} runs of {secs} s, base {base} "
           f"vs new {new}:\n")
     print("\n".join(lines))
 
@@ -267,7 +276,7 @@ def main():
     odir = tempfile.mkdtemp(prefix="wc-ssd-bench-origin.", dir=a.origin_dir)
     origin_file = os.path.join(odir, "origin.img")
     sparse(origin_file, a.origin_mib)
-    if not a.no_precondition and not a.ab:
+    if not a.no_precondition and (a.steady_only or not a.ab):
         bench.log(f"preconditioning the origin file ({a.origin_mib} MiB)")
         precondition(origin_file, a.origin_mib)
     qds = [int(q) for q in a.qds.split()]
